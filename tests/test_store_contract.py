@@ -1,0 +1,412 @@
+"""One contract for every ``VectorStore``: EdgeStore (embedded), ServerStore over qdrant-client's
+in-memory mode, and ServerStore on a live server when ``QDRANT_URL`` is set."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from qdrant_client import QdrantClient
+
+from use_search.config import Settings, StoreSettings
+from use_search.store import (
+    EdgeStore,
+    ImageEntry,
+    SearchFilter,
+    ServerStore,
+    StoreError,
+    VectorStore,
+    open_store,
+    segment_payload,
+)
+from use_search.types import SegmentPoint, point_id
+
+# qdrant-client's local mode accepts payload indexes but warns that they do nothing there.
+pytestmark = pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning")
+
+DIM = 8
+QDRANT_URL = os.environ.get("QDRANT_URL")
+ROOT = Path(__file__).resolve().parents[1]
+
+# path -> (sha256, number of segments)
+IMAGES = {
+    "/photos/2024/a.jpg": ("a" * 64, 3),
+    "/photos/2023/b.jpg": ("b" * 64, 2),
+    "/other/c.jpg": ("c" * 64, 2),
+}
+
+
+def make_point(
+    path: str, sha256: str, index: int, n: int, vector: np.ndarray, model: str = "m1"
+) -> SegmentPoint:
+    payload = segment_payload(
+        path=path,
+        sha256=sha256,
+        width=64,
+        height=48,
+        segment_index=index,
+        n_segments=n,
+        rle={"size": [48, 64], "counts": f"rle-{index}"},
+        bbox=(index, 2 * index, 10, 20),
+        area=100 + index,
+        predicted_iou=0.9,
+        stability_score=0.95,
+        source="auto",
+        model=model,
+        indexed_at="2024-01-01T00:00:00+00:00",
+    )
+    return SegmentPoint(id=point_id(sha256, index), vector=vector, payload=payload)
+
+
+def make_points(seed: int = 0, model: str = "m1") -> list[SegmentPoint]:
+    rng = np.random.default_rng(seed)
+    return [
+        make_point(path, sha, i, n, rng.normal(size=DIM).astype(np.float32), model)
+        for path, (sha, n) in IMAGES.items()
+        for i in range(n)
+    ]
+
+
+def entry(path: str, sha256: str | None = None, n: int = 0) -> ImageEntry:
+    return ImageEntry(
+        path=path,
+        sha256=sha256 or IMAGES[path][0],
+        width=64,
+        height=48,
+        n_segments=n or IMAGES[path][1],
+        model="m1",
+        indexed_at="2024-01-01T00:00:00+00:00",
+    )
+
+
+def cosine_ranking(points: list[SegmentPoint], query: np.ndarray) -> list[tuple[str, float]]:
+    q = query.astype(np.float64) / np.linalg.norm(query)
+    scored = [(p.id, float(p.vector.astype(np.float64) @ q / np.linalg.norm(p.vector))) for p in points]
+    return sorted(scored, key=lambda s: -s[1])
+
+
+# Backends --------------------------------------------------------------------------------------
+@pytest.fixture(
+    params=[
+        "edge",
+        "server-memory",
+        pytest.param("server-live", marks=pytest.mark.skipif(not QDRANT_URL, reason="QDRANT_URL not set")),
+    ]
+)
+def store(request: pytest.FixtureRequest, tmp_path: Path):
+    if request.param == "edge":
+        s: VectorStore = EdgeStore(tmp_path / "store", "segments")
+        yield s
+        s.close()
+    elif request.param == "server-memory":
+        s = ServerStore(QdrantClient(":memory:"), "segments")
+        yield s
+        s.close()
+    else:
+        s = ServerStore.connect(QDRANT_URL, f"test_{uuid.uuid4().hex[:12]}")
+        yield s
+        for name in (s.collection, s.images_collection):
+            s.client.delete_collection(name)
+        s.close()
+
+
+@pytest.fixture
+def loaded(store: VectorStore) -> tuple[VectorStore, list[SegmentPoint]]:
+    store.ensure(DIM)
+    points = make_points()
+    store.upsert_segments(points)
+    for path in IMAGES:
+        store.put_image(entry(path))
+    return store, points
+
+
+# The contract ----------------------------------------------------------------------------------
+def test_ensure_sets_dim_and_rejects_another(store: VectorStore) -> None:
+    assert store.dim is None
+    store.ensure(DIM)
+    assert store.dim == DIM
+    store.ensure(DIM)  # idempotent
+    with pytest.raises(StoreError, match=r"8-d.*4-d"):
+        store.ensure(4)
+
+
+def test_reads_before_ensure_are_empty_and_writes_fail(store: VectorStore) -> None:
+    assert store.search(np.ones(DIM), 5) == []
+    assert store.count_segments() == 0
+    assert store.count_images() == 0
+    assert store.get_image("/photos/2024/a.jpg") is None
+    assert list(store.iter_images()) == []
+    assert list(store.scroll_segments()) == []
+    assert store.get_segments([point_id("a" * 64, 0)]) == []
+    with pytest.raises(StoreError, match="ensure"):
+        store.upsert_segments(make_points())
+    with pytest.raises(StoreError, match="ensure"):
+        store.put_image(entry("/other/c.jpg"))
+
+
+def test_search_ranks_by_cosine(loaded) -> None:
+    store, points = loaded
+    query = points[3].vector + 0.1 * np.random.default_rng(1).normal(size=DIM).astype(np.float32)
+    expected = cosine_ranking(points, query)
+    hits = store.search(query, k=4)
+    assert [h.id for h in hits] == [i for i, _ in expected[:4]]
+    assert hits[0].id == points[3].id
+    for hit, (_, score) in zip(hits, expected):
+        assert hit.score == pytest.approx(score, abs=1e-5)
+
+
+def test_search_k(loaded) -> None:
+    store, points = loaded
+    assert len(store.search(points[0].vector, k=1)) == 1
+    assert len(store.search(points[0].vector, k=3)) == 3
+    assert len(store.search(points[0].vector, k=100)) == len(points)
+    assert store.search(points[0].vector, k=0) == []
+
+
+def test_search_min_score(loaded) -> None:
+    store, points = loaded
+    query = points[5].vector
+    expected = cosine_ranking(points, query)
+    threshold = (expected[1][1] + expected[2][1]) / 2
+    hits = store.search(query, k=10, min_score=threshold)
+    assert [h.id for h in hits] == [expected[0][0], expected[1][0]]
+    assert all(h.score >= threshold for h in hits)
+
+
+def test_search_filters(loaded) -> None:
+    store, points = loaded
+    query = points[0].vector
+
+    def ids_of(path_prefix: str) -> set[str]:
+        return {p.id for p in points if p.payload["path"].startswith(path_prefix)}
+
+    by_path = store.search(query, k=10, flt=SearchFilter(path="/photos/2023/b.jpg"))
+    assert {h.id for h in by_path} == ids_of("/photos/2023/b.jpg")
+    assert all(h.path == "/photos/2023/b.jpg" for h in by_path)
+    # nearest first within the filtered set too
+    in_b = [p for p in points if p.payload["path"] == "/photos/2023/b.jpg"]
+    assert [h.id for h in by_path] == [i for i, _ in cosine_ranking(in_b, query)]
+
+    under = store.search(query, k=10, flt=SearchFilter(under="/photos"))
+    assert {h.id for h in under} == ids_of("/photos/")
+    assert {h.id for h in store.search(query, k=10, flt=SearchFilter(under="/photos/2024/"))} == ids_of(
+        "/photos/2024/"
+    )
+    assert store.search(query, k=10, flt=SearchFilter(under="/photo")) == []  # folders, not prefixes
+
+    by_sha = store.search(query, k=10, flt=SearchFilter(sha256="c" * 64))
+    assert {h.id for h in by_sha} == ids_of("/other/")
+    assert store.search(query, k=10, flt=SearchFilter(path="/other/c.jpg", sha256="a" * 64)) == []
+    assert len(store.search(query, k=10, flt=SearchFilter())) == len(points)
+
+
+def test_get_segments_in_given_order_skipping_unknown(loaded) -> None:
+    store, points = loaded
+    unknown = point_id("f" * 64, 0)
+    wanted = [points[4].id, unknown, points[0].id, points[6].id]
+    hits = store.get_segments(wanted)
+    assert [h.id for h in hits] == [points[4].id, points[0].id, points[6].id]
+    assert all(h.score == 0.0 for h in hits)
+    assert store.get_segments([unknown]) == []
+    assert store.get_segments([]) == []
+
+
+def test_scroll_and_count_segments(loaded) -> None:
+    store, points = loaded
+    assert store.count_segments() == len(points)
+    assert {h.id for h in store.scroll_segments()} == {p.id for p in points}
+    flt = SearchFilter(under="/photos")
+    assert store.count_segments(flt) == 5
+    assert {h.path for h in store.scroll_segments(flt)} == {"/photos/2024/a.jpg", "/photos/2023/b.jpg"}
+    assert store.count_segments(SearchFilter(sha256="a" * 64)) == 3
+    assert store.count_segments(SearchFilter(path="/nope.jpg")) == 0
+
+
+def test_scroll_pages_through_many_points(store: VectorStore) -> None:
+    store.ensure(DIM)
+    rng = np.random.default_rng(2)
+    points = [make_point("/many/x.jpg", "d" * 64, i, 600, rng.normal(size=DIM)) for i in range(600)]
+    store.upsert_segments(points)
+    assert store.count_segments() == 600
+    ids = [h.id for h in store.scroll_segments()]
+    assert len(ids) == 600 and set(ids) == {p.id for p in points}
+
+
+def test_images(loaded) -> None:
+    store, _ = loaded
+    assert store.count_images() == 3
+    assert store.get_image("/photos/2024/a.jpg") == entry("/photos/2024/a.jpg")
+    assert store.get_image("/nope.jpg") is None
+    assert sorted(e.path for e in store.iter_images()) == sorted(IMAGES)
+    # the same content indexed under a second path
+    copy = entry("/copies/a.jpg", sha256="a" * 64, n=3)
+    store.put_image(copy)
+    assert sorted(e.path for e in store.find_images("a" * 64)) == ["/copies/a.jpg", "/photos/2024/a.jpg"]
+    assert store.find_images("e" * 64) == []
+    # put_image overwrites the record for a path
+    store.put_image(entry("/other/c.jpg", sha256="e" * 64, n=1))
+    assert store.get_image("/other/c.jpg").sha256 == "e" * 64
+    assert store.count_images() == 4
+
+
+def test_delete_image_removes_exactly_its_segments_and_record(loaded) -> None:
+    store, points = loaded
+    assert store.delete_image("/photos/2024/a.jpg") == 3
+    assert store.get_image("/photos/2024/a.jpg") is None
+    assert store.count_images() == 2
+    remaining = {p.id for p in points if p.payload["path"] != "/photos/2024/a.jpg"}
+    assert {h.id for h in store.scroll_segments()} == remaining
+    assert store.get_image("/photos/2023/b.jpg") is not None
+    assert store.delete_image("/photos/2024/a.jpg") == 0
+    assert store.delete_image("/never/indexed.jpg") == 0
+
+
+def test_rerun_upsert_overwrites(loaded) -> None:
+    store, points = loaded
+    again = make_points(seed=5, model="m2")  # same ids, new vectors and payloads
+    store.upsert_segments(again)
+    assert store.count_segments() == len(points)
+    assert {h.model for h in store.scroll_segments()} == {"m2"}
+    hit = store.search(again[2].vector, k=1)[0]
+    assert hit.id == again[2].id and hit.score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_hit_payload_roundtrip(loaded) -> None:
+    store, points = loaded
+    p = points[1]
+    (hit,) = store.get_segments([p.id])
+    assert hit.path == "/photos/2024/a.jpg"
+    assert hit.sha256 == "a" * 64
+    assert hit.segment_index == 1
+    assert hit.rle == {"size": [48, 64], "counts": "rle-1"}
+    assert hit.bbox == (1, 2, 10, 20) and isinstance(hit.bbox, tuple)
+    assert (hit.area, hit.width, hit.height, hit.model) == (101, 64, 48, "m1")
+    assert hit.payload == p.payload
+    assert store.search(p.vector, k=1)[0].payload == p.payload
+
+
+# Embedded store only ---------------------------------------------------------------------------
+def test_edge_reopen_keeps_everything(tmp_path: Path) -> None:
+    points = make_points()
+    with EdgeStore(tmp_path, "segments") as store:
+        store.ensure(DIM)
+        store.upsert_segments(points)
+        store.put_image(entry("/other/c.jpg"))
+    with EdgeStore(tmp_path, "segments") as store:
+        assert store.dim == DIM
+        assert store.count_segments() == len(points)
+        assert store.get_image("/other/c.jpg") == entry("/other/c.jpg")
+        assert store.search(points[2].vector, k=1)[0].id == points[2].id
+        assert store.count_segments(SearchFilter(under="/photos")) == 5
+        store.ensure(DIM)
+        with pytest.raises(StoreError):
+            store.ensure(DIM + 1)
+    assert (tmp_path / "segments" / "segments").is_dir() and (tmp_path / "segments" / "images").is_dir()
+
+
+def test_edge_optimize_keeps_results(tmp_path: Path) -> None:
+    points = make_points()
+    with EdgeStore(tmp_path, "segments") as store:
+        store.ensure(DIM)
+        store.upsert_segments(points)
+        store.optimize()
+        assert store.count_segments() == len(points)
+        assert store.search(points[4].vector, k=1)[0].id == points[4].id
+
+
+def test_edge_second_opener_in_process_is_refused(tmp_path: Path) -> None:
+    with EdgeStore(tmp_path, "segments"):
+        with pytest.raises(StoreError, match=rf"in use by another process \(pid {os.getpid()}\)"):
+            EdgeStore(tmp_path, "segments")
+        EdgeStore(tmp_path, "other").close()  # another collection is another store
+    EdgeStore(tmp_path, "segments").close()  # free again once closed
+
+
+def run_python(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def test_edge_second_process_gets_store_error_at_once(tmp_path: Path) -> None:
+    with EdgeStore(tmp_path, "segments") as store:
+        store.ensure(DIM)
+        start = time.monotonic()
+        result = run_python(
+            f"""
+            import sys, time
+            from use_search.store import EdgeStore, StoreError
+            t = time.monotonic()
+            try:
+                EdgeStore({str(tmp_path)!r}, "segments")
+            except StoreError as e:
+                print(f"{{time.monotonic() - t:.3f}}", e)
+                sys.exit(3)
+            sys.exit(0)
+            """
+        )
+        elapsed = time.monotonic() - start
+    assert result.returncode == 3, result.stderr
+    seconds, message = result.stdout.split(" ", 1)
+    assert float(seconds) < 1.0
+    assert elapsed < 30
+    assert f"store at {tmp_path / 'segments'} is in use by another process (pid {os.getpid()})" in message
+    assert "use the server / the API" in message
+
+
+def test_edge_acknowledged_upsert_survives_sigkill(tmp_path: Path) -> None:
+    result = run_python(
+        f"""
+        import os, signal
+        import numpy as np
+        from use_search.store import EdgeStore
+        from use_search.types import SegmentPoint, point_id
+        store = EdgeStore({str(tmp_path)!r}, "segments")
+        store.ensure(4)
+        points = [SegmentPoint(point_id("x", i), np.ones(4), {{"path": "/x.jpg"}}) for i in range(300)]
+        store.upsert_segments(points)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    assert result.returncode == -9, result.stderr
+    with EdgeStore(tmp_path, "segments") as store:  # the dead process's lock went with it
+        assert store.count_segments() == 300
+        assert store.count_segments(SearchFilter(path="/x.jpg")) == 300
+
+
+# Construction ----------------------------------------------------------------------------------
+def test_open_store_embedded(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, store=StoreSettings(collection="c1"))
+    with open_store(settings) as store:
+        assert isinstance(store, EdgeStore)
+        assert store.root == tmp_path / "store" / "c1"
+
+
+def test_open_store_server_needs_url(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="store.url"):
+        open_store(Settings(data_dir=tmp_path, store=StoreSettings(backend="server")))
+
+
+def test_unreachable_server_is_a_store_error_naming_the_url(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    settings = Settings(data_dir=tmp_path, store=StoreSettings(backend="server", url=url, timeout_s=2))
+    start = time.monotonic()
+    with pytest.raises(StoreError, match=f"cannot reach Qdrant at {url}") as info:
+        open_store(settings)
+    assert time.monotonic() - start < 10
+    assert info.value.__cause__ is None and info.value.__suppress_context__

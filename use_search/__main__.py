@@ -1,0 +1,3 @@
+from use_search.cli import main
+
+main()

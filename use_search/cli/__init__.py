@@ -1,0 +1,268 @@
+"""``use-search`` command line: parses flags, calls the library, prints. No logic of its own."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from use_search.config import Settings
+from use_search.presets import PRESETS, UNTRAINED_BANNER, get_preset
+from use_search.store.base import SearchFilter, StoreError
+from use_search.weights import REGISTRY, ChecksumError, MissingWeightsError, fetch, verify
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Search the segments of your photos by text (USE).")
+weights_app = typer.Typer(no_args_is_help=True, help="List, fetch and verify model checkpoints.")
+app.add_typer(weights_app, name="weights")
+
+out = Console()
+err = Console(stderr=True)
+
+# User-facing failures: printed as one clear message, exit code 2, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    MissingWeightsError, ChecksumError, StoreError, FileNotFoundError, ValueError,
+)
+
+
+class State:
+    settings: Settings = None  # type: ignore[assignment]
+
+
+state = State()
+
+
+@app.callback()
+def common(
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help=f"Model preset: {', '.join(PRESETS)} (default: paper)."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Embedded store folder."),
+    server: Optional[str] = typer.Option(None, "--server", help="Qdrant server URL (instead of the embedded store)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="QDRANT_API_KEY", help="Qdrant server API key."),
+    collection: Optional[str] = typer.Option(None, "--collection", help="Collection name."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: auto)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Trained USE checkpoint (default: crop-CLIP baseline)."),
+    weights_dir: Optional[Path] = typer.Option(None, "--weights-dir", help="Where checkpoints are cached."),
+    offline: bool = typer.Option(False, "--offline", help="Never download; fail if a checkpoint is missing."),
+) -> None:
+    s = Settings()
+    top = {k: v for k, v in dict(preset=preset, device=device, use_checkpoint=model, weights_dir=weights_dir).items() if v is not None}
+    if offline:
+        top["offline"] = True
+    store_upd = {k: v for k, v in dict(path=store, url=server, api_key=api_key, collection=collection).items() if v is not None}
+    if server:
+        store_upd["backend"] = "server"
+    if store_upd:
+        top["store"] = s.store.model_copy(update=store_upd)
+    state.settings = Settings.model_validate({**s.model_dump(), **top})
+
+
+def banner() -> None:
+    if get_preset(state.settings.preset).untrained and state.settings.use_checkpoint is None:
+        err.print(Panel(Text(UNTRAINED_BANNER, style="bold"), title="tiny preset", border_style="red"))
+
+
+class RateColumn(ProgressColumn):
+    """Images per second over the whole run (rich's own speed is a short window, and images land in
+    batches, so its figure jumps)."""
+
+    def render(self, task) -> Text:  # type: ignore[override]
+        elapsed = task.finished_time or task.elapsed
+        if not elapsed or not task.completed:
+            return Text("-- img/s", style="cyan")
+        return Text(f"{task.completed / elapsed:.2f} img/s", style="cyan")
+
+
+@app.command()
+def index(
+    folder: Path = typer.Argument(..., help="Folder of images (searched recursively) or one image."),
+    prune: bool = typer.Option(False, "--prune", help="Remove points of files under FOLDER that are gone."),
+    force: bool = typer.Option(False, "--force", help="Re-index images even if already indexed."),
+) -> None:
+    """Segment every image with SAM, embed every segment, upsert into the store. Incremental."""
+    from use_search.factory import Runtime
+
+    banner()
+    rt = Runtime.from_settings(state.settings)
+    if not folder.exists():
+        raise FileNotFoundError(f"no such file or folder: {folder}")
+    with rt.store() as store:
+        indexer = rt.indexer(store)
+        err.print(f"store: {_store_label()}  ·  model: {indexer.embedder.model_id}  ·  device: {rt.device}")
+        failures: list[tuple[str, str]] = []
+        segs = 0
+        with Progress(
+            TextColumn("[bold]indexing"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+            TextColumn("{task.fields[segments]} segments"), TimeElapsedColumn(), console=err,
+        ) as bar:
+            task = bar.add_task("index", total=None, segments=0)
+
+            def on_total(n: int) -> None:
+                bar.update(task, total=n)
+
+            def on_image(ev) -> None:  # type: ignore[no-untyped-def]
+                nonlocal segs
+                if ev.status == "indexed":
+                    segs += ev.segments
+                elif ev.status in ("failed", "duplicate"):
+                    bar.console.print(f"[yellow]{ev.status}[/] {ev.path}: {ev.reason}")
+                bar.update(task, advance=1, segments=segs)
+
+            report = indexer.index(folder, prune=prune, force=force, on_image=on_image, on_total=on_total)
+        store.optimize()
+    t = Table(title="index summary", show_header=False)
+    for k, v in [
+        ("indexed images", report.indexed), ("segments added", report.segments),
+        ("already indexed (skipped)", report.skipped), ("duplicates (skipped)", report.duplicates),
+        ("failed", len(report.failed)), ("pruned images / segments", f"{report.pruned_images} / {report.pruned_segments}"),
+        ("time", f"{report.seconds:.1f} s"), ("speed", f"{report.images_per_s:.2f} images/s"),
+    ]:
+        t.add_row(k, str(v))
+    err.print(t)
+
+
+def _store_label() -> str:
+    s = state.settings
+    if s.store.backend == "server":
+        return f"{s.store.url} / {s.store.collection}"
+    return f"{s.store_path} / {s.store.collection}"
+
+
+@app.command()
+def query(
+    text: str = typer.Argument(..., help="What to look for, e.g. \"car's license plate\"."),
+    k: int = typer.Option(10, "-k", "--top", help="Number of results."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line instead of a table."),
+    save: Optional[Path] = typer.Option(None, "--save", help="Write overlay PNGs of the hit masks here."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Only segments of this image."),
+    under: Optional[Path] = typer.Option(None, "--under", help="Only images under this folder."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop hits below this cosine score."),
+    dedup: bool = typer.Option(False, "--dedup", help="One hit per overlapping group of masks on an image."),
+) -> None:
+    """Embed TEXT with CLIP (prompt templates), search the store, show ranked segments."""
+    from use_search.factory import Runtime
+    from use_search.query.render import hit_overlay
+
+    banner()
+    rt = Runtime.from_settings(state.settings)
+    flt = SearchFilter(
+        path=str(image.absolute()) if image else None, under=str(under.absolute()) if under else None
+    )
+    with rt.store() as store:
+        if store.dim is None or store.count_segments() == 0:
+            raise StoreError(f"the store at {_store_label()} is empty: run `use-search index FOLDER` first")
+        hits = rt.searcher(store).search(text, k, None if flt.is_empty() else flt, min_score, dedup)
+    if save:
+        save.mkdir(parents=True, exist_ok=True)
+    saved: dict[str, str] = {}
+    for rank, h in enumerate(hits, 1):
+        if save:
+            dest = save / f"{rank:02d}-{Path(h.path).stem}-seg{h.segment_index}.png"
+            try:
+                hit_overlay(h, state.settings.max_image_pixels).save(dest)
+                saved[h.id] = str(dest)
+            except (OSError, ValueError) as e:
+                err.print(f"[yellow]cannot render[/] {h.path}: {e}")
+    if as_json:
+        for rank, h in enumerate(hits, 1):
+            row = {"rank": rank, **h.to_json()}
+            if h.id in saved:
+                row["overlay"] = saved[h.id]
+            out.print_json(json.dumps(row)) if out.is_terminal else print(json.dumps(row))
+        return
+    t = Table(title=f"{len(hits)} segments for “{text}”")
+    for col in ("rank", "score", "image", "segment", "bbox (x,y,w,h)", "area"):
+        t.add_column(col, justify="right" if col in ("rank", "score", "area", "segment") else "left")
+    for rank, h in enumerate(hits, 1):
+        t.add_row(str(rank), f"{h.score:.4f}", h.path, str(h.segment_index), ",".join(map(str, h.bbox)), str(h.area))
+    out.print(t)
+    if save:
+        err.print(f"overlays written to {save}")
+
+
+@app.command()
+def stats() -> None:
+    """Counts of images and segments in the store."""
+    with _open_store() as store:
+        out.print(f"store: {_store_label()}")
+        out.print(f"images: {store.count_images()}  segments: {store.count_segments()}  dim: {store.dim}")
+
+
+def _open_store():  # type: ignore[no-untyped-def]
+    from use_search.store import open_store
+
+    return open_store(state.settings)
+
+
+@weights_app.command("list")
+def weights_list() -> None:
+    """Known checkpoints, where they are cached, and whether they are present."""
+    t = Table()
+    for col in ("name", "kind", "arch", "size", "cached at", "present"):
+        t.add_column(col)
+    for spec in REGISTRY.values():
+        path = state.settings.weights_path / spec.filename
+        t.add_row(spec.name, spec.kind, spec.arch, f"{spec.size_mb} MB", str(path), "yes" if path.is_file() else "no")
+    out.print(t)
+    for p in PRESETS.values():
+        out.print(f"preset [bold]{p.name}[/]: sam={p.sam} clip={p.clip} dinov2={p.dinov2}" + ("  (random init, untrained)" if p.untrained else ""))
+
+
+def _names(names: list[str], preset: Optional[str]) -> list[str]:
+    if preset:
+        p = get_preset(preset)
+        names = names + [n for n in (p.sam, p.clip, p.dinov2) if n != "tiny"]
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown checkpoint(s): {', '.join(unknown)}; see `use-search weights list`")
+    if not names:
+        raise ValueError("name checkpoints or a --preset")
+    return names
+
+
+@weights_app.command("fetch")
+def weights_fetch(
+    names: list[str] = typer.Argument(None, help="Checkpoint names (see `weights list`)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Every checkpoint a preset needs."),
+) -> None:
+    """Download checkpoints into the cache, verifying their sha256."""
+    for name in _names(names or [], preset):
+        spec = REGISTRY[name]
+        ok, _ = verify(spec, state.settings)
+        if ok:
+            out.print(f"{name}: already cached")
+            continue
+        path = fetch(spec, state.settings)
+        out.print(f"{name}: {path}")
+
+
+@weights_app.command("verify")
+def weights_verify(
+    names: list[str] = typer.Argument(None, help="Checkpoint names (default: all)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Every checkpoint a preset needs."),
+) -> None:
+    """Check cached checkpoints against their published sha256. Exit 1 if any is missing or wrong."""
+    chosen = _names(names or [], preset) if (names or preset) else list(REGISTRY)
+    bad = 0
+    for name in chosen:
+        ok, msg = verify(REGISTRY[name], state.settings)
+        bad += not ok
+        out.print(f"[{'green' if ok else 'red'}]{name}[/]: {msg}")
+    raise typer.Exit(1 if bad else 0)
+
+
+def main() -> None:
+    try:
+        app()
+    except USER_ERRORS as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]: completed images are saved; rerun the same command to finish.")
+        sys.exit(130)

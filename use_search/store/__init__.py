@@ -1,0 +1,29 @@
+"""Vector stores: ``EdgeStore`` (embedded, qdrant-edge) and ``ServerStore`` (Qdrant server)."""
+
+from __future__ import annotations
+
+from use_search.config import Settings
+from use_search.store.base import ImageEntry, SearchFilter, StoreError, VectorStore, segment_payload
+from use_search.store.edge import EdgeStore
+from use_search.store.server import ServerStore
+
+__all__ = [
+    "VectorStore",
+    "EdgeStore",
+    "ServerStore",
+    "ImageEntry",
+    "SearchFilter",
+    "StoreError",
+    "segment_payload",
+    "open_store",
+]
+
+
+def open_store(settings: Settings) -> VectorStore:
+    """The store the settings name: the embedded one at ``settings.store_path`` or a Qdrant server."""
+    store = settings.store
+    if store.backend == "embedded":
+        return EdgeStore(settings.store_path, store.collection)
+    if not store.url:
+        raise StoreError("store.backend is 'server' but store.url is not set (e.g. USE_SEARCH_STORE__URL)")
+    return ServerStore.connect(store.url, store.collection, api_key=store.api_key, timeout_s=store.timeout_s)

@@ -1,0 +1,181 @@
+"""The ``VectorStore`` interface: one point per segment, one image record per indexed image.
+
+Two collections live side by side:
+- segments: one point per segment, id ``point_id(sha256, segment_index)``, the segment vector, and a
+  payload (``segment_payload``) with path, sha256, size, COCO RLE, bbox, area, scores, model, time;
+- images: one record per image, id ``image_id(path)``, a payload ``ImageEntry``. It is written only
+  after all of the image's segments are upserted, so "has an image record with this sha256" means
+  "completely indexed": an interrupted run leaves no record and a rerun redoes (overwrites) the image.
+"""
+
+from __future__ import annotations
+
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import PurePosixPath
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from use_search.types import Hit, SegmentPoint
+
+IMAGE_NAMESPACE = uuid.UUID("0d6c8a51-2b7e-4f8e-9c3a-54a1b7e90c42")
+
+# Payload fields with an index (keyword): exact path, content hash, and every ancestor folder of the
+# path (``dirs``) so "everything under /photos/2024" is an indexed exact match, not a string scan.
+INDEXED_FIELDS = ("path", "sha256", "dirs")
+
+
+def image_id(path: str) -> str:
+    return str(uuid.uuid5(IMAGE_NAMESPACE, path))
+
+
+def ancestor_dirs(path: str) -> list[str]:
+    return [str(p) for p in PurePosixPath(path).parents]
+
+
+class StoreError(RuntimeError):
+    """The store cannot be used (unreachable server, locked embedded store, wrong dimension...)."""
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    path: str
+    sha256: str
+    width: int
+    height: int
+    n_segments: int
+    model: str
+    indexed_at: str  # ISO 8601, UTC
+
+    def payload(self) -> dict[str, Any]:
+        return {**asdict(self), "dirs": ancestor_dirs(self.path)}
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> "ImageEntry":
+        return cls(**{k: payload[k] for k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class SearchFilter:
+    """Restrict a search to one image path and/or to the images under a folder."""
+
+    path: str | None = None
+    under: str | None = None  # a folder: matches every path below it (via the ``dirs`` payload)
+    sha256: str | None = None
+
+    def is_empty(self) -> bool:
+        return self.path is None and self.under is None and self.sha256 is None
+
+    def conditions(self) -> list[tuple[str, str]]:
+        """(field, exact value) pairs, all of which must match."""
+        out = []
+        if self.path is not None:
+            out.append(("path", self.path))
+        if self.under is not None:
+            out.append(("dirs", str(PurePosixPath(self.under))))
+        if self.sha256 is not None:
+            out.append(("sha256", self.sha256))
+        return out
+
+
+class VectorStore(ABC):
+    """Segments + image records. Implementations: ``EdgeStore`` (embedded), ``ServerStore`` (Qdrant)."""
+
+    @abstractmethod
+    def ensure(self, dim: int) -> None:
+        """Create the collections for ``dim``-d cosine vectors if missing; ``StoreError`` if an existing
+        segments collection has another dimension (the model changed: use another collection)."""
+
+    @property
+    @abstractmethod
+    def dim(self) -> int | None:
+        """Vector size of the segments collection, or None if it does not exist yet."""
+
+    @abstractmethod
+    def upsert_segments(self, points: Sequence[SegmentPoint]) -> None: ...
+
+    @abstractmethod
+    def put_image(self, entry: ImageEntry) -> None: ...
+
+    @abstractmethod
+    def get_image(self, path: str) -> ImageEntry | None: ...
+
+    @abstractmethod
+    def iter_images(self) -> Iterator[ImageEntry]: ...
+
+    @abstractmethod
+    def find_images(self, sha256: str) -> list[ImageEntry]:
+        """Image records with this content hash (a file indexed under another path)."""
+
+    @abstractmethod
+    def delete_image(self, path: str) -> int:
+        """Delete the image record and every segment with this path; return how many segments went."""
+
+    @abstractmethod
+    def search(
+        self, vector: np.ndarray, k: int, flt: SearchFilter | None = None, min_score: float | None = None
+    ) -> list[Hit]: ...
+
+    @abstractmethod
+    def get_segments(self, ids: Sequence[str]) -> list[Hit]:
+        """Segments by id (score 0.0), in the order given; unknown ids are left out."""
+
+    @abstractmethod
+    def scroll_segments(self, flt: SearchFilter | None = None) -> Iterator[Hit]:
+        """Every segment matching ``flt`` (score 0.0), in no particular order."""
+
+    @abstractmethod
+    def count_segments(self, flt: SearchFilter | None = None) -> int: ...
+
+    @abstractmethod
+    def count_images(self) -> int: ...
+
+    def optimize(self) -> None:
+        """Build indexes after a bulk load (HNSW for the embedded store). No-op where the engine does it."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "VectorStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def segment_payload(
+    *,
+    path: str,
+    sha256: str,
+    width: int,
+    height: int,
+    segment_index: int,
+    n_segments: int,
+    rle: dict[str, Any],
+    bbox: tuple[int, int, int, int],
+    area: int,
+    predicted_iou: float,
+    stability_score: float,
+    source: str,
+    model: str,
+    indexed_at: str,
+) -> dict[str, Any]:
+    return {
+        "path": path,
+        "dirs": ancestor_dirs(path),
+        "sha256": sha256,
+        "width": width,
+        "height": height,
+        "segment_index": segment_index,
+        "n_segments": n_segments,
+        "rle": rle,
+        "bbox": list(bbox),
+        "area": area,
+        "predicted_iou": predicted_iou,
+        "stability_score": stability_score,
+        "source": source,
+        "model": model,
+        "indexed_at": indexed_at,
+    }

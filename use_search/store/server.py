@@ -1,0 +1,232 @@
+"""``ServerStore``: the store on a Qdrant server through qdrant-client.
+
+Two collections: ``collection`` (one point per segment, cosine vectors) and ``collection + "_images"``
+(one record per image, no vector). Writes wait for the server to apply them (``wait=True``).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+from use_search.store.base import (
+    INDEXED_FIELDS,
+    ImageEntry,
+    SearchFilter,
+    StoreError,
+    VectorStore,
+    image_id,
+)
+from use_search.types import Hit, SegmentPoint
+
+UPSERT_BATCH = 256
+SCROLL_PAGE = 256
+
+
+class ServerStore(VectorStore):
+    def __init__(self, client: QdrantClient, collection: str, *, url: str | None = None) -> None:
+        self.client = client
+        self.collection = collection
+        self.images_collection = collection + "_images"
+        self.url = url or "the Qdrant server"
+        self._existing: set[str] = set()  # collections seen to exist (they are never dropped here)
+
+    @classmethod
+    def connect(
+        cls, url: str, collection: str, *, api_key: str | None = None, timeout_s: float = 10.0
+    ) -> "ServerStore":
+        """Connect to the server at ``url``; ``StoreError`` at once if it does not answer."""
+        # check_compatibility=False: its version probe only warns; our probe below raises instead.
+        client = QdrantClient(
+            url=url, api_key=api_key, timeout=max(1, math.ceil(timeout_s)), check_compatibility=False
+        )
+        store = cls(client, collection, url=url)
+        with store._errors():
+            client.get_collections()
+        return store
+
+    # Collections ---------------------------------------------------------------------------------
+    def ensure(self, dim: int) -> None:
+        with self._errors():
+            if self._has(self.collection):
+                if self.dim != dim:
+                    raise StoreError(
+                        f"collection {self.collection!r} at {self.url} holds {self.dim}-d vectors, the "
+                        f"model gives {dim}-d: use another collection (store.collection) for this model"
+                    )
+            else:
+                self._create(
+                    self.collection, models.VectorParams(size=dim, distance=models.Distance.COSINE)
+                )
+            if not self._has(self.images_collection):
+                self._create(self.images_collection, {})
+            for name in (self.collection, self.images_collection):
+                indexed = self.client.get_collection(name).payload_schema
+                for field in INDEXED_FIELDS:
+                    if field not in indexed:
+                        self.client.create_payload_index(
+                            name, field, models.PayloadSchemaType.KEYWORD, wait=True
+                        )
+
+    @property
+    def dim(self) -> int | None:
+        with self._errors():
+            if not self._has(self.collection):
+                return None
+            vectors = self.client.get_collection(self.collection).config.params.vectors
+        if not isinstance(vectors, models.VectorParams):
+            raise StoreError(f"collection {self.collection!r} at {self.url} has named vectors, not one")
+        return vectors.size
+
+    # Writes --------------------------------------------------------------------------------------
+    def upsert_segments(self, points: Sequence[SegmentPoint]) -> None:
+        with self._errors():
+            self._require(self.collection)
+            for start in range(0, len(points), UPSERT_BATCH):
+                batch = [
+                    models.PointStruct(id=p.id, vector=_vector(p.vector), payload=p.payload)
+                    for p in points[start : start + UPSERT_BATCH]
+                ]
+                self.client.upsert(self.collection, points=batch, wait=True)
+
+    def put_image(self, entry: ImageEntry) -> None:
+        with self._errors():
+            self._require(self.images_collection)
+            point = models.PointStruct(id=image_id(entry.path), vector={}, payload=entry.payload())
+            self.client.upsert(self.images_collection, points=[point], wait=True)
+
+    def delete_image(self, path: str) -> int:
+        with self._errors():
+            if not (self._has(self.collection) and self._has(self.images_collection)):
+                return 0
+            # Record first: if we die in between, the leftover segments read as an unfinished image.
+            record = models.PointIdsList(points=[image_id(path)])
+            self.client.delete(self.images_collection, points_selector=record, wait=True)
+            flt = _filter(SearchFilter(path=path))
+            n = self.client.count(self.collection, count_filter=flt, exact=True).count
+            if n:
+                selector = models.FilterSelector(filter=flt)
+                self.client.delete(self.collection, points_selector=selector, wait=True)
+            return n
+
+    # Images --------------------------------------------------------------------------------------
+    def get_image(self, path: str) -> ImageEntry | None:
+        with self._errors():
+            if not self._has(self.images_collection):
+                return None
+            records = self.client.retrieve(self.images_collection, ids=[image_id(path)], with_payload=True)
+        return ImageEntry.from_payload(records[0].payload) if records else None
+
+    def iter_images(self) -> Iterator[ImageEntry]:
+        for record in self._scroll(self.images_collection, None):
+            yield ImageEntry.from_payload(record.payload)
+
+    def find_images(self, sha256: str) -> list[ImageEntry]:
+        return [
+            ImageEntry.from_payload(r.payload)
+            for r in self._scroll(self.images_collection, SearchFilter(sha256=sha256))
+        ]
+
+    def count_images(self) -> int:
+        with self._errors():
+            if not self._has(self.images_collection):
+                return 0
+            return self.client.count(self.images_collection, exact=True).count
+
+    # Segments ------------------------------------------------------------------------------------
+    def search(
+        self, vector: np.ndarray, k: int, flt: SearchFilter | None = None, min_score: float | None = None
+    ) -> list[Hit]:
+        with self._errors():
+            if k <= 0 or not self._has(self.collection):
+                return []
+            result = self.client.query_points(
+                self.collection,
+                query=_vector(vector),
+                limit=k,
+                query_filter=_filter(flt),
+                score_threshold=min_score,
+                with_payload=True,
+            )
+        return [Hit.from_payload(str(p.id), p.score, p.payload) for p in result.points]
+
+    def get_segments(self, ids: Sequence[str]) -> list[Hit]:
+        with self._errors():
+            if not ids or not self._has(self.collection):
+                return []
+            records = self.client.retrieve(self.collection, ids=list(ids), with_payload=True)
+        found = {str(r.id): r.payload for r in records}
+        return [Hit.from_payload(i, 0.0, found[i]) for i in ids if i in found]
+
+    def scroll_segments(self, flt: SearchFilter | None = None) -> Iterator[Hit]:
+        for record in self._scroll(self.collection, flt):
+            yield Hit.from_payload(str(record.id), 0.0, record.payload)
+
+    def count_segments(self, flt: SearchFilter | None = None) -> int:
+        with self._errors():
+            if not self._has(self.collection):
+                return 0
+            return self.client.count(self.collection, count_filter=_filter(flt), exact=True).count
+
+    def close(self) -> None:
+        self.client.close()
+
+    # Helpers -------------------------------------------------------------------------------------
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Turn transport and HTTP errors into ``StoreError`` naming the server."""
+        try:
+            yield
+        except ResponseHandlingException as e:
+            raise StoreError(f"cannot reach Qdrant at {self.url}: {e}") from None
+        except UnexpectedResponse as e:
+            detail = e.content.decode(errors="replace")[:500]
+            status = f"{e.status_code} {e.reason_phrase}"
+            raise StoreError(f"Qdrant at {self.url} answered {status}: {detail}") from None
+
+    def _has(self, name: str) -> bool:
+        if name not in self._existing and self.client.collection_exists(name):
+            self._existing.add(name)
+        return name in self._existing
+
+    def _create(self, name: str, vectors_config: Any) -> None:
+        try:
+            self.client.create_collection(name, vectors_config=vectors_config)
+        except (UnexpectedResponse, ValueError):
+            if not self.client.collection_exists(name):  # else another process created it just now
+                raise
+        self._existing.add(name)
+
+    def _require(self, name: str) -> None:
+        if not self._has(name):
+            raise StoreError(f"collection {name!r} does not exist at {self.url}: call ensure(dim) first")
+
+    def _scroll(self, name: str, flt: SearchFilter | None) -> Iterator[Any]:
+        offset = None
+        while True:
+            with self._errors():
+                if not self._has(name):
+                    return
+                records, offset = self.client.scroll(
+                    name, scroll_filter=_filter(flt), limit=SCROLL_PAGE, offset=offset, with_payload=True
+                )
+            yield from records
+            if offset is None:
+                return
+
+
+def _vector(vector: np.ndarray) -> list[float]:
+    return np.asarray(vector, dtype=np.float32).ravel().tolist()
+
+
+def _filter(flt: SearchFilter | None) -> models.Filter | None:
+    if flt is None or flt.is_empty():
+        return None
+    return models.Filter(
+        must=[models.FieldCondition(key=k, match=models.MatchValue(value=v)) for k, v in flt.conditions()]
+    )
