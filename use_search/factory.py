@@ -43,6 +43,9 @@ class Runtime:
     def from_settings(cls, settings: Settings) -> "Runtime":
         return cls(settings, get_preset(settings.preset), settings.torch_device())
 
+    def preflight(self, parts: tuple[str, ...]) -> None:
+        preflight(self.settings, self.preset, parts)
+
     def store(self) -> VectorStore:
         return open_store(self.settings)
 

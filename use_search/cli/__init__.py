@@ -92,6 +92,7 @@ def index(
     rt = Runtime.from_settings(state.settings)
     if not folder.exists():
         raise FileNotFoundError(f"no such file or folder: {folder}")
+    rt.preflight(("sam", "clip"))  # missing weights fail before the store is even created
     with rt.store() as store:
         indexer = rt.indexer(store)
         err.print(f"store: {_store_label()}  ·  model: {indexer.embedder.model_id}  ·  device: {rt.device}")
@@ -151,6 +152,7 @@ def query(
 
     banner()
     rt = Runtime.from_settings(state.settings)
+    rt.preflight(("clip",))
     flt = SearchFilter(
         path=str(image.absolute()) if image else None, under=str(under.absolute()) if under else None
     )

@@ -1,0 +1,64 @@
+"""The command line as a user runs it: a real subprocess, real photos, the embedded store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from PIL import Image
+
+
+def run(args, data_dir, timeout=300):
+    env = {**os.environ, "USE_SEARCH_DATA_DIR": str(data_dir), "COLUMNS": "200", "USE_SEARCH_CONFIG": "/nonexistent"}
+    return subprocess.run([sys.executable, "-m", "use_search", *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_index_then_query_json_and_overlays(tmp_path, photos):
+    data = tmp_path / "data"
+    root = photos["voc"].parent
+    (root / "corrupt.jpg").write_bytes(b"GIF89a-not-really")
+    r = run(["--preset", "tiny", "index", str(root)], data)
+    assert r.returncode == 0, r.stderr
+    assert "UNTRAINED MODELS" in r.stderr
+    assert "corrupt.jpg" in r.stderr and "failed" in r.stderr
+    assert "img/s" in r.stderr and "indexed images" in r.stderr
+
+    r = run(["--preset", "tiny", "query", "a cat on a sofa", "-k", "3", "--json", "--save", str(tmp_path / "ov")], data)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+    assert [row["rank"] for row in rows] == [1, 2, 3]
+    assert all(rows[i]["score"] >= rows[i + 1]["score"] for i in range(2))
+    for row in rows:
+        assert row["model"] == "crop-clip:clip-tiny-untrained"
+        overlay = Image.open(row["overlay"])
+        assert overlay.size == (row["width"], row["height"])
+
+    r = run(["--preset", "tiny", "query", "a cat", "--image", str(photos["chelsea"]), "--json"], data)
+    assert r.returncode == 0, r.stderr
+    assert {json.loads(line)["path"] for line in r.stdout.splitlines()} == {str(photos["chelsea"])}
+
+    r = run(["--preset", "tiny", "stats"], data)
+    assert "images: 4" in r.stdout
+
+
+def test_paper_preset_without_weights_fails_fast_and_names_the_files(tmp_path, photos):
+    started = time.monotonic()
+    r = run(["--preset", "paper", "--offline", "index", str(photos["voc"].parent)], tmp_path / "data")
+    assert r.returncode == 2
+    assert time.monotonic() - started < 60
+    assert "sam_vit_h_4b8939.pth" in r.stderr and "use-search weights fetch sam_vit_h" in r.stderr
+    assert "ViT-L-14-336px.pt" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "data" / "store").exists()  # nothing was created
+
+
+def test_user_errors_have_no_traceback(tmp_path):
+    r = run(["--preset", "tiny", "index", str(tmp_path / "nope")], tmp_path / "data")
+    assert r.returncode == 2 and "no such file or folder" in r.stderr and "Traceback" not in r.stderr
+    r = run(["--preset", "tiny", "query", "anything"], tmp_path / "data")
+    assert r.returncode == 2 and "empty" in r.stderr and "Traceback" not in r.stderr
+    r = run(["weights", "verify", "sam_vit_b"], tmp_path / "data")
+    assert r.returncode == 1 and "missing" in r.stdout

@@ -1,0 +1,69 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from use_search.indexer.read import ImageReadError, decode_image, find_images, read_image
+
+
+def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_reads_real_photo_with_hash(photos):
+    loaded = read_image(photos["voc"], 10**8)
+    assert loaded.pixels.dtype == np.uint8 and loaded.pixels.shape == (loaded.record.height, loaded.record.width, 3)
+    assert len(loaded.record.sha256) == 64 and loaded.record.path == str(photos["voc"])
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [(b"", "empty file"), (b"hello, I am text", "not an image"), ],
+)
+def test_bad_bytes_have_reasons(data, reason):
+    with pytest.raises(ImageReadError, match=reason):
+        decode_image(data, 10**8)
+
+
+def test_truncated_jpeg_is_rejected(voc):
+    data = _bytes(Image.fromarray(voc["rgb"]), "JPEG")
+    with pytest.raises(ImageReadError, match="cannot decode"):
+        decode_image(data[: len(data) // 2], 10**8)
+
+
+def test_pixel_limit_guards_against_bombs():
+    data = _bytes(Image.new("L", (4000, 4000)), "PNG")
+    with pytest.raises(ImageReadError, match="over the"):
+        decode_image(data, 1_000_000)
+
+
+def test_exif_rotation_gives_the_upright_image(voc):
+    rgb = voc["rgb"]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: viewers turn it 90° clockwise
+    data = _bytes(Image.fromarray(rgb), "PNG", exif=exif)
+    out = decode_image(data, 10**8)
+    assert out.shape == (rgb.shape[1], rgb.shape[0], 3)
+    assert np.array_equal(out, np.rot90(rgb, k=-1))
+
+
+def test_modes_become_rgb(voc):
+    grey16 = Image.fromarray((np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16))
+    out = decode_image(_bytes(grey16, "PNG"), 10**8)
+    assert out.shape == (64, 64, 3) and out.max() > 200  # scaled, not clipped to 255 everywhere
+    assert len(np.unique(out[..., 0])) > 100
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    assert (decode_image(_bytes(rgba, "PNG"), 10**8) == 255).all()  # transparent → white
+    cmyk = Image.fromarray(voc["rgb"]).convert("CMYK")
+    assert decode_image(_bytes(cmyk, "JPEG"), 10**8).shape == voc["rgb"].shape
+
+
+def test_find_images_recursive_by_extension_and_no_dir_symlink_loops(tmp_path, photos):
+    root = photos["voc"].parent
+    (root / "notes.txt").write_text("x")
+    (root / "sub" / "loop").symlink_to(root, target_is_directory=True)
+    found = list(find_images(root, (".jpg", ".png")))
+    assert [p.name for p in found] == ["voc.jpg", "astronaut.png", "chelsea.png", "coffee.png"]
