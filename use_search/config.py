@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     max_image_pixels: int = 50_000_000  # decompression-bomb guard
     image_extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
+    api_key: str | None = None  # HTTP API key: clients send header X-API-Key (env USE_SEARCH_API_KEY)
+    max_upload_bytes: int = 20 * 1024 * 1024  # POST /images and /segment uploads; larger → 413
+
     amg: AutoMaskSettings = AutoMaskSettings()
     box: BoxPromptSettings = BoxPromptSettings()
     store: StoreSettings = StoreSettings()

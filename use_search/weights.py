@@ -126,14 +126,13 @@ def resolve(name_or_path: str | Path, settings: Settings, *, download: bool = Tr
         return dest
     if not download or settings.is_offline:
         raise MissingWeightsError(missing_message(spec, settings, "offline mode" if settings.is_offline else ""))
-    try:
-        return fetch(spec, settings)
-    except (httpx.HTTPError, OSError) as e:
-        raise MissingWeightsError(missing_message(spec, settings, f"download failed: {e}")) from e
+    return fetch(spec, settings)
 
 
 def fetch(spec: WeightSpec, settings: Settings, *, progress: bool = True, connect_timeout: float = 10.0) -> Path:
-    """Download ``spec`` into the cache with a progress bar; verify sha256; move into place atomically."""
+    """Download ``spec`` into the cache with a progress bar; verify sha256; move into place atomically.
+
+    A network failure is a ``MissingWeightsError`` that says where to put the file by hand."""
     dest = cache_path(spec, settings)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + f".part{os.getpid()}")
@@ -158,6 +157,8 @@ def fetch(spec: WeightSpec, settings: Settings, *, progress: bool = True, connec
             )
         os.replace(part, dest)
         return dest
+    except (httpx.HTTPError, OSError) as e:
+        raise MissingWeightsError(missing_message(spec, settings, f"download failed: {e}")) from e
     finally:
         part.unlink(missing_ok=True)
 

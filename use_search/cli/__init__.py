@@ -176,7 +176,7 @@ def query(
             row = {"rank": rank, **h.to_json()}
             if h.id in saved:
                 row["overlay"] = saved[h.id]
-            out.print_json(json.dumps(row)) if out.is_terminal else print(json.dumps(row))
+            print(json.dumps(row))
         return
     t = Table(title=f"{len(hits)} segments for “{text}”")
     for col in ("rank", "score", "image", "segment", "bbox (x,y,w,h)", "area"):
@@ -186,6 +186,50 @@ def query(
     out.print(t)
     if save:
         err.print(f"overlays written to {save}")
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0 for all)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+) -> None:
+    """HTTP API + web page over the store. This process owns the embedded store while it runs."""
+    from use_search.api import serve as run_server
+
+    banner()
+    run_server(state.settings, host, port)
+
+
+@app.command()
+def segment(
+    image: Path = typer.Argument(..., help="The image to label."),
+    classes: str = typer.Option(..., "--classes", "-c", help="Comma-separated class names, e.g. cat,grass,sky."),
+    out_path: Path = typer.Option(Path("labels.png"), "--out", "-o", help="Label PNG: pixel = class index, 255 = unlabeled."),
+    logit_scale: float = typer.Option(100.0, "--logit-scale", help="Softmax scale on cosine similarities."),
+) -> None:
+    """Semantic segmentation by voting (paper §4.3): SAM segments, softmax over classes, per-pixel sum."""
+    from use_search.factory import Runtime
+    from use_search.indexer.read import ImageReadError, read_image
+    from use_search.query.voting import label_png, semantic_segmentation
+
+    banner()
+    names = [c.strip() for c in classes.split(",") if c.strip()]
+    rt = Runtime.from_settings(state.settings)
+    rt.preflight(("sam", "clip"))
+    try:
+        loaded = read_image(image, state.settings.max_image_pixels)
+    except ImageReadError as e:
+        raise ValueError(f"{image}: {e}") from None
+    labels, masks = semantic_segmentation(loaded.pixels, names, rt.segmenter(), rt.embedder(), logit_scale=logit_scale)
+    out_path.write_bytes(label_png(labels))
+    t = Table(title=f"{image.name}: {labels.shape[1]}×{labels.shape[0]}")
+    for col, just in (("index", "right"), ("class", "left"), ("pixels", "right")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for i, (name, m) in enumerate(masks.items()):
+        t.add_row(str(i), name, str(int(m.sum())))
+    t.add_row("255", "(unlabeled)", str(int((labels < 0).sum())))
+    out.print(t)
+    err.print(f"labels written to {out_path}")
 
 
 @app.command()

@@ -1,0 +1,270 @@
+"""The HTTP API against a real uvicorn process on 127.0.0.1 (tiny preset, embedded store), via httpx."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from use_search.masks import decode_rle
+from use_search.query.voting import UNLABELED, read_label_png
+from use_search.store.base import image_id
+
+KEY = "test-key-123"
+MAX_UPLOAD = 300_000
+SIDE = 128  # small photos: the tiny SAM on a shared CPU
+STARTUP_S = 90
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def photo_bytes(name: str, fmt: str = "PNG") -> bytes:
+    img = Image.fromarray(getattr(skimage.data, name)())
+    img.thumbnail((SIDE, SIDE))
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format=fmt)
+    return buf.getvalue()
+
+
+SERVER = """
+import os, uvicorn
+from use_search.config import Settings
+from use_search.api.app import create_app
+app = create_app(Settings(), api_key=os.environ["USE_SEARCH_API_KEY"],
+                 max_upload_bytes=int(os.environ["USE_SEARCH_MAX_UPLOAD_BYTES"]))
+uvicorn.run(app, host="127.0.0.1", port=int(os.environ["PORT"]), log_level="warning")
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    port = free_port()
+    env = {
+        **os.environ,
+        "PORT": str(port),
+        "USE_SEARCH_DATA_DIR": str(root / "data"),
+        "USE_SEARCH_PRESET": "tiny",
+        "USE_SEARCH_DEVICE": "cpu",
+        "USE_SEARCH_OFFLINE": "1",
+        "USE_SEARCH_CONFIG": str(root / "no-config.toml"),
+        "USE_SEARCH_API_KEY": KEY,
+        "USE_SEARCH_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
+        "OMP_NUM_THREADS": "1",
+    }
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-c", SERVER], env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_S
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited ({proc.returncode}):\n{(root / 'server.log').read_text()[-3000:]}")
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not up in {STARTUP_S}s:\n{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield {"base": base, "data": root / "data", "log": root / "server.log"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server["base"], headers={"X-API-Key": KEY}, timeout=120) as c:
+        yield c
+
+
+def counts(client: httpx.Client) -> tuple[int, int]:
+    text = client.get("/metrics").text
+    imgs = re.search(r"^use_search_images (\S+)$", text, re.M)
+    segs = re.search(r"^use_search_segments (\S+)$", text, re.M)
+    return int(float(imgs.group(1))), int(float(segs.group(1)))
+
+
+@pytest.fixture(scope="module")
+def uploaded(client):
+    out = {}
+    for name, fmt in (("chelsea", "JPEG"), ("coffee", "PNG")):
+        r = client.post("/images", files={"file": (f"{name}.{fmt.lower()}", photo_bytes(name, fmt), f"image/{fmt.lower()}")})
+        assert r.status_code == 201, r.text
+        out[name] = r.json()
+    return out
+
+
+def test_health_open_and_auth_required(server):
+    base = server["base"]
+    r = httpx.get(base + "/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["untrained"] is True
+    some_id = str(uuid.uuid4())
+    for method, path, kw in [
+        ("POST", "/search", {"json": {"text": "cat"}}),
+        ("GET", f"/segments/{some_id}", {}),
+        ("GET", f"/segments/{some_id}/mask.png", {}),
+        ("GET", f"/images/{some_id}/overlay.png", {}),
+        ("GET", "/metrics", {}),
+        ("POST", "/images", {"files": {"file": ("a.png", b"x")}}),
+    ]:
+        for headers in ({}, {"X-API-Key": "wrong"}):
+            r = httpx.request(method, base + path, headers=headers, timeout=10, **kw)
+            assert r.status_code == 401, (method, path, headers, r.text)
+            assert "API key" in r.json()["detail"]
+
+
+def test_upload_indexes_and_reupload_is_idempotent(client, server, uploaded):
+    for name, body in uploaded.items():
+        assert body["status"] == "indexed" and body["n_segments"] > 0
+        assert body["id"] == image_id(body["path"])
+        p = Path(body["path"])
+        assert p.parent == server["data"] / "uploads" and p.stem == body["sha256"] and p.is_file()
+        assert (body["width"], body["height"]) == Image.open(p).size
+    assert p.suffix == ".png" and Path(uploaded["chelsea"]["path"]).suffix == ".jpg"
+    before = counts(client)
+    assert before == (2, sum(b["n_segments"] for b in uploaded.values()))
+    r = client.post("/images", files={"file": ("again.png", photo_bytes("coffee"), "image/png")})
+    assert r.status_code == 200 and r.json()["status"] == "exists"
+    assert counts(client) == before
+    info = client.get(f"/images/{uploaded['coffee']['id']}").json()
+    assert info["n_segments"] == uploaded["coffee"]["n_segments"] == len(info["segments"])
+
+
+def test_search_hits_and_filters(client, uploaded):
+    r = client.post("/search", json={"text": "a cat", "k": 5})
+    assert r.status_code == 200, r.text
+    hits = r.json()["hits"]
+    assert 1 <= len(hits) <= 5
+    for h in hits:
+        assert {"id", "score", "path", "bbox", "area", "rle", "width", "height", "image_id"} <= h.keys()
+        assert decode_rle(h["rle"]).shape == (h["height"], h["width"])
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    only = uploaded["coffee"]["path"]
+    r = client.post("/search", json={"text": "a cup", "k": 50, "filters": {"path": only}})
+    assert r.status_code == 200 and {h["path"] for h in r.json()["hits"]} == {only}
+    r = client.post("/search", json={"text": "a cup", "k": 50, "filters": {"under": "/nowhere/else"}})
+    assert r.json()["hits"] == []
+    r = client.post("/search", json={"text": "a cup", "k": 3, "dedup": True, "min_score": -1.0})
+    assert r.status_code == 200 and len(r.json()["hits"]) <= 3
+
+
+def test_search_malformed_requests(client):
+    r = client.post("/search", content=b'{"text": "cat", ', headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"]
+    for body in ({"k": 3}, {"text": "", "k": 3}, {"text": "cat", "k": 0}):
+        r = client.post("/search", json=body)
+        assert r.status_code == 422 and isinstance(r.json()["detail"], str), body
+
+
+def test_segment_and_mask_png(client, uploaded):
+    hit = client.post("/search", json={"text": "coffee", "k": 1}).json()["hits"][0]
+    r = client.get(f"/segments/{hit['id']}")
+    assert r.status_code == 200
+    seg = r.json()
+    assert seg["id"] == hit["id"] and seg["rle"] == hit["rle"] and seg["bbox"] == hit["bbox"]
+    r = client.get(f"/segments/{hit['id']}/mask.png")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    png = np.asarray(Image.open(io.BytesIO(r.content)))
+    np.testing.assert_array_equal(png > 0, decode_rle(seg["rle"]))
+    assert int((png > 0).sum()) == seg["area"]
+
+
+def test_unknown_and_malformed_ids(client):
+    assert client.get(f"/segments/{uuid.uuid4()}").status_code == 404
+    assert client.get(f"/segments/{uuid.uuid4()}/mask.png").status_code == 404
+    assert client.get(f"/images/{uuid.uuid4()}/overlay.png").status_code == 404
+    for bad in ("not-a-uuid", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "1234"):
+        for path in (f"/segments/{bad}", f"/segments/{bad}/mask.png", f"/images/{bad}/overlay.png"):
+            r = client.get(path)
+            assert r.status_code in (400, 404, 422), (path, r.status_code)
+            assert r.headers["content-type"].startswith("application/json") and r.json()["detail"]
+    assert client.get("/segments/not-a-uuid").status_code == 422
+
+
+def test_overlay_png(client, uploaded):
+    up = uploaded["chelsea"]
+    r = client.get(f"/images/{up['id']}/overlay.png")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).size == (up["width"], up["height"])
+    seg_id = client.get(f"/images/{up['id']}").json()["segments"][0]["id"]
+    r = client.get(f"/images/{up['id']}/overlay.png", params={"segment": seg_id})
+    assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (up["width"], up["height"])
+    other = client.get(f"/images/{uploaded['coffee']['id']}").json()["segments"][0]["id"]
+    assert client.get(f"/images/{up['id']}/overlay.png", params={"segment": other}).status_code == 404
+
+
+def _check_labels(body: dict, classes: list[str], width: int, height: int) -> None:
+    labels = read_label_png(base64.b64decode(body["labels_png"]))
+    assert labels.shape == (height, width) == (body["height"], body["width"])
+    assert set(np.unique(labels)) <= {UNLABELED, *range(len(classes))}
+    assert [m["class"] for m in body["masks"]] == classes
+    for i, m in enumerate(body["masks"]):
+        np.testing.assert_array_equal(decode_rle(m["rle"]), labels == i)
+    assert body["unlabeled_pixels"] == int((labels == UNLABELED).sum())
+
+
+def test_semantic_segment_indexed_and_upload(client, uploaded):
+    up = uploaded["coffee"]
+    classes = ["cup", "table", "background"]
+    r = client.post("/segment", data={"image_id": up["id"], "classes": classes})
+    assert r.status_code == 200, r.text
+    _check_labels(r.json(), classes, up["width"], up["height"])
+    data = photo_bytes("astronaut")
+    w, h = Image.open(io.BytesIO(data)).size
+    r = client.post("/segment", data={"classes": "person,flag"}, files={"file": ("a.png", data, "image/png")})
+    assert r.status_code == 200, r.text
+    _check_labels(r.json(), ["person", "flag"], w, h)
+    assert client.post("/segment", data={"classes": "a"}).status_code == 422  # neither image nor id
+    r = client.post("/segment", data={"classes": "a"}, files={"file": ("x.png", b"garbage", "image/png")})
+    assert r.status_code == 400 and r.json()["detail"]
+
+
+def test_corrupt_and_oversized_uploads_store_nothing(client, server, uploaded):
+    before = counts(client)
+    files_before = sorted(p.name for p in (server["data"] / "uploads").iterdir())
+    good = photo_bytes("chelsea", "JPEG")
+    for name, data in [("broken.jpg", good[: len(good) // 3]), ("text.png", b"this is not an image"), ("empty.png", b"")]:
+        r = client.post("/images", files={"file": (name, data, "image/jpeg")})
+        assert r.status_code in (400, 422), (name, r.status_code, r.text)
+        assert "image" in r.json()["detail"] or "empty" in r.json()["detail"], r.text
+    big = np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, format="PNG")
+    assert len(buf.getvalue()) > MAX_UPLOAD
+    r = client.post("/images", files={"file": ("big.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+    assert counts(client) == before
+    assert sorted(p.name for p in (server["data"] / "uploads").iterdir()) == files_before
+
+
+def test_metrics_and_page(client, server, uploaded):
+    text = client.get("/metrics").text
+    assert "use_search_http_requests_total" in text and "use_search_http_request_seconds_bucket" in text
+    assert re.search(r'use_search_http_requests_total\{method="POST",route="/search",status="200"\} [1-9]', text)
+    r = httpx.get(server["base"] + "/")  # the page itself holds no data: no key needed
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"] and 'id="q"' in r.text

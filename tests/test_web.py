@@ -1,0 +1,110 @@
+"""The web page in headless Chromium (Debian's ``chromium``): loads, searches, shows results; saves a
+screenshot. Skipped, with the reason, when no chromium binary is installed."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import skimage.data
+from PIL import Image
+
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no headless Chromium here (Debian: apt-get install chromium)"
+)
+STARTUP_S = 90
+
+SERVER = """
+import os, uvicorn
+from use_search.config import Settings
+from use_search.api.app import create_app
+uvicorn.run(create_app(Settings()), host="127.0.0.1", port=int(os.environ["PORT"]), log_level="warning")
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("web")
+    port = free_port()
+    env = {
+        **os.environ, "PORT": str(port), "USE_SEARCH_DATA_DIR": str(root / "data"), "USE_SEARCH_PRESET": "tiny",
+        "USE_SEARCH_DEVICE": "cpu", "USE_SEARCH_OFFLINE": "1", "USE_SEARCH_CONFIG": str(root / "none.toml"),
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("USE_SEARCH_API_KEY", None)
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-c", SERVER], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        img = Image.fromarray(skimage.data.chelsea())
+        img.thumbnail((128, 128))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        r = httpx.post(url + "/images", files={"file": ("chelsea.png", buf.getvalue(), "image/png")}, timeout=120)
+        assert r.status_code == 201, r.text
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        log.close()
+
+
+def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [
+        CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        "--no-first-run", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=30000", "--window-size=1200,800", *args,
+    ]
+    return subprocess.run(cmd, capture_output=True, timeout=120)
+
+
+def test_page_searches_and_shows_results(base, tmp_path):
+    # ?q= makes the page run the search on load, as typing + Enter would.
+    page = f"{base}/?q=a%20cat"
+    dom = chromium(tmp_path, "--dump-dom", page)
+    html = dom.stdout.decode(errors="replace")
+    assert dom.returncode == 0, dom.stderr.decode(errors="replace")[-2000:]
+    assert 'id="q"' in html
+    assert html.count('class="hit"') >= 1, html[-3000:]
+    assert "segments for" in html  # the status line after a successful search
+    assert 'src="blob:' in html  # overlay PNGs were fetched and shown
+
+    shot = tmp_path / "web-search.png"
+    r = chromium(tmp_path, f"--screenshot={shot}", page)
+    assert r.returncode == 0 and shot.is_file(), r.stderr.decode(errors="replace")[-2000:]
+    img = Image.open(shot)
+    assert img.size == (1200, 800)
+    keep = os.environ.get("USE_SEARCH_SCREENSHOT_DIR")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(keep) / shot.name)
+    print(f"screenshot: {shot}")
