@@ -37,7 +37,6 @@ from use_search.store.base import SearchFilter, StoreError, VectorStore, image_i
 from use_search.types import Hit, ImageRecord
 
 STATIC = Path(__file__).parent / "static"
-DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024
 MAX_CLASSES = 255
 OPEN_PATHS = ("/health",)  # no key needed; the page and docs hold no data (their data calls need the key)
 OPEN_PREFIXES = ("/static/",)
@@ -182,13 +181,9 @@ def segments_overlay(pixels: np.ndarray, masks: list[np.ndarray]) -> Image.Image
 def create_app(
     settings: Settings, *, api_key: str | None = None, max_upload_bytes: int | None = None
 ) -> FastAPI:
-    """The API app. ``api_key`` / ``max_upload_bytes`` default to the settings' fields of those names
-    (when present) and to the env ``USE_SEARCH_API_KEY`` / ``USE_SEARCH_MAX_UPLOAD_BYTES``."""
-    key = api_key or getattr(settings, "api_key", None) or os.environ.get("USE_SEARCH_API_KEY") or None
-    limit = int(
-        max_upload_bytes or getattr(settings, "max_upload_bytes", None)
-        or os.environ.get("USE_SEARCH_MAX_UPLOAD_BYTES") or DEFAULT_MAX_UPLOAD
-    )
+    """The API app. ``api_key`` / ``max_upload_bytes`` override the settings' fields of those names."""
+    key = api_key or settings.api_key
+    limit = max_upload_bytes or settings.max_upload_bytes
     uploads = settings.data_dir / "uploads"
 
     @asynccontextmanager

@@ -94,6 +94,11 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
 
 def read_image(path: Path, max_pixels: int) -> LoadedImage:
     try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        # Payloads are JSON: a name that is not UTF-8 (undecodable bytes on disk) cannot be stored.
+        raise ImageReadError("file name is not valid UTF-8; rename the file to index it") from None
+    try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise ImageReadError(f"cannot read: {e.strerror or e}") from None
