@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -23,16 +18,11 @@ from use_search.masks import decode_rle
 from use_search.query.voting import UNLABELED, read_label_png
 from use_search.store.base import image_id
 
+from servers import api_server
+
 KEY = "test-key-123"
 MAX_UPLOAD = 300_000
 SIDE = 128  # small photos: the tiny SAM on a shared CPU
-STARTUP_S = 90
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def photo_bytes(name: str, fmt: str = "PNG") -> bytes:
@@ -43,57 +33,11 @@ def photo_bytes(name: str, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
-SERVER = """
-import os, uvicorn
-from use_search.config import Settings
-from use_search.api.app import create_app
-app = create_app(Settings(), api_key=os.environ["USE_SEARCH_API_KEY"],
-                 max_upload_bytes=int(os.environ["USE_SEARCH_MAX_UPLOAD_BYTES"]))
-uvicorn.run(app, host="127.0.0.1", port=int(os.environ["PORT"]), log_level="warning")
-"""
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("api")
-    port = free_port()
-    env = {
-        **os.environ,
-        "PORT": str(port),
-        "USE_SEARCH_DATA_DIR": str(root / "data"),
-        "USE_SEARCH_PRESET": "tiny",
-        "USE_SEARCH_DEVICE": "cpu",
-        "USE_SEARCH_OFFLINE": "1",
-        "USE_SEARCH_CONFIG": str(root / "no-config.toml"),
-        "USE_SEARCH_API_KEY": KEY,
-        "USE_SEARCH_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
-        "OMP_NUM_THREADS": "1",
-    }
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-c", SERVER], env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_S
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited ({proc.returncode}):\n{(root / 'server.log').read_text()[-3000:]}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not up in {STARTUP_S}s:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.3)
+    with api_server(root, USE_SEARCH_API_KEY=KEY, USE_SEARCH_MAX_UPLOAD_BYTES=str(MAX_UPLOAD)) as base:
         yield {"base": base, "data": root / "data", "log": root / "server.log"}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,50 +14,18 @@ import pytest
 import skimage.data
 from PIL import Image
 
+from servers import api_server
+
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="no headless Chromium here (Debian: apt-get install chromium)"
 )
-STARTUP_S = 90
-
-SERVER = """
-import os, uvicorn
-from use_search.config import Settings
-from use_search.api.app import create_app
-uvicorn.run(create_app(Settings()), host="127.0.0.1", port=int(os.environ["PORT"]), log_level="warning")
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("web")
-    port = free_port()
-    env = {
-        **os.environ, "PORT": str(port), "USE_SEARCH_DATA_DIR": str(root / "data"), "USE_SEARCH_PRESET": "tiny",
-        "USE_SEARCH_DEVICE": "cpu", "USE_SEARCH_OFFLINE": "1", "USE_SEARCH_CONFIG": str(root / "none.toml"),
-        "OMP_NUM_THREADS": "1",
-    }
-    env.pop("USE_SEARCH_API_KEY", None)
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-c", SERVER], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
+    with api_server(root) as url:
         img = Image.fromarray(skimage.data.chelsea())
         img.thumbnail((128, 128))
         buf = io.BytesIO()
@@ -68,14 +33,6 @@ def base(tmp_path_factory):
         r = httpx.post(url + "/images", files={"file": ("chelsea.png", buf.getvalue(), "image/png")}, timeout=120)
         assert r.status_code == 201, r.text
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        log.close()
 
 
 def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
