@@ -62,3 +62,22 @@ def test_user_errors_have_no_traceback(tmp_path):
     assert r.returncode == 2 and "empty" in r.stderr and "Traceback" not in r.stderr
     r = run(["weights", "verify", "sam_vit_b"], tmp_path / "data")
     assert r.returncode == 1 and "missing" in r.stdout
+
+
+def test_curate_run_and_stats(tmp_path, photos):
+    data = tmp_path / "data"
+    photos["chelsea"].with_suffix(".txt").write_text("A tabby cat with green eyes lies on a wooden floor.\n")
+    photos["coffee"].with_suffix(".txt").write_text("A cup of coffee on a white saucer with a spoon.\n")
+    shards = tmp_path / "shards"
+    r = run(["--preset", "tiny", "curate", "run", str(photos["chelsea"].parent), "--out", str(shards), "--sidecar-captions"], data)
+    assert r.returncode == 0, r.stderr
+    # Three images under sub/; astronaut has no caption, so it is done with no pairs.
+    assert "images found / skipped / curated" in r.stderr and "3 / 0 / 3" in r.stderr
+    from use_search.curation import shard_stats
+
+    st = shard_stats(shards)
+    assert st.images == 3 and st.images_with_segments == 2 and st.pairs >= st.pairs_after_nms > 0
+    r = run(["curate", "stats", str(shards)], data)
+    assert r.returncode == 0 and f"{st.pairs}" in r.stdout and f"{st.unique_expressions}" in r.stdout
+    r = run(["--preset", "tiny", "curate", "run", str(photos["chelsea"].parent), "--out", str(shards), "--sidecar-captions"], data)
+    assert "3 / 3 / 0" in r.stderr  # resumed: every image already done

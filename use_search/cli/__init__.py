@@ -22,6 +22,8 @@ from use_search.weights import REGISTRY, ChecksumError, MissingWeightsError, fet
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Search the segments of your photos by text (USE).")
 weights_app = typer.Typer(no_args_is_help=True, help="List, fetch and verify model checkpoints.")
 app.add_typer(weights_app, name="weights")
+curate_app = typer.Typer(no_args_is_help=True, help="Segment-text pair curation (paper §3.1).")
+app.add_typer(curate_app, name="curate")
 
 out = Console()
 err = Console(stderr=True)
@@ -230,6 +232,58 @@ def segment(
     t.add_row("255", "(unlabeled)", str(int((labels < 0).sum())))
     out.print(t)
     err.print(f"labels written to {out_path}")
+
+
+@curate_app.command("run")
+def curate_run(
+    images: Path = typer.Argument(..., help="Folder of images (recursive) or one image."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Shard folder (resumable: done images are skipped)."),
+    sidecar: bool = typer.Option(False, "--sidecar-captions", help="photo.jpg → photo.txt, one caption per line."),
+    coco_captions: Optional[Path] = typer.Option(None, "--coco-captions", help="COCO captions JSON."),
+    mllm: Optional[str] = typer.Option(None, "--mllm", help="Captioning MLLM: Hugging Face id or folder."),
+    vg_regions: Optional[Path] = typer.Option(None, "--vg-regions", help="Visual Genome region_descriptions.json (no grounding)."),
+    grounding: Optional[str] = typer.Option(None, "--grounding", help="Grounding DINO id or folder (default: grounding-dino-tiny)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most this many new images."),
+) -> None:
+    """Captions → phrases/expressions → grounding boxes → SAM masks → mask NMS → pair shards."""
+    from use_search.curation import CurationConfig, run_curation
+
+    banner()
+    s = state.settings
+    tiny = get_preset(s.preset).untrained
+    cfg = CurationConfig(
+        images=images, out=out_dir, sidecar_captions=sidecar, coco_captions=coco_captions, mllm=mllm,
+        vg_regions=vg_regions, sam=get_preset(s.preset).sam, limit=limit, settings=s,
+        **({"grounding_model": grounding} if grounding else {"grounding_model": "tiny"} if tiny else {}),
+    )
+    r = run_curation(cfg)
+    if r.untrained:
+        err.print(Panel(Text(UNTRAINED_BANNER, style="bold"), title="untrained models", border_style="red"))
+    for path, reason in r.images_failed:
+        err.print(f"[yellow]failed[/] {path}: {reason}")
+    t = Table(title="curation summary", show_header=False)
+    for k, v in [
+        ("images found / skipped / curated", f"{r.images_found} / {r.images_skipped} / {r.images_curated}"),
+        ("failed", len(r.images_failed)), ("pairs before NMS", r.pairs_before_nms), ("segments after NMS", r.segments),
+        ("shards written", len(r.shards_written)), ("time", f"{r.seconds:.1f} s"),
+    ]:
+        t.add_row(k, str(v))
+    err.print(t)
+
+
+@curate_app.command("stats")
+def curate_stats(folder: Path = typer.Argument(..., help="Shard folder written by `curate run`.")) -> None:
+    """The paper's Table 1 figures for a shard folder: #pairs, #pairs after NMS, #unique expressions."""
+    from use_search.curation import shard_stats
+
+    st = shard_stats(folder)
+    t = Table(title=f"pairs in {folder}")
+    for col in ("images", "#pairs", "#pairs w/ NMS", "#expressions (unique)"):
+        t.add_column(col, justify="right")
+    t.add_row(str(st.images), str(st.pairs), str(st.pairs_after_nms), str(st.unique_expressions))
+    out.print(t)
+    for kind, n in sorted(st.unique_by_kind.items()):
+        out.print(f"unique {kind}s: {n}")
 
 
 @app.command()

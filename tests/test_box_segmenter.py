@@ -1,0 +1,99 @@
+"""Box prompts → masks with the tiny SAM (paper §3.1): best-stability mask, post-processing, whole-image boxes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+from segment_anything import SamPredictor
+from segment_anything.utils.amg import calculate_stability_score
+
+from use_search.config import BoxPromptSettings
+from use_search.masks import decode_rle, mask_bbox
+from use_search.segmenter.boxes import BoxSegmenter
+from use_search.segmenter.sam import build_tiny_sam
+
+W, H = 160, 106
+# A small stability offset spreads the tiny model's small logits, so its three masks score differently.
+OFFSET = 0.05
+BOXES = [(10.0, 10.0, 80.0, 90.0), (50.0, 20.0, 150.0, 100.0), (0.0, 0.0, 40.0, 40.0)]
+
+
+@pytest.fixture(scope="module")
+def sam():
+    return build_tiny_sam()
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return np.asarray(Image.fromarray(skimage.data.chelsea()).resize((W, H)))
+
+
+def test_best_stability_mask_per_box(sam, image):
+    seg = BoxSegmenter(sam, BoxPromptSettings(min_hole_area=0, min_island_area=0), stability_score_offset=OFFSET)
+    out = seg.segment(image, BOXES)
+
+    predictor = SamPredictor(sam)
+    predictor.set_image(image)
+    with torch.inference_mode():
+        boxes = predictor.transform.apply_boxes_torch(torch.tensor(BOXES), (H, W))
+        logits, iou, _ = predictor.predict_torch(None, None, boxes=boxes, multimask_output=True, return_logits=True)
+    stability = calculate_stability_score(logits, sam.mask_threshold, OFFSET)
+    best = stability.argmax(dim=1)
+    assert (best != iou.argmax(dim=1)).any(), "the test needs a box whose best-stability mask is not its best-IoU one"
+    for k, s in enumerate(out):
+        assert s is not None and s.source == "box"
+        expected = (logits[k, best[k]] > sam.mask_threshold).numpy()
+        np.testing.assert_array_equal(s.mask, expected)
+        assert s.stability_score == pytest.approx(stability[k, best[k]].item())
+        assert s.predicted_iou == pytest.approx(iou[k, best[k]].item())
+        assert s.mask.shape == (H, W) and s.area == int(s.mask.sum())
+        assert s.bbox == mask_bbox(s.mask)
+        np.testing.assert_array_equal(decode_rle(s.rle), s.mask)
+
+
+def test_batches_whole_image_and_degenerate_boxes(sam, image):
+    boxes = [
+        BOXES[0],
+        (-20.0, -20.0, W + 20.0, H + 20.0),  # clipped to the image: 100% → whole image, no SAM
+        (1.0, 1.0, W - 1.0, H - 1.0),  # 97% of the image → whole image
+        (0.0, 0.0, W * 0.94, H * 0.94),  # 88% → SAM
+        (30.0, 30.0, 30.5, 60.0),  # under a pixel wide
+        BOXES[1],
+        BOXES[2],
+    ]
+    one_batch = BoxSegmenter(sam, stability_score_offset=OFFSET, boxes_per_batch=16).segment(image, boxes)
+    small_batches = BoxSegmenter(sam, stability_score_offset=OFFSET, boxes_per_batch=2).segment(image, boxes)
+    assert [s.source if s else None for s in one_batch] == ["box", "whole-image", "whole-image", "box", None, "box", "box"]
+    whole = one_batch[1]
+    assert whole.mask.all() and whole.area == W * H and whole.bbox == (0, 0, W, H)
+    for a, b in zip(one_batch, small_batches, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_array_equal(a.mask, b.mask)
+    assert BoxSegmenter(sam).segment(image, []) == []
+
+
+def test_sam_thresholds_drop_boxes_but_not_whole_image_ones(sam, image):
+    strict = BoxSegmenter(sam, stability_score_thresh=0.99, stability_score_offset=OFFSET)
+    out = strict.segment(image, [BOXES[0], (0.0, 0.0, W, H)])
+    assert out[0] is None and out[1] is not None and out[1].source == "whole-image"
+    strict = BoxSegmenter(sam, pred_iou_thresh=0.6)  # the paper's §4.1 value; random weights never reach it
+    assert strict.segment(image, BOXES) == [None, None, None]
+
+
+def test_hole_fill_and_island_removal_use_box_prompt_areas(sam):
+    mask = np.zeros((40, 40), dtype=bool)
+    mask[5:30, 5:30] = True
+    mask[10:13, 10:13] = False  # 9 px hole: filled
+    mask[15:21, 15:21] = False  # 36 px hole: kept
+    mask[35:37, 35:37] = True  # 4 px island: dropped
+    seg = BoxSegmenter(sam, BoxPromptSettings(min_hole_area=10, min_island_area=10)).post_process(mask, 0.5, 0.5)
+    assert seg is not None
+    assert seg.mask[10:13, 10:13].all()
+    assert not seg.mask[15:21, 15:21].any()
+    assert not seg.mask[35:37, 35:37].any()
+    assert seg.area == 25 * 25 - 36 and seg.bbox == (5, 5, 25, 25)
+    assert BoxSegmenter(sam).post_process(np.zeros((5, 5), dtype=bool), 1.0, 1.0) is None
