@@ -81,3 +81,25 @@ def test_curate_run_and_stats(tmp_path, photos):
     assert r.returncode == 0 and f"{st.pairs}" in r.stdout and f"{st.unique_expressions}" in r.stdout
     r = run(["--preset", "tiny", "curate", "run", str(photos["chelsea"].parent), "--out", str(shards), "--sidecar-captions"], data)
     assert "3 / 3 / 0" in r.stderr  # resumed: every image already done
+
+    # The shards train the USE head, and the checkpoint indexes and queries.
+    ckpt_dir = tmp_path / "train"
+    r = run(["--preset", "tiny", "train", "--shards", str(shards), "--out", str(ckpt_dir),
+             "--max-steps", "2", "--batch-size", "1", "--workers", "0"], data)
+    assert r.returncode == 0, r.stderr
+    assert (ckpt_dir / "last.safetensors").is_file() and "2 steps" in r.stderr
+    model = ["--preset", "tiny", "--model", str(ckpt_dir / "last.safetensors"), "--store", str(tmp_path / "use-store")]
+    r = run([*model, "index", str(photos["chelsea"])], data)
+    assert r.returncode == 0, r.stderr
+    r = run([*model, "query", "a cat", "--json"], data)
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert rows and all(row["model"].startswith("use:last-") for row in rows)
+
+
+def test_model_init_writes_an_untrained_checkpoint(tmp_path):
+    r = run(["--preset", "tiny", "model", "init", str(tmp_path / "head.safetensors")], tmp_path / "data")
+    assert r.returncode == 0, r.stderr
+    from use_search.model.checkpoint import read_use_config
+
+    cfg = read_use_config(tmp_path / "head.safetensors")
+    assert cfg.trained_steps == 0 and cfg.is_tiny

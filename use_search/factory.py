@@ -18,18 +18,27 @@ from use_search.weights import MissingWeightsError, resolve
 
 
 def preflight(settings: Settings, preset: Preset, parts: tuple[str, ...] = ("sam", "clip")) -> None:
-    """Resolve every checkpoint a run needs before loading anything, and name all missing ones at once."""
-    if settings.use_checkpoint is not None:
-        parts = tuple(p for p in parts if p != "clip")  # a USE checkpoint names (and resolves) its own backbones
+    """Resolve every checkpoint a run needs before loading anything, and name all missing ones at once.
+
+    With a USE checkpoint the embedding backbones are the ones its config names, not the preset's."""
+    names = [getattr(preset, p) for p in parts if p != "clip"]
+    if "clip" in parts:
+        if settings.use_checkpoint is not None:
+            from use_search.model.checkpoint import read_use_config
+
+            cfg = read_use_config(settings.use_checkpoint)
+            names += [cfg.clip, cfg.dinov2]
+        else:
+            names.append(preset.clip)
     errors = []
-    for name in [getattr(preset, p) for p in parts if getattr(preset, p) != "tiny"]:
+    for name in [n for n in names if n != "tiny"]:
         try:
             resolve(name, settings)
         except MissingWeightsError as e:
             errors.append(str(e))
     if errors:
         raise MissingWeightsError(
-            f"preset '{preset.name}' needs {len(errors)} checkpoint(s) that are not here:\n" + "\n".join(errors)
+            f"this run needs {len(errors)} checkpoint(s) that are not here:\n" + "\n".join(errors)
         )
 
 

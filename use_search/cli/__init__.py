@@ -22,6 +22,8 @@ from use_search.weights import REGISTRY, ChecksumError, MissingWeightsError, fet
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Search the segments of your photos by text (USE).")
 weights_app = typer.Typer(no_args_is_help=True, help="List, fetch and verify model checkpoints.")
 app.add_typer(weights_app, name="weights")
+model_app = typer.Typer(no_args_is_help=True, help="USE model checkpoints.")
+app.add_typer(model_app, name="model")
 curate_app = typer.Typer(no_args_is_help=True, help="Segment-text pair curation (paper §3.1).")
 app.add_typer(curate_app, name="curate")
 
@@ -65,9 +67,12 @@ def common(
     state.settings = Settings.model_validate({**s.model_dump(), **top})
 
 
-def banner() -> None:
-    if get_preset(state.settings.preset).untrained and state.settings.use_checkpoint is None:
-        err.print(Panel(Text(UNTRAINED_BANNER, style="bold"), title="tiny preset", border_style="red"))
+def banner(untrained: bool | None = None) -> None:
+    """The untrained-models banner: for the embedder in use when known, else for the preset."""
+    if untrained is None:
+        untrained = get_preset(state.settings.preset).untrained
+    if untrained:
+        err.print(Panel(Text(UNTRAINED_BANNER, style="bold"), title="untrained models", border_style="red"))
 
 
 class RateColumn(ProgressColumn):
@@ -90,13 +95,13 @@ def index(
     """Segment every image with SAM, embed every segment, upsert into the store. Incremental."""
     from use_search.factory import Runtime
 
-    banner()
     rt = Runtime.from_settings(state.settings)
     if not folder.exists():
         raise FileNotFoundError(f"no such file or folder: {folder}")
     rt.preflight(("sam", "clip"))  # missing weights fail before the store is even created
     with rt.store() as store:
         indexer = rt.indexer(store)
+        banner(indexer.embedder.untrained)
         err.print(f"store: {_store_label()}  ·  model: {indexer.embedder.model_id}  ·  device: {rt.device}")
         failures: list[tuple[str, str]] = []
         segs = 0
@@ -152,7 +157,6 @@ def query(
     from use_search.factory import Runtime
     from use_search.query.render import hit_overlay
 
-    banner()
     rt = Runtime.from_settings(state.settings)
     rt.preflight(("clip",))
     flt = SearchFilter(
@@ -161,7 +165,9 @@ def query(
     with rt.store() as store:
         if store.dim is None or store.count_segments() == 0:
             raise StoreError(f"the store at {_store_label()} is empty: run `use-search index FOLDER` first")
-        hits = rt.searcher(store).search(text, k, None if flt.is_empty() else flt, min_score, dedup)
+        searcher = rt.searcher(store)
+        banner(searcher.embedder.untrained)
+        hits = searcher.search(text, k, None if flt.is_empty() else flt, min_score, dedup)
     if save:
         save.mkdir(parents=True, exist_ok=True)
     saved: dict[str, str] = {}
@@ -214,15 +220,16 @@ def segment(
     from use_search.indexer.read import ImageReadError, read_image
     from use_search.query.voting import label_png, semantic_segmentation
 
-    banner()
     names = [c.strip() for c in classes.split(",") if c.strip()]
     rt = Runtime.from_settings(state.settings)
     rt.preflight(("sam", "clip"))
+    embedder = rt.embedder()
+    banner(embedder.untrained)
     try:
         loaded = read_image(image, state.settings.max_image_pixels)
     except ImageReadError as e:
         raise ValueError(f"{image}: {e}") from None
-    labels, masks = semantic_segmentation(loaded.pixels, names, rt.segmenter(), rt.embedder(), logit_scale=logit_scale)
+    labels, masks = semantic_segmentation(loaded.pixels, names, rt.segmenter(), embedder, logit_scale=logit_scale)
     out_path.write_bytes(label_png(labels))
     t = Table(title=f"{image.name}: {labels.shape[1]}×{labels.shape[0]}")
     for col, just in (("index", "right"), ("class", "left"), ("pixels", "right")):
@@ -284,6 +291,58 @@ def curate_stats(folder: Path = typer.Argument(..., help="Shard folder written b
     out.print(t)
     for kind, n in sorted(st.unique_by_kind.items()):
         out.print(f"unique {kind}s: {n}")
+
+
+@app.command()
+def train(
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Checkpoints, train_state.pt and metrics.jsonl go here."),
+    coco: Optional[list[Path]] = typer.Option(None, "--coco", help="COCO instances JSON (category names as texts)."),
+    coco_images: Optional[Path] = typer.Option(None, "--coco-images", help="Image folder of --coco."),
+    coco_captions: Optional[Path] = typer.Option(None, "--coco-captions", help="COCO captions JSON of --coco."),
+    shards: Optional[list[Path]] = typer.Option(None, "--shards", help="Pair shards written by `curate run`."),
+    folder: Optional[list[Path]] = typer.Option(None, "--folder", help="Images with per-image JSON pairs."),
+    val_shards: Optional[list[Path]] = typer.Option(None, "--val-shards", help="Held-out pair shards for recall@k."),
+    val_fraction: float = typer.Option(0.0, "--val-fraction", help="Without --val-*: hold out this share of images."),
+    epochs: int = typer.Option(5, "--epochs"),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per step; all their segments enter the loss."),
+    lr: float = typer.Option(1e-3, "--lr"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps (smoke runs)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/train_state.pt."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="Random resize 0.5–2 and crop (§4.2)."),
+    feature_cache: Optional[Path] = typer.Option(None, "--feature-cache", help="Cache frozen features here (needs --no-augment)."),
+    workers: int = typer.Option(4, "--workers"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Train the USE head (LLNs, block scales, projection) on segment-text pairs (paper §3.2, §4.2).
+
+    Multi-GPU: torchrun --nproc-per-node N -m use_search train ...
+    """
+    from use_search.train import DataSpec, TrainConfig, run
+
+    specs = [DataSpec("coco", p, images=coco_images, captions=coco_captions) for p in coco or []]
+    specs += [DataSpec("shards", p) for p in shards or []] + [DataSpec("folder", p) for p in folder or []]
+    if not specs:
+        raise ValueError("no training data: give --coco, --shards or --folder")
+    banner()
+    cfg = TrainConfig(
+        train=specs, out_dir=out_dir, preset=state.settings.preset,
+        val=[DataSpec("shards", p) for p in val_shards or []], val_fraction=val_fraction, epochs=epochs,
+        batch_size=batch_size, lr=lr, max_steps=max_steps, resume=resume, augment=augment,
+        feature_cache=feature_cache, workers=workers, seed=seed,
+    )
+    result = run(cfg, state.settings)
+    for ev in result.evals[-1:]:
+        err.print("held-out " + "  ".join(f"{k}={v:.3f}" for k, v in ev.items() if isinstance(v, float)))
+    err.print(f"{result.step} steps; checkpoint: {result.checkpoint} (use it with --model)")
+
+
+@model_app.command("init")
+def model_init(out_path: Path = typer.Argument(..., help="Where to write the .safetensors checkpoint.")) -> None:
+    """Write an untrained USE head for the preset's backbones (a starting point; not a trained model)."""
+    from use_search.model.use import init_use_checkpoint
+
+    path = init_use_checkpoint(state.settings.preset, state.settings, out_path)
+    err.print(f"untrained USE checkpoint for preset '{state.settings.preset}': {path}")
 
 
 @app.command()

@@ -1,0 +1,132 @@
+"""USE checkpoints: only the trainable parts (LLNs, block scales, segment head) in one safetensors file,
+with a JSON config in the file's metadata naming the frozen backbones they were trained on.
+
+The backbones are named (preset registry names), measured (layers, widths, grid) and fingerprinted
+(a hash of a few of their weights), so loading can say precisely what does not match instead of
+producing wrong embeddings from a head trained on other features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = "use-search/use-checkpoint"
+FORMAT_VERSION = 1
+META_KEY = "use_config"
+
+
+class CheckpointError(ValueError):
+    """The file is not a USE checkpoint, or one this version cannot read."""
+
+
+class BackboneMismatchError(RuntimeError):
+    """The backbones at hand are not the ones a USE checkpoint was trained on."""
+
+
+@dataclass(frozen=True)
+class UseConfig:
+    """Everything needed to rebuild a USE model around a set of trainable weights."""
+
+    clip: str  # registry name (clip_vit_l14_336_openai) or "tiny"
+    clip_arch: str  # open_clip architecture
+    dinov2: str  # registry name (dinov2_vitl14) or "tiny"
+    dinov2_arch: str  # timm architecture
+    dinov2_blocks: int  # l: DINOv2 blocks used, counted from the last (paper §4.2: 6)
+    grid: int  # G: patch grid side; each tower sees the image at G × its patch size
+    clip_layers: int  # m: every CLIP block is used (§3.2)
+    clip_width: int
+    clip_embed_dim: int  # CLIP joint space: width of ĉ and of the output segment embedding
+    dinov2_layers: int
+    dinov2_width: int
+    lln_dim: int  # output width of every LLN (COMM keeps the backbone width; see use.py)
+    clip_fingerprint: str
+    dinov2_fingerprint: str
+    preset: str | None = None
+    trained_steps: int = 0
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.clip == "tiny" or self.dinov2 == "tiny"
+
+    @property
+    def z_dim(self) -> int:
+        """Width of z = [c̄, ĉ, d̄, d̂] (§3.2)."""
+        return self.lln_dim + self.clip_embed_dim + self.lln_dim + self.dinov2_width
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, **dataclasses.asdict(self)}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "UseConfig":
+        raw = json.loads(text)
+        if raw.pop("format", None) != FORMAT:
+            raise CheckpointError("metadata is not a USE checkpoint config")
+        if int(raw.get("format_version", 0)) > FORMAT_VERSION:
+            raise CheckpointError(
+                f"checkpoint format {raw['format_version']} is newer than this use-search ({FORMAT_VERSION}); upgrade"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+def fingerprint(*tensors: torch.Tensor) -> str:
+    """Short hash of some backbone weights: tells two checkpoints of one architecture apart."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_use_checkpoint(path: Path, state: dict[str, torch.Tensor], config: UseConfig) -> Path:
+    """Write atomically (a half-written file never replaces a good one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    save_file(tensors, str(tmp), metadata={META_KEY: config.to_json()})
+    os.replace(tmp, path)
+    return path
+
+
+def _open(path: Path) -> Any:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"USE checkpoint not found: {path}")
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for non-safetensors input
+        raise CheckpointError(f"{path} is not a safetensors file: {e}") from e
+
+
+def _config(f: Any, path: Path) -> UseConfig:
+    meta = f.metadata() or {}
+    if META_KEY not in meta:
+        raise CheckpointError(f"{path} has no '{META_KEY}' metadata: not a USE checkpoint")
+    return UseConfig.from_json(meta[META_KEY])
+
+
+def read_use_config(path: Path) -> UseConfig:
+    """The config alone (the header is read, not the weights)."""
+    with _open(path) as f:
+        return _config(f, path)
+
+
+def read_use_checkpoint(path: Path) -> tuple[UseConfig, dict[str, torch.Tensor]]:
+    with _open(path) as f:
+        return _config(f, path), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def checkpoint_digest(path: Path) -> str:
+    """Short content hash, part of the model id so two checkpoints with one file name differ."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:8]

@@ -1,0 +1,422 @@
+"""The USE model (paper §3.2): frozen multi-level CLIP + DINOv2 encoder, trainable LLN merge and
+segment head, and the ``UseEmbedder`` that index and query use when a USE checkpoint is configured.
+
+Pieces, in data order:
+  ``letterbox`` (geometry)   image → square float tensor whose side L is a multiple of the grid G
+  ``Backbones`` (frozen)     CLIP patch tokens of all m blocks + ĉ; DINOv2 tokens of the last l blocks + d̂
+  ``UseTrainable``           c̄ = Σ α_i LLN(c^i), d̄ = Σ β_i LLN(d^i), z = [c̄, ĉ, d̄, d̂]; mask pooling;
+                             linear into CLIP's text space; L2 norm
+  ``segment_patch_weights``  (geometry) masks → per-patch area fractions, the pooling weights
+
+Grid alignment. Both towers must give one token per image square so one set of mask weights serves
+z = [c̄, ĉ, d̄, d̂]. We feed each tower the same (letterboxed) image resized to G × its own patch size
+and resample each tower's position embedding to G×G (bicubic, as timm and open_clip do when
+fine-tuning at a new resolution; DINOv2 itself was trained that way at 518 px). Then token (i, j) of
+both towers covers exactly the same image square, and the mask weights are exact area fractions of
+that square. The alternative, resampling one tower's feature map onto the other's grid, blurs token
+borders and mixes features of neighbouring squares, so a segment's pooled feature would draw on
+pixels outside it. In the paper's setting (ViT-L/14 CLIP and ViT-L/14 DINOv2, 560 px crops, §4.2)
+both towers have patch 14, so G = 40 and the image reaches both at 560 px with no pixel resizing at
+all; only CLIP's position embedding moves from 24×24 (336 px) to 40×40.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from use_search.config import Settings
+from use_search.model.base import Embedder
+from use_search.model.checkpoint import (
+    BackboneMismatchError,
+    UseConfig,
+    checkpoint_digest,
+    fingerprint,
+    read_use_checkpoint,
+    read_use_config,
+    save_use_checkpoint,
+)
+from use_search.model.clip import ClipBundle, load_clip
+from use_search.model.dinov2 import Dinov2Bundle, load_dinov2
+from use_search.model.geometry import letterbox, segment_patch_weights
+from use_search.model.text import TextEncoder
+from use_search.presets import Preset, get_preset
+from use_search.types import Segment
+
+# Patch grid side per preset. paper: 560 px crops / patch 14 (§4.2). base: ViT-B/16 CLIP at 560 px
+# (35 × 16) and DINOv2 ViT-S/14 at 490 px. tiny: 8 patches, CLIP at 128 px, DINOv2 at 112 px.
+DEFAULT_GRID: dict[str, int] = {"paper": 40, "base": 35, "tiny": 8}
+
+# ---------------------------------------------------------------------------------------------------
+# Frozen backbones
+
+
+@dataclass
+class BackboneFeatures:
+    """What the frozen towers produce for a batch: the inputs of everything trainable."""
+
+    clip_blocks: torch.Tensor  # (m, B, P, Wc) patch tokens after each CLIP block c^0..c^{m-1}
+    clip_cls: torch.Tensor  # (B, E) ĉ: CLIP's image embedding (cls token, ln_post, projection)
+    dino_blocks: torch.Tensor  # (l, B, P, Wd) patch tokens after DINOv2 blocks n-l..n-1
+    dino_cls: torch.Tensor  # (B, Wd) d̂: DINOv2's final normed cls token
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "BackboneFeatures":
+        return BackboneFeatures(**{f.name: getattr(self, f.name).to(device, dtype) for f in fields(self)})
+
+    def per_image(self, i: int) -> dict[str, torch.Tensor]:
+        """Image ``i``'s features (batch dim dropped), e.g. to cache on disk."""
+        return {
+            "clip_blocks": self.clip_blocks[:, i], "clip_cls": self.clip_cls[i],
+            "dino_blocks": self.dino_blocks[:, i], "dino_cls": self.dino_cls[i],
+        }
+
+    @classmethod
+    def stack(cls, items: Sequence[dict[str, torch.Tensor]]) -> "BackboneFeatures":
+        return cls(
+            clip_blocks=torch.stack([x["clip_blocks"] for x in items], dim=1),
+            clip_cls=torch.stack([x["clip_cls"] for x in items]),
+            dino_blocks=torch.stack([x["dino_blocks"] for x in items], dim=1),
+            dino_cls=torch.stack([x["dino_cls"] for x in items]),
+        )
+
+
+class Backbones(nn.Module):
+    """Frozen CLIP image tower (open_clip) and DINOv2 (timm), aligned on one G×G patch grid."""
+
+    def __init__(self, clip: ClipBundle, dino: Dinov2Bundle, grid: int, dinov2_blocks: int) -> None:
+        super().__init__()
+        visual = clip.model.visual
+        if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
+            raise ValueError(f"CLIP {clip.arch}: only class-token ViT image towers are supported")
+        if not 1 <= dinov2_blocks <= dino.depth:
+            raise ValueError(f"dinov2_blocks must be in 1..{dino.depth}, got {dinov2_blocks}")
+        if dino.model.num_prefix_tokens < 1 or not dino.model.has_class_token:
+            raise ValueError(f"DINOv2 {dino.arch}: needs a class token")
+        self.clip_visual = visual
+        self.dino = dino.model
+        self.grid = grid
+        self.dinov2_blocks = dinov2_blocks
+        self.clip_patch = int(visual.patch_size[0])
+        self.dino_patch = dino.patch_size
+        if tuple(self.dino.patch_embed.grid_size) != (grid, grid):
+            raise ValueError(f"DINOv2 was built for a {self.dino.patch_embed.grid_size} grid, not {grid}×{grid}")
+        native = visual.grid_size[0]
+        pos = visual.positional_embedding.detach()[None]  # (1, 1 + g², Wc)
+        if native != grid:
+            pos = resample_abs_pos_embed(pos, new_size=[grid, grid], old_size=[native, native], num_prefix_tokens=1)
+        self.register_buffer("clip_pos", pos[0].clone(), persistent=False)
+        self.register_buffer("clip_mean", torch.tensor(clip.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("clip_std", torch.tensor(clip.std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("dino_mean", torch.tensor(dino.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("dino_std", torch.tensor(dino.std).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "Backbones":
+        return super().train(False)  # frozen: always eval (no dropout, no patch dropout)
+
+    def tower_inputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, L, L) in [0, 1], L a multiple of G → each tower's normalised input at G × its patch."""
+        def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+            if x.shape[-1] == size:
+                return x
+            return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+        if images.shape[-1] != images.shape[-2] or images.shape[-1] % self.grid:
+            raise ValueError(f"images must be square with a side divisible by {self.grid}, got {tuple(images.shape)}")
+        clip_x = (resize(images, self.grid * self.clip_patch) - self.clip_mean) / self.clip_std
+        dino_x = (resize(images, self.grid * self.dino_patch) - self.dino_mean) / self.dino_std
+        return clip_x, dino_x
+
+    def clip_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """open_clip's VisionTransformer forward with the resampled position embedding, keeping every
+        block's output (§3.2: c^0..c^{m-1})."""
+        v = self.clip_visual
+        x = v.conv1(x).flatten(2).transpose(1, 2)  # (B, P, Wc)
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = v.ln_pre(torch.cat([cls, x], dim=1) + self.clip_pos.to(x.dtype))
+        batch_first = getattr(v.transformer, "batch_first", True)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        blocks = []
+        for block in v.transformer.resblocks:
+            x = block(x)
+            blocks.append(x if batch_first else x.transpose(0, 1))
+        last = blocks[-1]
+        cls_embed = v.ln_post(last[:, 0]) @ v.proj  # ĉ: CLIP's image embedding
+        return torch.stack([b[:, 1:] for b in blocks]), cls_embed
+
+    def dino_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        final, blocks = self.dino.forward_intermediates(
+            x, indices=self.dinov2_blocks, norm=False, output_fmt="NLC"
+        )
+        return torch.stack(blocks), final[:, 0]  # tokens of the last l blocks; d̂ = normed cls
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> BackboneFeatures:
+        clip_x, dino_x = self.tower_inputs(images)
+        clip_blocks, clip_cls = self.clip_forward(clip_x)
+        dino_blocks, dino_cls = self.dino_forward(dino_x)
+        return BackboneFeatures(clip_blocks, clip_cls, dino_blocks, dino_cls)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Trainable parts
+
+
+class LLN(nn.Sequential):
+    """Linear-layer-norm module (COMM, §3.2): LayerNorm then Linear."""
+
+    def __init__(self, width: int, dim: int) -> None:
+        super().__init__(nn.LayerNorm(width), nn.Linear(width, dim))
+
+
+class MultiLevelMerge(nn.Module):
+    """Σ_i scale_i · LLN_i(tokens_i) over the used blocks: c̄ with α (CLIP), d̄ with β (DINOv2)."""
+
+    def __init__(self, blocks: int, width: int, dim: int) -> None:
+        super().__init__()
+        self.lln = nn.ModuleList(LLN(width, dim) for _ in range(blocks))
+        # Start as the plain mean over blocks; training moves the block scales (§3.2: learned).
+        self.scale = nn.Parameter(torch.full((blocks,), 1.0 / blocks))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(blocks, B, P, width) → (B, P, dim)."""
+        out = self.scale[0] * self.lln[0](tokens[0])
+        for i in range(1, len(self.lln)):
+            out = out + self.scale[i] * self.lln[i](tokens[i])
+        return out
+
+
+class UseTrainable(nn.Module):
+    """Everything USE trains (§3.2): the LLNs and block scales of both towers and the segment head.
+    Its state dict is exactly what a USE checkpoint stores."""
+
+    def __init__(self, config: UseConfig) -> None:
+        super().__init__()
+        self.clip_merge = MultiLevelMerge(config.clip_layers, config.clip_width, config.lln_dim)
+        self.dino_merge = MultiLevelMerge(config.dinov2_blocks, config.dinov2_width, config.lln_dim)
+        self.head = nn.Linear(config.z_dim, config.clip_embed_dim)
+
+    def patch_features(self, feats: BackboneFeatures) -> torch.Tensor:
+        """z = [c̄, ĉ, d̄, d̂] for every patch: (B, P, z_dim). The cls embeddings are the same for every
+        patch of an image (§3.2: concatenated to every patch)."""
+        c_bar = self.clip_merge(feats.clip_blocks)
+        d_bar = self.dino_merge(feats.dino_blocks)
+        b, p, _ = c_bar.shape
+        c_hat = feats.clip_cls[:, None].expand(b, p, -1).to(c_bar.dtype)
+        d_hat = feats.dino_cls[:, None].expand(b, p, -1).to(c_bar.dtype)
+        return torch.cat([c_bar, c_hat, d_bar, d_hat], dim=-1)
+
+    @staticmethod
+    def pool(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted average of z (B, P, D) for all k segments of all B images, (B, k, P) weights →
+        (B, k, D), in one batched matmul (§3.2). All-zero (padding) rows give zeros."""
+        weights = weights.to(z.dtype)
+        return torch.bmm(weights, z) / weights.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def forward(self, feats: BackboneFeatures, weights: torch.Tensor) -> torch.Tensor:
+        """``weights`` (B, k, P) patch weights of k segments per image (all-zero rows are padding) →
+        (B, k, E) L2-normalised segment embeddings (padding rows come out as zeros)."""
+        pooled = self.pool(self.patch_features(feats), weights)
+        return F.normalize(self.head(pooled).float(), dim=-1)
+
+
+def trainable_parameter_count(config: UseConfig) -> int:
+    return sum(p.numel() for p in UseTrainable(config).parameters())
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole model
+
+
+def backbone_fingerprints(clip: ClipBundle, dino: Dinov2Bundle) -> tuple[str, str]:
+    v = clip.model.visual
+    return (
+        fingerprint(v.conv1.weight, v.ln_post.weight, v.proj),
+        fingerprint(dino.model.patch_embed.proj.weight, dino.model.norm.weight),
+    )
+
+
+def describe_backbones(
+    clip: ClipBundle, dino: Dinov2Bundle, *, grid: int, dinov2_blocks: int, lln_dim: int | None = None,
+    preset: str | None = None,
+) -> UseConfig:
+    """The config of a USE model built on these loaded backbones."""
+    visual = clip.model.visual
+    clip_fp, dino_fp = backbone_fingerprints(clip, dino)
+    width = int(visual.conv1.out_channels)
+    return UseConfig(
+        clip="tiny" if clip.model_id == "clip-tiny-untrained" else clip.model_id,  # load_clip's id for "tiny"
+        clip_arch=clip.arch,
+        dinov2=dino.model_id,
+        dinov2_arch=dino.arch,
+        dinov2_blocks=dinov2_blocks,
+        grid=grid,
+        clip_layers=len(visual.transformer.resblocks),
+        clip_width=width,
+        clip_embed_dim=clip.dim,
+        dinov2_layers=dino.depth,
+        dinov2_width=dino.width,
+        # COMM's LLN keeps the backbone width; one width for both towers makes c̄ and d̄ comparable.
+        lln_dim=lln_dim or width,
+        clip_fingerprint=clip_fp,
+        dinov2_fingerprint=dino_fp,
+        preset=preset,
+    )
+
+
+def check_backbones(config: UseConfig, clip: ClipBundle, dino: Dinov2Bundle, source: str) -> None:
+    """Raise ``BackboneMismatchError`` unless ``clip``/``dino`` are what ``config`` was built on."""
+    found = describe_backbones(clip, dino, grid=config.grid, dinov2_blocks=config.dinov2_blocks, lln_dim=config.lln_dim)
+    keys = ("clip", "clip_arch", "clip_layers", "clip_width", "clip_embed_dim", "clip_fingerprint",
+            "dinov2", "dinov2_arch", "dinov2_layers", "dinov2_width", "dinov2_fingerprint")
+    diff = [f"{k}: checkpoint {getattr(config, k)!r}, loaded {getattr(found, k)!r}"
+            for k in keys if getattr(config, k) != getattr(found, k)]
+    if diff:
+        raise BackboneMismatchError(
+            f"{source} was trained on other backbones than the ones loaded:\n  " + "\n  ".join(diff)
+            + "\nLoad the CLIP and DINOv2 weights it names (same files), or use a checkpoint trained on these."
+        )
+
+
+class UseModel(nn.Module):
+    """Frozen backbones + trainable parts. ``forward(images, weights)`` → segment embeddings."""
+
+    def __init__(self, config: UseConfig, clip: ClipBundle, dino: Dinov2Bundle) -> None:
+        super().__init__()
+        self.config = config
+        self.clip = clip  # also the text tower, frozen too
+        clip.model.requires_grad_(False)
+        self.backbones = Backbones(clip, dino, config.grid, config.dinov2_blocks)
+        self.trainable = UseTrainable(config)
+
+    def forward(self, images: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.trainable(self.backbones(images), weights)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return self.trainable.state_dict()
+
+    def save(self, path: Path, **config_changes: object) -> Path:
+        """A USE checkpoint: the trainable state + this model's config (``config_changes`` applied,
+        e.g. ``trained_steps``)."""
+        return save_use_checkpoint(path, self.trainable_state(), replace(self.config, **config_changes))
+
+
+def load_backbones(config_or_preset: UseConfig | Preset, settings: Settings, grid: int, device: str) -> tuple[ClipBundle, Dinov2Bundle]:
+    """CLIP and DINOv2 by registry name ("tiny" for the random-init test architectures); a missing
+    real checkpoint raises ``MissingWeightsError`` saying which file to put where."""
+    if isinstance(config_or_preset, UseConfig):
+        clip_name, clip_arch = config_or_preset.clip, config_or_preset.clip_arch
+        dino_name, dino_arch = config_or_preset.dinov2, config_or_preset.dinov2_arch
+    else:
+        clip_name, clip_arch = config_or_preset.clip, None
+        dino_name, dino_arch = config_or_preset.dinov2, None
+    clip = load_clip(clip_name, settings, arch=None if clip_name == "tiny" else clip_arch, device=device)
+    dino = load_dinov2(dino_name, settings, grid, arch=None if dino_name == "tiny" else dino_arch, device=device)
+    return clip, dino
+
+
+def build_use_model(
+    preset: Preset, settings: Settings, device: str = "cpu", *, grid: int | None = None,
+    lln_dim: int | None = None, seed: int = 0,
+) -> UseModel:
+    """A USE model with freshly initialised (seeded) trainable parts on the preset's backbones."""
+    grid = grid or DEFAULT_GRID.get(preset.name, DEFAULT_GRID["paper"])
+    clip, dino = load_backbones(preset, settings, grid, device)
+    config = describe_backbones(clip, dino, grid=grid, dinov2_blocks=preset.dinov2_blocks, lln_dim=lln_dim, preset=preset.name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = UseModel(config, clip, dino)
+    return model.to(device)
+
+
+def load_use_model(path: Path, settings: Settings, device: str = "cpu") -> UseModel:
+    """Rebuild a USE model from a checkpoint: load the backbones it names, check they are the ones
+    it was trained on, load the trainable weights (strictly)."""
+    config, state = read_use_checkpoint(path)
+    clip, dino = load_backbones(config, settings, config.grid, device)
+    check_backbones(config, clip, dino, f"USE checkpoint {path}")
+    model = UseModel(config, clip, dino)
+    missing, unexpected = model.trainable.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise BackboneMismatchError(
+            f"USE checkpoint {path} does not fit its own config: missing {missing}, unexpected {unexpected}"
+        )
+    return model.to(device).eval()
+
+
+def init_use_checkpoint(preset: Preset | str, settings: Settings, out_path: Path, *, grid: int | None = None, seed: int = 0) -> Path:
+    """Write an untrained-head USE checkpoint (seeded init, ``trained_steps`` 0) for ``preset``:
+    lets the index → query path run with a USE model before any training."""
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    model = build_use_model(preset, settings, "cpu", grid=grid, seed=seed)
+    return model.save(Path(out_path))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Embedder
+
+
+def _autocast(device: str) -> torch.autocast:
+    on_cuda = str(device).startswith("cuda")
+    return torch.autocast("cuda" if on_cuda else "cpu", dtype=torch.bfloat16, enabled=on_cuda)
+
+
+class UseEmbedder(Embedder):
+    """Segments of an image → USE embeddings; texts → CLIP text embeddings (the same space).
+    The encoder runs once per image; all its segments are pooled in one batched op."""
+
+    def __init__(self, model: UseModel, device: str = "cpu", name: str = "untrained", digest: str | None = None) -> None:
+        self.model = model.to(device).eval()
+        self.device = device
+        self.config = model.config
+        self.text = TextEncoder(model.clip, device)
+        self.dim = self.config.clip_embed_dim
+        self.untrained = self.config.is_tiny or self.config.trained_steps == 0
+        tag = f"{name}-{digest}" if digest else name
+        self.model_id = f"use:{tag}" + (":untrained-tiny" if self.config.is_tiny else "")
+
+    def patch_weights(self, image_shape: tuple[int, int], segments: Sequence[Segment]) -> torch.Tensor:
+        """(n, G·G) weights; raises ``ValueError`` on an empty or wrongly sized mask."""
+        for i, seg in enumerate(segments):
+            if seg.mask.shape != image_shape:
+                raise ValueError(f"segment {i}: mask shape {seg.mask.shape} != image shape {image_shape}")
+        return torch.from_numpy(segment_patch_weights([s.mask for s in segments], self.config.grid)).to(self.device)
+
+    @torch.inference_mode()
+    def embed_segments(self, image: np.ndarray, segments: Sequence[Segment]) -> np.ndarray:
+        if not segments:
+            return np.zeros((0, self.dim), np.float32)
+        weights = self.patch_weights(image.shape[:2], segments)
+        x = letterbox(image, self.config.grid, self.model.clip.mean, self.device)
+        with _autocast(self.device):
+            emb = self.model(x[None], weights[None])[0]
+        return emb.float().cpu().numpy().astype(np.float32)
+
+    def embed_texts(self, texts: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
+        return self.text.encode(texts, templates)
+
+
+def load_use_embedder(path: Path, settings: Settings, device: str) -> UseEmbedder:
+    """The USE embedder of a checkpoint. Its backbones must be the configured preset's: a checkpoint
+    trained on other backbones is refused with the preset to use instead."""
+    path = Path(path).expanduser()
+    config = read_use_config(path)
+    preset = get_preset(settings.preset)
+    if (config.clip, config.dinov2, config.dinov2_blocks) != (preset.clip, preset.dinov2, preset.dinov2_blocks):
+        raise BackboneMismatchError(
+            f"USE checkpoint {path} was trained on CLIP '{config.clip}' + DINOv2 '{config.dinov2}' "
+            f"(last {config.dinov2_blocks} blocks, preset '{config.preset}'), but preset '{preset.name}' uses "
+            f"CLIP '{preset.clip}' + DINOv2 '{preset.dinov2}' (last {preset.dinov2_blocks} blocks). "
+            f"Use --preset {config.preset or '<matching preset>'} or a checkpoint trained for '{preset.name}'."
+        )
+    model = load_use_model(path, settings, device)
+    return UseEmbedder(model, device, name=path.stem, digest=checkpoint_digest(path))
