@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 from PIL import Image
 
 
@@ -103,3 +104,36 @@ def test_model_init_writes_an_untrained_checkpoint(tmp_path):
 
     cfg = read_use_config(tmp_path / "head.safetensors")
     assert cfg.trained_steps == 0 and cfg.is_tiny
+
+
+def test_eval_semseg_and_retrieval_commands(tmp_path, voc):
+    """The eval commands end to end on the VOC photo with its real labels and instance masks."""
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir(), labels.mkdir()
+    Image.fromarray(voc["rgb"]).save(images / "voc.png")
+    lab = voc["class_label"].copy()
+    lab[lab < 0] = 255
+    Image.fromarray(lab.astype("uint8")).save(labels / "voc.png")
+    (tmp_path / "classes.txt").write_text("\n".join(voc["class_names"]) + "\n")
+    r = run(["--preset", "tiny", "eval", "semseg", str(images), str(labels), "--classes", str(tmp_path / "classes.txt"), "--json"],
+            tmp_path / "data")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["images"] == 1 and 0.0 <= res["mIoU"] <= 100.0 and 0.0 <= res["pAcc"] <= 100.0
+
+    from pycocotools import mask as mask_utils
+
+    anns = []
+    for i, (m, c) in enumerate(zip(voc["masks"], voc["labels"])):
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        anns.append({"id": i + 1, "image_id": 1, "category_id": int(c), "iscrowd": 0, "area": int(m.sum()),
+                     "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                     "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}})
+    coco = {"images": [{"id": 1, "file_name": "voc.png", "height": voc["rgb"].shape[0], "width": voc["rgb"].shape[1]}],
+            "annotations": anns,
+            "categories": [{"id": c, "name": voc["class_names"][c]} for c in sorted(set(int(x) for x in voc["labels"]))]}
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    r = run(["--preset", "tiny", "eval", "retrieval", str(images), str(tmp_path / "instances.json"), "--json"], tmp_path / "data")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["images"] == 1 and len(res["per_query"]) == len(coco["categories"]) and "recall@1" in res

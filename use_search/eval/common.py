@@ -1,0 +1,111 @@
+"""Shared pieces of the eval commands: class lists, label files, the per-image voting step."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+from PIL import Image
+
+from use_search.model.base import Embedder
+from use_search.query.voting import DEFAULT_LOGIT_SCALE, class_probabilities
+from use_search.types import Segment
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+class Segmenter(Protocol):
+    def segment(self, image: np.ndarray) -> list[Segment]: ...
+
+
+Progress = Callable[[int, int, str], None]  # (done, total, image name)
+
+
+def read_class_list(path: Path) -> list[str]:
+    """One class name per line; blank lines and lines starting with ``#`` are skipped.
+
+    A line ``3: wall`` or ``3 wall``-style index prefix is *not* parsed: line order is the label index
+    (line 1 → label 0), which is how ADE-150 / PC-59 class files are usually written."""
+    names = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        s = line.strip()
+        if s and not s.startswith("#"):
+            names.append(s)
+    if not names:
+        raise ValueError(f"class list {path} is empty")
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"class list {path} repeats names: {', '.join(dup[:5])}")
+    return names
+
+
+def read_label_map(path: Path) -> np.ndarray:
+    """A label image → (H, W) int64 of its raw values (8-bit L/P PNG, 16-bit PNG or TIFF)."""
+    with Image.open(path) as img:
+        if img.mode in ("RGB", "RGBA"):
+            raise ValueError(
+                f"{path}: label images must hold class indices (mode L, P, I;16 or I), not colours ({img.mode})"
+            )
+        return np.asarray(img).astype(np.int64)
+
+
+def find_files(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such folder: {folder}")
+    exts = {e.lower() for e in extensions}
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+
+
+@dataclass
+class Timer:
+    """Seconds spent per stage, summed over images."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, start: float) -> float:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - start
+        return now
+
+
+def segment_and_classify(
+    pixels: np.ndarray,
+    segmenter: Segmenter,
+    embedder: Embedder,
+    class_vectors: np.ndarray,
+    logit_scale: float = DEFAULT_LOGIT_SCALE,
+    timer: Timer | None = None,
+) -> tuple[list[Segment], np.ndarray]:
+    """SAM segments of one image and their (N, C) class probabilities (paper §4.3: softmax over the
+    classes of cosine similarity × logit scale)."""
+    t = time.perf_counter()
+    segments = segmenter.segment(pixels)
+    if timer:
+        t = timer.add("masks", t)
+    if not segments:
+        return [], np.zeros((0, len(class_vectors)), np.float32)
+    vectors = embedder.embed_segments(pixels, segments)
+    if timer:
+        t = timer.add("embed", t)
+    probs = class_probabilities(vectors, class_vectors, logit_scale)
+    if timer:
+        timer.add("classify", t)
+    return segments, probs
+
+
+def nan_to_none(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and np.isnan(x)) else float(x)
+
+
+def read_templates(path: Path) -> list[str]:
+    """Prompt templates, one per line, each with one ``{}`` for the class name (e.g. ``a photo of a {}.``)."""
+    lines = [s.strip() for s in Path(path).read_text(encoding="utf-8").splitlines()]
+    templates = [s for s in lines if s and not s.startswith("#")]
+    bad = [t for t in templates if t.count("{}") != 1]
+    if not templates or bad:
+        raise ValueError(f"{path}: every template needs exactly one {{}} for the class name; bad: {bad[:3]}")
+    return templates
