@@ -132,3 +132,20 @@ def test_query_refuses_vectors_of_another_model(tmp_path, photos, parts):
             Searcher(store, other).search("a person", k=2)
         hits = Searcher(store, embedder).search("a person", k=2)
         assert hits and hits[0].path == str(photos["voc"])
+
+
+def test_two_copies_in_one_batch_are_indexed_once(tmp_path, photos, parts):
+    """Both copies land in the same commit batch: the second must be a duplicate, not overwrite the first."""
+    root = photos["voc"].parent
+    (root / "sub" / "astronaut-copy.png").write_bytes(photos["astronaut"].read_bytes())
+    with EdgeStore(tmp_path / "store", "segments") as store:
+        ix = make_indexer(store, parts)
+        ix.batch_images = 8  # everything in one batch
+        report = ix.index(root)
+        assert (report.indexed, report.duplicates) == (4, 1)
+        entries = {e.path: e for e in store.iter_images()}
+        copies = {str(root / "sub" / "astronaut-copy.png"), str(photos["astronaut"])}
+        assert len(copies & entries.keys()) == 1  # the first in walk order is indexed, the other is the duplicate
+        for entry in entries.values():
+            segs = list(store.scroll_segments(SearchFilter(sha256=entry.sha256)))
+            assert len(segs) == entry.n_segments and all(h.path == entry.path for h in segs)

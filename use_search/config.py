@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -48,6 +48,9 @@ class AutoMaskSettings(BaseModel):
     box_nms_thresh: float = 0.7
     crop_n_layers: int = 0
     min_mask_region_area: int = 0
+    # "batched": BatchedAutoSegmenter (same masks, built for GPU throughput; crop_n_layers=0 only);
+    # "reference": segment-anything's SamAutomaticMaskGenerator loop.
+    engine: Literal["batched", "reference"] = "batched"
 
 
 class BoxPromptSettings(BaseModel):
@@ -65,6 +68,18 @@ class StoreSettings(BaseModel):
     api_key: str | None = None
     collection: str = "segments"
     timeout_s: float = 10.0
+    # Qdrant cluster (server backend), applied when the collections are created; None: the server's
+    # default. See docs/deploy.md.
+    shard_number: int | None = Field(default=None, ge=1)  # segments collection (image records: 1 shard)
+    replication_factor: int | None = Field(default=None, ge=1)  # copies of every shard, both collections
+    write_consistency_factor: int | None = Field(default=None, ge=1)  # replicas that must ack a write
+
+    @model_validator(mode="after")
+    def _consistency_within_replicas(self) -> "StoreSettings":
+        w, r = self.write_consistency_factor, self.replication_factor
+        if w is not None and w > (r or 1):
+            raise ValueError(f"store.write_consistency_factor ({w}) exceeds store.replication_factor ({r or 1})")
+        return self
 
 
 class Settings(BaseSettings):

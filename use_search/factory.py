@@ -12,7 +12,7 @@ from use_search.indexer.runner import Indexer
 from use_search.model import Embedder, load_embedder
 from use_search.presets import Preset, get_preset
 from use_search.query.search import Searcher
-from use_search.segmenter import AutoSegmenter, load_auto_segmenter
+from use_search.segmenter import AutoSegmenter, BatchedAutoSegmenter, load_auto_segmenter
 from use_search.store import VectorStore, open_store
 from use_search.weights import MissingWeightsError, resolve
 
@@ -62,7 +62,7 @@ class Runtime:
         preflight(self.settings, self.preset, ("clip",))
         return load_embedder(self.settings, self.preset, self.device)
 
-    def segmenter(self) -> AutoSegmenter:
+    def segmenter(self) -> AutoSegmenter | BatchedAutoSegmenter:
         preflight(self.settings, self.preset, ("sam",))
         return load_auto_segmenter(self.settings, self.preset, self.device)[0]
 

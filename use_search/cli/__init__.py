@@ -91,6 +91,12 @@ def index(
     folder: Path = typer.Argument(..., help="Folder of images (searched recursively) or one image."),
     prune: bool = typer.Option(False, "--prune", help="Remove points of files under FOLDER that are gone."),
     force: bool = typer.Option(False, "--force", help="Re-index images even if already indexed."),
+    ray: Optional[str] = typer.Option(
+        None, "--ray", metavar="ADDRESS",
+        help="Index on Ray: 'local' starts Ray on this machine (all its GPUs), 'auto' joins the running "
+        "cluster, 'ray://HOST:10001' a remote one. See docs/deploy.md.",
+    ),
+    ray_actors: Optional[int] = typer.Option(None, "--ray-actors", help="With --ray: segment+embed actors (default: one per GPU)."),
 ) -> None:
     """Segment every image with SAM, embed every segment, upsert into the store. Incremental."""
     from use_search.factory import Runtime
@@ -100,9 +106,22 @@ def index(
         raise FileNotFoundError(f"no such file or folder: {folder}")
     rt.preflight(("sam", "clip"))  # missing weights fail before the store is even created
     with rt.store() as store:
-        indexer = rt.indexer(store)
-        banner(indexer.embedder.untrained)
-        err.print(f"store: {_store_label()}  ·  model: {indexer.embedder.model_id}  ·  device: {rt.device}")
+        if ray is not None:
+            from use_search.indexer.ray_runner import RayOptions, index_with_ray
+
+            opts = RayOptions(address=ray, num_actors=ray_actors)
+            banner()
+            err.print(f"store: {_store_label()}  ·  Ray: {ray}  ·  models load in the Ray actors")
+
+            def run(**kw):  # type: ignore[no-untyped-def]
+                return index_with_ray(state.settings, store, folder, options=opts, **kw)
+        else:
+            indexer = rt.indexer(store)
+            banner(indexer.embedder.untrained)
+            err.print(f"store: {_store_label()}  ·  model: {indexer.embedder.model_id}  ·  device: {rt.device}")
+
+            def run(**kw):  # type: ignore[no-untyped-def]
+                return indexer.index(folder, **kw)
         failures: list[tuple[str, str]] = []
         segs = 0
         with Progress(
@@ -122,7 +141,7 @@ def index(
                     bar.console.print(f"[yellow]{ev.status}[/] {ev.path}: {ev.reason}")
                 bar.update(task, advance=1, segments=segs)
 
-            report = indexer.index(folder, prune=prune, force=force, on_image=on_image, on_total=on_total)
+            report = run(prune=prune, force=force, on_image=on_image, on_total=on_total)
         store.optimize()
     t = Table(title="index summary", show_header=False)
     for k, v in [

@@ -144,6 +144,7 @@ class Indexer:
 
         batch: list[tuple[LoadedImage, list[SegmentPoint]]] = []
         pending: list[ImageEvent] = []
+        this_run: dict[str, str] = {}  # sha256 → path indexed in this run (its batch may not be committed yet)
         try:
             for path in files:
                 try:
@@ -159,12 +160,13 @@ class Indexer:
                     emit(ImageEvent(rec.path, "skipped", old.n_segments))
                     continue
                 twin = next(
-                    (e for e in self.store.find_images(rec.sha256) if e.path != rec.path and Path(e.path).exists()), None
+                    (e.path for e in self.store.find_images(rec.sha256) if e.path != rec.path and Path(e.path).exists()),
+                    this_run.get(rec.sha256),
                 )
                 if twin is not None:
                     # Point ids come from the content hash: a second copy would overwrite the first's points.
                     report.duplicates += 1
-                    emit(ImageEvent(rec.path, "duplicate", reason=f"same content as {twin.path}"))
+                    emit(ImageEvent(rec.path, "duplicate", reason=f"same content as {twin}"))
                     continue
                 if old is not None:  # the file changed: its old segments go first
                     self.store.delete_image(rec.path)
@@ -176,6 +178,7 @@ class Indexer:
                     emit(ImageEvent(rec.path, "failed", reason=reason))
                     continue
                 batch.append((loaded, points))
+                this_run[rec.sha256] = rec.path
                 pending.append(ImageEvent(rec.path, "indexed", len(points)))
                 report.indexed += 1
                 report.segments += len(points)

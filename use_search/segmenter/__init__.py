@@ -5,6 +5,7 @@ from __future__ import annotations
 from use_search.config import Settings
 from use_search.presets import Preset
 from use_search.segmenter.automatic import AutoMaskParams, AutoSegmenter
+from use_search.segmenter.batched import BatchedAutoSegmenter, BatchOptions
 from use_search.segmenter.sam import load_sam
 
 
@@ -24,9 +25,19 @@ def auto_mask_params(settings: Settings, preset: Preset) -> AutoMaskParams:
     )
 
 
-def load_auto_segmenter(settings: Settings, preset: Preset, device: str) -> tuple[AutoSegmenter, str]:
+def load_auto_segmenter(
+    settings: Settings, preset: Preset, device: str
+) -> tuple[AutoSegmenter | BatchedAutoSegmenter, str]:
+    """The batched generator (``amg.engine="batched"``, the default) unless crop layers are asked for,
+    which only segment-anything's own loop implements."""
     sam, sam_id = load_sam(preset.sam, settings, device)
-    return AutoSegmenter(sam, auto_mask_params(settings, preset)), sam_id
+    params = auto_mask_params(settings, preset)
+    if settings.amg.engine == "batched" and params.crop_n_layers == 0:
+        return BatchedAutoSegmenter(sam, params), sam_id
+    return AutoSegmenter(sam, params), sam_id
 
 
-__all__ = ["AutoMaskParams", "AutoSegmenter", "auto_mask_params", "load_auto_segmenter", "load_sam"]
+__all__ = [
+    "AutoMaskParams", "AutoSegmenter", "BatchOptions", "BatchedAutoSegmenter", "auto_mask_params",
+    "load_auto_segmenter", "load_sam",
+]

