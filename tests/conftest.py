@@ -48,3 +48,15 @@ def tiny_settings(tmp_path: Path) -> Settings:
         data_dir=tmp_path / "data", preset="tiny", device="cpu", offline=True,
         store=StoreSettings(path=tmp_path / "store"),
     )
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: on two shared cores OpenMP's spinning threads make small ops
+    ~10x slower under contention, and both sides of an equivalence test get the same GEMM blocking."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -43,13 +43,7 @@ def sam():
     return build_tiny_sam()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Both sides on one thread: steadier on a shared 2-core machine, and same GEMM blocking."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def match(ref: list, ours: list) -> np.ndarray:

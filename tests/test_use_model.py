@@ -38,13 +38,7 @@ from use_search.weights import MissingWeightsError
 TINY = get_preset("tiny")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two shared CPU cores: OpenMP's spinning threads make small ops ~10x slower under contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
