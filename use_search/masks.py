@@ -80,6 +80,11 @@ def remove_small_regions(mask: np.ndarray, area_thresh: int, mode: str) -> np.nd
     raise ValueError(f"mode must be 'holes' or 'islands', not {mode!r}")
 
 
+def clean_mask(mask: np.ndarray, hole_area: int, island_area: int) -> np.ndarray:
+    """SAM's post-processing (paper §3.1): fill holes, then drop islands, below the given areas."""
+    return remove_small_regions(remove_small_regions(mask, hole_area, "holes"), island_area, "islands")
+
+
 def mask_nms(
     rles: Sequence[dict[str, Any]], scores: Sequence[float], iou_threshold: float
 ) -> list[list[int]]:

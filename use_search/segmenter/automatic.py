@@ -9,7 +9,7 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.modeling import Sam
 
-from use_search.masks import mask_bbox, remove_small_regions
+from use_search.masks import clean_mask, mask_bbox
 from use_search.types import Segment
 
 
@@ -55,8 +55,7 @@ class AutoSegmenter:
         for rec in self.generator.generate(image):
             mask = rec["segmentation"]
             if self.params.min_mask_region_area > 0:
-                mask = remove_small_regions(mask, self.params.min_mask_region_area, "holes")
-                mask = remove_small_regions(mask, self.params.min_mask_region_area, "islands")
+                mask = clean_mask(mask, self.params.min_mask_region_area, self.params.min_mask_region_area)
             area = int(mask.sum())
             if area == 0:
                 continue

@@ -44,7 +44,7 @@ from segment_anything.utils.amg import batched_mask_to_box, build_point_grid, ca
 from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops import batched_nms
 
-from use_search.masks import encode_rle, mask_bbox, remove_small_regions
+from use_search.masks import clean_mask, encode_rle, mask_bbox
 from use_search.segmenter.automatic import AutoMaskParams
 from use_search.types import Segment
 
@@ -317,8 +317,7 @@ class BatchedAutoSegmenter:
         for i in range(len(masks)):
             mask = masks[i]
             if self.params.min_mask_region_area > 0:
-                mask = remove_small_regions(mask, self.params.min_mask_region_area, "holes")
-                mask = remove_small_regions(mask, self.params.min_mask_region_area, "islands")
+                mask = clean_mask(mask, self.params.min_mask_region_area, self.params.min_mask_region_area)
                 a = int(mask.sum())
                 if a == 0:
                     continue

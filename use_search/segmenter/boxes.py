@@ -17,7 +17,7 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.amg import calculate_stability_score
 
 from use_search.config import BoxPromptSettings
-from use_search.masks import mask_bbox, remove_small_regions
+from use_search.masks import clean_mask, mask_bbox
 from use_search.types import Segment
 
 BoxXYXY = tuple[float, float, float, float]
@@ -93,8 +93,7 @@ class BoxSegmenter:
 
     def post_process(self, mask: np.ndarray, predicted_iou: float, stability: float) -> Segment | None:
         """Fill small holes, drop small islands (BoxPromptSettings areas); None if nothing is left."""
-        mask = remove_small_regions(mask, self.box.min_hole_area, "holes")
-        mask = remove_small_regions(mask, self.box.min_island_area, "islands")
+        mask = clean_mask(mask, self.box.min_hole_area, self.box.min_island_area)
         area = int(mask.sum())
         if area == 0:
             return None
