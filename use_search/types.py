@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -46,6 +46,12 @@ class Segment:
             from use_search.masks import encode_rle
 
             self.rle = encode_rle(self.mask)
+
+
+class Segmenter(Protocol):
+    """Anything that cuts an H×W×3 uint8 RGB image into segments (SAM automatic masks, annotations...)."""
+
+    def segment(self, image: np.ndarray) -> list[Segment]: ...
 
 
 @dataclass

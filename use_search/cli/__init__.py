@@ -122,7 +122,6 @@ def index(
 
             def run(**kw):  # type: ignore[no-untyped-def]
                 return indexer.index(folder, **kw)
-        failures: list[tuple[str, str]] = []
         segs = 0
         with Progress(
             TextColumn("[bold]indexing"), BarColumn(), MofNCompleteColumn(), RateColumn(),

@@ -5,20 +5,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
-from use_search.model.base import Embedder
-from use_search.query.voting import DEFAULT_LOGIT_SCALE, class_probabilities
-from use_search.types import Segment
+from use_search.indexer.read import find_images
+
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-class Segmenter(Protocol):
-    def segment(self, image: np.ndarray) -> list[Segment]: ...
 
 
 Progress = Callable[[int, int, str], None]  # (done, total, image name)
@@ -56,8 +51,7 @@ def find_files(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> li
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no such folder: {folder}")
-    exts = {e.lower() for e in extensions}
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+    return sorted(find_images(folder, extensions))
 
 
 @dataclass
@@ -70,31 +64,6 @@ class Timer:
         now = time.perf_counter()
         self.seconds[stage] = self.seconds.get(stage, 0.0) + now - start
         return now
-
-
-def segment_and_classify(
-    pixels: np.ndarray,
-    segmenter: Segmenter,
-    embedder: Embedder,
-    class_vectors: np.ndarray,
-    logit_scale: float = DEFAULT_LOGIT_SCALE,
-    timer: Timer | None = None,
-) -> tuple[list[Segment], np.ndarray]:
-    """SAM segments of one image and their (N, C) class probabilities (paper §4.3: softmax over the
-    classes of cosine similarity × logit scale)."""
-    t = time.perf_counter()
-    segments = segmenter.segment(pixels)
-    if timer:
-        t = timer.add("masks", t)
-    if not segments:
-        return [], np.zeros((0, len(class_vectors)), np.float32)
-    vectors = embedder.embed_segments(pixels, segments)
-    if timer:
-        t = timer.add("embed", t)
-    probs = class_probabilities(vectors, class_vectors, logit_scale)
-    if timer:
-        timer.add("classify", t)
-    return segments, probs
 
 
 def nan_to_none(x: float) -> float | None:

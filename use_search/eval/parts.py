@@ -20,11 +20,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from use_search.eval.common import Progress, Segmenter, Timer, nan_to_none, segment_and_classify
+from use_search.eval.common import Progress, Timer, nan_to_none
 from use_search.eval.metrics import MaskAP, coco_from_dataset, mask_map
 from use_search.indexer.read import read_image
 from use_search.model.base import Embedder
-from use_search.query.voting import DEFAULT_LOGIT_SCALE
+from use_search.query.voting import DEFAULT_LOGIT_SCALE, segment_and_classify
+from use_search.types import Segmenter
 
 # The 91 stuff classes of COCO-Stuff (Caesar et al. 2018), ids 92-182, with their "-other" / "-stuff"
 # suffixes dropped, "floor-wood" read as "wood floor", hyphens as spaces: plain names for the text tower.

@@ -31,14 +31,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from use_search.eval.common import IMAGE_EXTENSIONS, Segmenter, nan_to_none
+from use_search.eval.common import IMAGE_EXTENSIONS, nan_to_none
 from use_search.eval.metrics import average_precision, coco_from_dataset
 from use_search.indexer.runner import ImageEvent, Indexer, IndexReport
 from use_search.masks import iou_matrix
 from use_search.model.base import Embedder
 from use_search.query.search import Searcher
 from use_search.store.base import SearchFilter, VectorStore
-from use_search.types import Hit
+from use_search.types import Hit, Segmenter
 
 DEFAULT_KS = (1, 5, 10)
 

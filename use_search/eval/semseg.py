@@ -25,18 +25,17 @@ import numpy as np
 
 from use_search.eval.common import (
     Progress,
-    Segmenter,
     Timer,
     find_files,
     nan_to_none,
     read_class_list,
     read_label_map,
-    segment_and_classify,
 )
 from use_search.eval.metrics import ConfusionMatrix, SemsegScores
 from use_search.indexer.read import read_image
 from use_search.model.base import Embedder
-from use_search.query.voting import DEFAULT_LOGIT_SCALE, UNLABELED, label_png, vote
+from use_search.query.voting import DEFAULT_LOGIT_SCALE, label_png, predict_labels
+from use_search.types import Segmenter
 
 
 @dataclass
@@ -117,26 +116,6 @@ class SemsegResult:
                 for i, name in enumerate(self.classes)
             ],
         }
-
-
-def predict_labels(
-    pixels: np.ndarray,
-    segmenter: Segmenter,
-    embedder: Embedder,
-    class_vectors: np.ndarray,
-    logit_scale: float = DEFAULT_LOGIT_SCALE,
-    timer: Timer | None = None,
-) -> tuple[np.ndarray, int]:
-    """(H, W) int32 label map by §4.3 voting (``UNLABELED`` where no segment covers) and the segment count."""
-    segments, probs = segment_and_classify(pixels, segmenter, embedder, class_vectors, logit_scale, timer)
-    h, w = pixels.shape[:2]
-    if not segments:
-        return np.full((h, w), UNLABELED, np.int32), 0
-    t = time.perf_counter()
-    labels = vote(np.stack([s.mask for s in segments]), probs)
-    if timer:
-        timer.add("vote", t)
-    return labels, len(segments)
 
 
 def evaluate_semseg(

@@ -11,20 +11,16 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Literal, Protocol, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 
 from use_search.indexer.read import ImageReadError, LoadedImage, find_images, read_image
 from use_search.model.base import Embedder
 from use_search.store.base import ImageEntry, StoreError, VectorStore, segment_payload
-from use_search.types import Segment, SegmentPoint, point_id
+from use_search.types import Segment, SegmentPoint, Segmenter, point_id
 
 Status = Literal["indexed", "skipped", "failed", "duplicate"]
-
-
-class Segmenter(Protocol):
-    def segment(self, image: np.ndarray) -> list[Segment]: ...
 
 
 @dataclass

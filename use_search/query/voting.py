@@ -9,13 +9,14 @@ segments that cover it and takes the class with the highest total. Pixels no seg
 from __future__ import annotations
 
 import io
+import time
 from typing import Protocol, Sequence
 
 import numpy as np
 from PIL import Image
 
 from use_search.model.base import Embedder
-from use_search.types import Segment
+from use_search.types import Segment, Segmenter
 
 UNLABELED = -1
 UNLABELED_PNG = 255
@@ -23,8 +24,10 @@ DEFAULT_LOGIT_SCALE = 100.0  # CLIP's learned temperature saturates at 100
 PIXEL_CHUNK = 1 << 18  # pixels per matrix product: bounds the (classes × pixels) buffer
 
 
-class _Segmenter(Protocol):
-    def segment(self, image: np.ndarray) -> list[Segment]: ...
+class StageTimer(Protocol):
+    """Adds the seconds since ``start`` to ``stage`` and returns the time now (``eval.common.Timer``)."""
+
+    def add(self, stage: str, start: float) -> float: ...
 
 
 def class_probabilities(
@@ -76,10 +79,55 @@ def class_masks(labels: np.ndarray, n_classes: int) -> list[np.ndarray]:
     return [labels == c for c in range(n_classes)]
 
 
+def segment_and_classify(
+    pixels: np.ndarray,
+    segmenter: Segmenter,
+    embedder: Embedder,
+    class_vectors: np.ndarray,
+    logit_scale: float = DEFAULT_LOGIT_SCALE,
+    timer: StageTimer | None = None,
+) -> tuple[list[Segment], np.ndarray]:
+    """SAM segments of one image and their (N, C) class probabilities (paper §4.3: softmax over the
+    classes of cosine similarity × logit scale)."""
+    t = time.perf_counter()
+    segments = segmenter.segment(pixels)
+    if timer:
+        t = timer.add("masks", t)
+    if not segments:
+        return [], np.zeros((0, len(class_vectors)), np.float32)
+    vectors = embedder.embed_segments(pixels, segments)
+    if timer:
+        t = timer.add("embed", t)
+    probs = class_probabilities(vectors, class_vectors, logit_scale)
+    if timer:
+        timer.add("classify", t)
+    return segments, probs
+
+
+def predict_labels(
+    pixels: np.ndarray,
+    segmenter: Segmenter,
+    embedder: Embedder,
+    class_vectors: np.ndarray,
+    logit_scale: float = DEFAULT_LOGIT_SCALE,
+    timer: StageTimer | None = None,
+) -> tuple[np.ndarray, int]:
+    """(H, W) int32 label map by §4.3 voting (``UNLABELED`` where no segment covers) and the segment count."""
+    segments, probs = segment_and_classify(pixels, segmenter, embedder, class_vectors, logit_scale, timer)
+    h, w = pixels.shape[:2]
+    if not segments:
+        return np.full((h, w), UNLABELED, np.int32), 0
+    t = time.perf_counter()
+    labels = vote(np.stack([s.mask for s in segments]), probs)
+    if timer:
+        timer.add("vote", t)
+    return labels, len(segments)
+
+
 def semantic_segmentation(
     image: np.ndarray,
     classes: Sequence[str],
-    segmenter: _Segmenter,
+    segmenter: Segmenter,
     embedder: Embedder,
     templates: Sequence[str] | None = None,
     logit_scale: float = DEFAULT_LOGIT_SCALE,
@@ -96,15 +144,7 @@ def semantic_segmentation(
         raise ValueError("class names must be distinct")
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be H×W×3, got {image.shape}")
-    h, w = image.shape[:2]
-    segments = segmenter.segment(image)
-    if not segments:
-        labels = np.full((h, w), UNLABELED, dtype=np.int32)
-    else:
-        seg_vecs = embedder.embed_segments(image, segments)
-        cls_vecs = embedder.embed_texts(names, templates)
-        probs = class_probabilities(seg_vecs, cls_vecs, logit_scale)
-        labels = vote(np.stack([s.mask for s in segments]), probs)
+    labels, _ = predict_labels(image, segmenter, embedder, embedder.embed_texts(names, templates), logit_scale)
     return labels, dict(zip(names, class_masks(labels, len(names))))
 
 
