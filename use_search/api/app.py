@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 
 from use_search.config import Settings
 from use_search.indexer.read import ImageReadError, LoadedImage, decode_image, read_image, sha256_bytes
-from use_search.masks import decode_rle, encode_rle
+from use_search.masks import encode_rle
 from use_search.query.render import mask_png, overlay
 from use_search.query.voting import label_png, semantic_segmentation
 from use_search.store.base import SearchFilter, StoreError, VectorStore, image_id
