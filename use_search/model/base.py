@@ -25,6 +25,15 @@ class Embedder(ABC):
     def embed_segments(self, image: np.ndarray, segments: Sequence[Segment]) -> np.ndarray:
         """``image`` H×W×3 uint8 RGB; one row per segment, in order."""
 
+    def embed_batch(self, images: Sequence[np.ndarray], segments: Sequence[Sequence[Segment]]) -> list[np.ndarray]:
+        """Several images at once: one (n_i, dim) array per image, as ``embed_segments`` would give.
+
+        The default loops; an embedder whose encoder batches well (USE: one forward for several
+        images) overrides it. The indexer calls this, one segmenter batch at a time."""
+        if len(images) != len(segments):
+            raise ValueError(f"{len(images)} images but {len(segments)} segment lists")
+        return [self.embed_segments(im, segs) for im, segs in zip(images, segments)]
+
     @abstractmethod
     def embed_texts(self, texts: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
         """One row per text: the mean of its template embeddings, re-normalised."""
