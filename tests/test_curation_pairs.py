@@ -15,7 +15,7 @@ H, W = 40, 60
 def square(x: int, y: int, side: int = 10, stability: float = 0.9) -> Segment:
     m = np.zeros((H, W), dtype=bool)
     m[y : y + side, x : x + side] = True
-    return Segment(mask=m, bbox=mask_bbox(m), area=int(m.sum()), stability_score=stability, source="box")
+    return Segment(mask=m, bbox=mask_bbox(m), area=int(m.sum()), predicted_iou=1.0, stability_score=stability, source="box")
 
 
 def texts(*words: str, source: str = "caption:txt") -> list[TextEntry]:
@@ -85,3 +85,31 @@ def test_segment_json_is_the_shard_format():
         "texts": [{"text": "a box", "kind": "phrase", "source": "caption:txt"}],
     }
     assert merge_by_mask_nms([]) == []
+
+
+def test_whole_image_mask_does_not_swallow_a_large_object():
+    # §3.1: a box over 90% of the image becomes the whole-image mask, with synthetic scores of 1.0. A
+    # SAM mask of an object covering 80% of the image overlaps it at IoU 0.8 > 0.7: the object must
+    # keep its own mask and texts; the vague whole-image texts join it, after its own.
+    from use_search.segmenter.boxes import whole_image_segment
+
+    whole = whole_image_segment(H, W)
+    obj = np.zeros((H, W), dtype=bool)
+    obj[:, : int(W * 0.8)] = True
+    big = Segment(mask=obj, bbox=mask_bbox(obj), area=int(obj.sum()), predicted_iou=0.97, stability_score=0.95, source="box")
+    assert iou_matrix([whole.rle], [big.rle])[0, 0] == pytest.approx(0.8)
+    for order in ([whole, big], [big, whole]):
+        pairs = [SegmentTexts(s, texts("the room") if s is whole else texts("the sofa", "a grey sofa")) for s in order]
+        (merged,) = merge_by_mask_nms(pairs, iou_threshold=0.7)
+        assert merged.segment is big
+        assert [t.text for t in merged.texts] == ["the sofa", "a grey sofa", "the room"]
+
+
+def test_rank_is_predicted_iou_times_stability():
+    # a: stable but SAM doubts it (0.6 × 0.99 = 0.594); b: both high (0.95 × 0.9 = 0.855): b is kept.
+    a = square(0, 0, stability=0.99)
+    a.predicted_iou = 0.6
+    b = square(1, 0, stability=0.9)
+    b.predicted_iou = 0.95
+    (merged,) = merge_by_mask_nms([SegmentTexts(a, texts("a")), SegmentTexts(b, texts("b"))])
+    assert merged.segment is b and [t.text for t in merged.texts] == ["b", "a"]

@@ -2,14 +2,18 @@
 
 "We use NMS to remove duplicate masks for each image because different text descriptions may refer to
 the same object in the image. After NMS, all the text descriptions associated with the duplicate masks
-will be merged and assigned to the corresponding mask." Masks are ranked by SAM's stability score, the
-quality measure §3.1 already uses to pick among SAM's three masks; the kept mask's texts come first,
-then those of the masks it suppressed, best first; a text already present (ignoring case) is not
-repeated.
+will be merged and assigned to the corresponding mask." The paper does not say which duplicate is
+kept. We rank SAM's masks by predicted IoU × stability score, SAM's two quality measures (§4.1 filters
+on both). The whole-image masks of vague texts (boxes over 90% of the image, §3.1) are no prediction:
+their scores of 1.0 are synthetic, so they rank below every SAM mask. A large object (IoU > 0.7 with the
+whole image) then keeps its own mask and texts and receives the vague texts, instead of being
+swallowed by the whole-image mask. The kept mask's texts come first, then those of the masks it
+suppressed, best first; a text already present (ignoring case) is not repeated.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,13 +56,19 @@ class SegmentTexts:
         }
 
 
+def nms_rank(segment: Segment) -> float:
+    """Higher is kept first: predicted IoU × stability for SAM masks, lowest for whole-image masks."""
+    if segment.source == "whole-image":
+        return float("-inf")
+    score = float(segment.predicted_iou) * float(segment.stability_score)
+    return score if math.isfinite(score) else -math.inf
+
+
 def merge_by_mask_nms(pairs: Sequence[SegmentTexts], iou_threshold: float = 0.7) -> list[SegmentTexts]:
     """Greedy mask NMS over one image's segment-text pairs; duplicates' texts go to the kept mask."""
     if not pairs:
         return []
-    groups = mask_nms(
-        [p.segment.rle for p in pairs], [p.segment.stability_score for p in pairs], iou_threshold
-    )
+    groups = mask_nms([p.segment.rle for p in pairs], [nms_rank(p.segment) for p in pairs], iou_threshold)
     merged = []
     for group in groups:
         seen: set[str] = set()
