@@ -92,7 +92,7 @@ def test_visual_genome_regions_skip_grounding(tmp_path):
     }, {"id": 2, "regions": [{"region_id": 20, "image_id": 2, "phrase": "a dog", "x": 0, "y": 0, "width": 5, "height": 5}]}]
     (tmp_path / "region_descriptions.json").write_text(json.dumps(regions))
     vg = VisualGenomeRegions(tmp_path / "region_descriptions.json")
-    pairs = vg.pairs(photos / "1.png")
+    pairs = vg.pairs(photos / "1.png", 120, 80)
     assert [(p.box, p.texts) for p in pairs] == [
         ((20.0, 10.0, 70.0, 50.0), (TextEntry("a cup of coffee", "expression", "annotation:vg"),)),
         ((0.0, 0.0, 119.0, 79.0), (TextEntry("the whole table", "expression", "annotation:vg"),)),

@@ -267,6 +267,11 @@ def curate_run(
     coco_captions: Optional[Path] = typer.Option(None, "--coco-captions", help="COCO captions JSON."),
     mllm: Optional[str] = typer.Option(None, "--mllm", help="Captioning MLLM: Hugging Face id or folder."),
     vg_regions: Optional[Path] = typer.Option(None, "--vg-regions", help="Visual Genome region_descriptions.json (no grounding)."),
+    vg_image_data: Optional[Path] = typer.Option(
+        None, "--vg-image-data",
+        help="VG image_data.json: the images are COCO images; each gets the regions of the VG image with its coco_id, "
+        "scaled to its size.",
+    ),
     grounding: Optional[str] = typer.Option(None, "--grounding", help="Grounding DINO id or folder (default: grounding-dino-tiny)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most this many new images."),
 ) -> None:
@@ -278,7 +283,7 @@ def curate_run(
     tiny = get_preset(s.preset).untrained
     cfg = CurationConfig(
         images=images, out=out_dir, sidecar_captions=sidecar, coco_captions=coco_captions, mllm=mllm,
-        vg_regions=vg_regions, sam=get_preset(s.preset).sam, limit=limit, settings=s,
+        vg_regions=vg_regions, vg_image_data=vg_image_data, sam=get_preset(s.preset).sam, limit=limit, settings=s,
         **({"grounding_model": grounding} if grounding else {"grounding_model": "tiny"} if tiny else {}),
     )
     r = run_curation(cfg)

@@ -19,7 +19,7 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from use_search.config import BoxPromptSettings, Settings
-from use_search.curation.annotations import VisualGenomeRegions
+from use_search.curation.annotations import RegionMismatchError, VisualGenomeRegions
 from use_search.curation.captions import (
     Caption,
     Captioner,
@@ -50,6 +50,7 @@ class CurationConfig:
     mllm: str | None = None  # Hugging Face id or folder of an image-text-to-text model, or "tiny"
     generation: GenerationParams = field(default_factory=GenerationParams)
     vg_regions: Path | None = None  # Visual Genome region_descriptions.json (skips grounding)
+    vg_image_data: Path | None = None  # VG image_data.json: the images are COCO images, keyed by coco_id
     # Models.
     grounding_model: str = DEFAULT_GROUNDING_MODEL  # Hugging Face id or folder, or "tiny"
     sam: str = "sam_vit_h"  # registry name, checkpoint path, or "tiny"
@@ -108,6 +109,8 @@ class CurationComponents:
 
 
 def build_components(config: CurationConfig) -> CurationComponents:
+    if config.vg_image_data and not config.vg_regions:
+        raise ValueError("--vg-image-data needs --vg-regions: the image data only maps VG regions to COCO images")
     if not config.has_text_source():
         raise ValueError(
             "no text source: give sidecar captions (.txt), a COCO captions file, an MLLM, or VG regions"
@@ -144,7 +147,7 @@ def build_components(config: CurationConfig) -> CurationComponents:
         stability_score_thresh=default_thresh if config.sam_stability_thresh is None else config.sam_stability_thresh,
         boxes_per_batch=config.boxes_per_batch,
     )
-    regions = VisualGenomeRegions(config.vg_regions) if config.vg_regions else None
+    regions = VisualGenomeRegions(config.vg_regions, config.vg_image_data) if config.vg_regions else None
     grounding = config.grounding_model if captioners else None
     untrained = "tiny" in (config.mllm, grounding, config.sam)
     return CurationComponents(captioners, phrases, grounder, regions, segmenter, models, untrained)
@@ -167,15 +170,16 @@ def caption_box_texts(
 
 
 def curate_image(loaded: LoadedImage, parts: CurationComponents, mask_nms_iou: float = 0.7) -> dict:
-    """One shard record (see ``shards.py``) for one image."""
+    """One shard record (see ``shards.py``) for one image. ``RegionMismatchError``: VG regions do not fit."""
     phrases, grounder = parts.phrases, parts.grounder
     rgb, path = loaded.pixels, Path(loaded.record.path)
     box_texts: list[BoxText] = []
+    # Human regions first: a mismatch fails the image before any model runs.
+    regions = parts.regions.pairs(path, rgb.shape[1], rgb.shape[0]) if parts.regions is not None else []
     for captioner in parts.captioners:
         for caption in captioner.captions(path, rgb):
             box_texts += caption_box_texts(rgb, caption, phrases, grounder)  # type: ignore[arg-type]
-    if parts.regions is not None:
-        box_texts += parts.regions.pairs(path)
+    box_texts += regions
     segments = parts.segmenter.segment(rgb, [b.box for b in box_texts])
     candidates = [SegmentTexts(s, list(b.texts)) for s, b in zip(segments, box_texts, strict=True) if s is not None]
     merged = merge_by_mask_nms(candidates, mask_nms_iou)
@@ -217,7 +221,12 @@ def run_curation(config: CurationConfig, components: CurationComponents | None =
                 failed.append((str(path), str(e)))
                 bar.advance(task)
                 continue
-            record = curate_image(loaded, parts, config.mask_nms)
+            try:
+                record = curate_image(loaded, parts, config.mask_nms)
+            except RegionMismatchError as e:
+                failed.append((str(path), str(e)))
+                bar.advance(task)
+                continue
             writer.write(record)
             curated += 1
             pairs += record["pairs_before_nms"]
@@ -239,6 +248,7 @@ def write_manifest(out: Path, config: CurationConfig, parts: CurationComponents)
         "box_threshold": config.box_threshold,
         "grounding_nms": config.grounding_nms,
         "mask_nms": config.mask_nms,
+        "vg_image_key": parts.regions.key if parts.regions is not None else None,
         "text_sources": [
             s for s, on in (
                 ("caption:txt", config.sidecar_captions), ("caption:coco", bool(config.coco_captions)),
