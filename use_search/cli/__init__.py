@@ -319,7 +319,11 @@ def curate_stats(folder: Path = typer.Argument(..., help="Shard folder written b
 @app.command()
 def train(
     out_dir: Path = typer.Option(..., "--out", "-o", help="Checkpoints, train_state.pt and metrics.jsonl go here."),
-    coco: Optional[list[Path]] = typer.Option(None, "--coco", help="COCO instances JSON (category names as texts)."),
+    coco: Optional[list[Path]] = typer.Option(
+        None, "--coco",
+        help="COCO annotation JSON (category names as texts); repeat it for more files of the same images, "
+        "e.g. instances + COCO-Stuff: segments merge by image id.",
+    ),
     coco_images: Optional[Path] = typer.Option(None, "--coco-images", help="Image folder of --coco."),
     coco_captions: Optional[Path] = typer.Option(None, "--coco-captions", help="COCO captions JSON of --coco."),
     shards: Optional[list[Path]] = typer.Option(None, "--shards", help="Pair shards written by `curate run`."),
@@ -342,7 +346,7 @@ def train(
     """
     from use_search.train import DataSpec, TrainConfig, run
 
-    specs = [DataSpec("coco", p, images=coco_images, captions=coco_captions) for p in coco or []]
+    specs = [DataSpec("coco", coco[0], images=coco_images, captions=coco_captions, extra_annotations=tuple(coco[1:]))] if coco else []
     specs += [DataSpec("shards", p) for p in shards or []] + [DataSpec("folder", p) for p in folder or []]
     if not specs:
         raise ValueError("no training data: give --coco, --shards or --folder")

@@ -1,7 +1,8 @@
 """Segment-text pairs for training: three sources, one record type, and the augmenting dataset.
 
 Sources (each → ``list[PairImage]``; masks stay encoded until a worker needs them):
-  ``coco_pairs``    COCO instances JSON (pycocotools): category names as texts; a COCO captions JSON
+  ``coco_pairs``    COCO annotation JSONs (pycocotools): category names as texts; several files of the
+                    same images (instances + COCO-Stuff) merge by image id; a COCO captions JSON
                     adds one whole-image segment per image carrying its captions (§3.1 treats vague,
                     image-wide texts the same way: the whole-image mask).
   ``shard_pairs``   the pair shards ``use-search curate`` writes (``curation/shards.py``).
@@ -56,6 +57,7 @@ class DataSpec:
     path: Path
     images: Path | None = None  # coco: image folder (default: next to the JSON)
     captions: Path | None = None  # coco: optional captions JSON
+    extra_annotations: tuple[Path, ...] = ()  # coco: more files of the same images (e.g. stuff_train2017.json)
 
 
 def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
@@ -77,25 +79,58 @@ def _clean(texts: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(t.strip() for t in texts if t and t.strip()))
 
 
-def coco_pairs(instances: Path, images: Path | None = None, captions: Path | None = None, *,
+# COCO-Stuff's "other" (id 183) is every thing pixel of the image as one mask: no class to learn.
+COCO_STUFF_OTHER = "other"
+
+
+def category_text(name: str) -> str:
+    """A COCO / COCO-Stuff category name as words: ``potted_plant`` → "potted plant", ``sky-other`` → "sky",
+    ``desk-stuff`` → "desk", ``sky-other-merged`` (panoptic) → "sky", ``wall-brick`` → "wall brick"."""
+    words = name.replace("_", " ").split("-")
+    while len(words) > 1 and words[-1] in ("other", "stuff", "merged"):
+        words.pop()
+    return " ".join(words)
+
+
+def _identity(img: dict) -> tuple[str, int, int]:
+    return Path(str(img["file_name"])).name, int(img["width"]), int(img["height"])
+
+
+def coco_pairs(annotations: Path | Sequence[Path], images: Path | None = None, captions: Path | None = None, *,
                include_crowd: bool = False) -> list[PairImage]:
+    """One record per image id over all ``annotations`` files, their segments in file order."""
     from pycocotools.coco import COCO
 
-    coco = COCO(str(instances))
-    images = Path(images) if images is not None else Path(instances).parent
-    names = {c["id"]: c["name"].replace("_", " ") for c in coco.loadCats(coco.getCatIds())}
+    files = [Path(annotations)] if isinstance(annotations, (str, Path)) else [Path(a) for a in annotations]
+    images = Path(images) if images is not None else files[0].parent
+    image_info: dict[int, tuple[dict, Path]] = {}
+    segments: dict[int, list[PairSegment]] = {}
+    for path in files:
+        coco = COCO(str(path))
+        names = {c["id"]: category_text(c["name"]) for c in coco.loadCats(coco.getCatIds())
+                 if c["name"] != COCO_STUFF_OTHER}
+        for img in coco.loadImgs(coco.getImgIds()):
+            seen = image_info.setdefault(img["id"], (img, path))
+            if _identity(seen[0]) != _identity(img):
+                raise ValueError(
+                    f"image id {img['id']} is {seen[0]['file_name']} ({seen[0]['width']}×{seen[0]['height']}) in "
+                    f"{seen[1]} but {img['file_name']} ({img['width']}×{img['height']}) in {path}: "
+                    "annotation files given together must describe the same images"
+                )
+            segments.setdefault(img["id"], []).extend(
+                PairSegment(a["segmentation"], (names[a["category_id"]],))
+                for a in coco.loadAnns(coco.getAnnIds(imgIds=img["id"], iscrowd=None))
+                if (include_crowd or not a.get("iscrowd", 0)) and a["category_id"] in names
+            )
     caps: dict[int, list[str]] = {}
     if captions is not None:
         for ann in json.loads(Path(captions).read_text())["annotations"]:
             caps.setdefault(int(ann["image_id"]), []).append(ann["caption"])
     out = []
-    for img in coco.loadImgs(sorted(coco.getImgIds())):
+    for image_id in sorted(image_info):
+        img = image_info[image_id][0]
         h, w = int(img["height"]), int(img["width"])
-        segs = [
-            PairSegment(a["segmentation"], (names[a["category_id"]],))
-            for a in coco.loadAnns(coco.getAnnIds(imgIds=img["id"], iscrowd=None))
-            if include_crowd or not a.get("iscrowd", 0)
-        ]
+        segs = segments[image_id]
         if caps.get(img["id"]):
             whole = {"size": [h, w], "counts": [0, h * w]}  # uncompressed RLE of the full image
             segs.append(PairSegment(whole, _clean(caps[img["id"]])))
@@ -144,7 +179,7 @@ def load_pairs(specs: Sequence[DataSpec]) -> list[PairImage]:
     out: list[PairImage] = []
     for spec in specs:
         if spec.kind == "coco":
-            out += coco_pairs(spec.path, spec.images, spec.captions)
+            out += coco_pairs([spec.path, *spec.extra_annotations], spec.images, spec.captions)
         elif spec.kind == "shards":
             out += shard_pairs(spec.path)
         elif spec.kind == "folder":
