@@ -152,3 +152,15 @@ def test_missing_real_models_are_clear_errors():
         load_grounder("use-search-tests/no-such-grounding-dino", offline=True)
     with pytest.raises(MissingWeightsError, match="no model folder at /nonexistent/grounding-dino"):
         load_grounder("/nonexistent/grounding-dino")
+
+
+def test_a_saved_grounding_dino_loads_from_its_folder(tiny, tmp_path):
+    model, processor = tiny
+    model.save_pretrained(tmp_path / "gd")
+    processor.save_pretrained(tmp_path / "gd")
+    loaded = load_grounder(str(tmp_path / "gd"), offline=True)
+    assert type(loaded.model).__name__ == "GroundingDinoForObjectDetection" and loaded.model_id == str(tmp_path / "gd")
+    image = skimage.data.coffee()[::8, ::8].copy()
+    caption, spans = "a cup of coffee.", [(0, 15)]
+    reference = GroundingDinoGrounder(model, processor).ground(image, caption, spans)
+    assert loaded.ground(image, caption, spans) == reference and reference

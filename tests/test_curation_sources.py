@@ -63,7 +63,7 @@ def test_mllm_captioner_uses_the_part_aware_prompt_and_paper_sampling():
     captioner = MLLMCaptioner(*build_tiny_mllm(), params)
     prompt = captioner.prompt_text()
     assert PART_AWARE_PROMPT in prompt and "<image>" in prompt
-    inputs = captioner.inputs(skimage.data.astronaut()[::8, ::8].copy())
+    inputs = captioner.inputs([skimage.data.astronaut()[::8, ::8].copy()])
     assert inputs["pixel_values"].shape == (1, 3, 64, 64)
     out = captioner.captions(None, skimage.data.astronaut()[::8, ::8].copy())  # type: ignore[arg-type]
     assert len(out) == 1 and out[0].source == "caption:mllm" and out[0].text

@@ -265,7 +265,24 @@ def curate_run(
     out_dir: Path = typer.Option(..., "--out", "-o", help="Shard folder (resumable: done images are skipped)."),
     sidecar: bool = typer.Option(False, "--sidecar-captions", help="photo.jpg → photo.txt, one caption per line."),
     coco_captions: Optional[Path] = typer.Option(None, "--coco-captions", help="COCO captions JSON."),
-    mllm: Optional[str] = typer.Option(None, "--mllm", help="Captioning MLLM: Hugging Face id or folder."),
+    mllm: Optional[str] = typer.Option(
+        None, "--mllm", help="Captioning MLLM: Hugging Face id or folder (e.g. llava-hf/llava-1.5-7b-hf; THUDM/cogvlm-chat-hf "
+        "with --mllm-processor lmsys/vicuna-7b-v1.5 --trust-remote-code).",
+    ),
+    mllm_processor: Optional[str] = typer.Option(
+        None, "--mllm-processor", help="Processor or tokenizer id/folder for an MLLM checkpoint that ships none (CogVLM).",
+    ),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code",
+        help="Let the --mllm checkpoint run the Python code it ships (needed by CogVLM). That code runs with your "
+        "user's rights and can read, change or send anything you can: read it first, and use only sources you trust.",
+    ),
+    mllm_batch_size: int = typer.Option(8, "--mllm-batch-size", min=1, help="Images per MLLM generate call."),
+    mllm_max_new_tokens: int = typer.Option(512, "--mllm-max-new-tokens", min=1, help="Longest MLLM caption, in tokens."),
+    mllm_prompt_template: str = typer.Option(
+        "{prompt}", "--mllm-prompt-template",
+        help="For MLLM processors without a chat template: the text beside the image, {prompt} being the paper's prompt.",
+    ),
     vg_regions: Optional[Path] = typer.Option(None, "--vg-regions", help="Visual Genome region_descriptions.json (no grounding)."),
     vg_image_data: Optional[Path] = typer.Option(
         None, "--vg-image-data",
@@ -277,12 +294,16 @@ def curate_run(
 ) -> None:
     """Captions → phrases/expressions → grounding boxes → SAM masks → mask NMS → pair shards."""
     from use_search.curation import CurationConfig, run_curation
+    from use_search.curation.captions import GenerationParams
 
+    generation = GenerationParams(max_new_tokens=mllm_max_new_tokens, prompt_template=mllm_prompt_template)
     banner()
     s = state.settings
     tiny = get_preset(s.preset).untrained
     cfg = CurationConfig(
         images=images, out=out_dir, sidecar_captions=sidecar, coco_captions=coco_captions, mllm=mllm,
+        mllm_processor=mllm_processor, trust_remote_code=trust_remote_code, mllm_batch_size=mllm_batch_size,
+        generation=generation,
         vg_regions=vg_regions, vg_image_data=vg_image_data, sam=get_preset(s.preset).sam, limit=limit, settings=s,
         **({"grounding_model": grounding} if grounding else {"grounding_model": "tiny"} if tiny else {}),
     )

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ class Caption:
 
 
 class Captioner(Protocol):
+    """``captions(path, image)``; a captioner that runs a model may also caption several images at once
+    with ``captions_batch(paths, images)``."""
+
     def captions(self, path: Path, image: np.ndarray) -> list[Caption]: ...
 
 
@@ -77,45 +81,143 @@ class GenerationParams:
     top_p: float = 0.4
     top_k: int = 5
     max_new_tokens: int = 512
+    # Plain processors (no chat template): the text given with the image. BLIP-2 / InstructBLIP take the
+    # prompt as is; a LLaVA-1.5 processor without a template needs "USER: <image>\n{prompt} ASSISTANT:".
+    prompt_template: str = "{prompt}"
+
+    def __post_init__(self) -> None:
+        if "{prompt}" not in self.prompt_template:
+            raise ValueError(f"the MLLM prompt template must contain {{prompt}}, got {self.prompt_template!r}")
+
+
+PromptStyle = Literal["chat", "plain", "conversation"]
+
+
+def prompt_style(model: Any, processor: Any) -> PromptStyle:
+    """How the model wants its prompt.
+
+    ``conversation``: the model builds its own inputs (CogVLM / CogVLM2 remote code:
+    ``model.build_conversation_input_ids(tokenizer, query=..., images=[...])``, the processor a tokenizer);
+    ``chat``: the processor has a chat template (LLaVA, Qwen2-VL, Idefics, ... in transformers);
+    ``plain``: the processor takes the image and the prompt text as they are (BLIP-2, Kosmos-2, ...).
+    """
+    if callable(getattr(model, "build_conversation_input_ids", None)):
+        return "conversation"
+    if getattr(processor, "chat_template", None):
+        return "chat"
+    if getattr(processor, "image_processor", None) is None:
+        raise ValueError(
+            f"the MLLM's processor ({type(processor).__name__}) takes no images and the model "
+            f"({type(model).__name__}) builds no image inputs of its own: give its image processor "
+            "(--mllm-processor) or a model that has one"
+        )
+    return "plain"
 
 
 class MLLMCaptioner:
-    """An image-text-to-text model from transformers (LLaVA, Qwen2-VL, ... with a chat template).
+    """An MLLM prompted with the paper's part-aware prompt, sampled with its settings (§3.1, §4.1).
 
-    The prompt goes in as one user turn holding the image and the text; the caption is the sampled
-    continuation, special tokens stripped.
+    The prompt goes in as one user turn holding the image and the text (chat templates), as text beside
+    the image (plain processors), or through the model's own conversation builder (CogVLM). Batches are
+    left-padded so every row's continuation starts at the same column; the caption is that
+    continuation only, special tokens stripped.
     """
 
     source = "caption:mllm"
 
-    def __init__(self, model: Any, processor: Any, params: GenerationParams | None = None, *, device: str = "cpu", model_id: str = "") -> None:
+    def __init__(
+        self, model: Any, processor: Any, params: GenerationParams | None = None, *, device: str = "cpu",
+        model_id: str = "", style: PromptStyle | None = None, batch_size: int = 8,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"MLLM batch size must be at least 1, got {batch_size}")
         self.model = model.to(device).eval()
         self.processor = processor
         self.params = params or GenerationParams()
         self.device = device
         self.model_id = model_id
+        self.style: PromptStyle = style or prompt_style(model, processor)
+        self.batch_size = batch_size
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        if getattr(self.tokenizer, "pad_token_id", None) is None:
+            # Llama / Vicuna tokenizers have no pad token; batches pad with EOS, masked out.
+            self.tokenizer.pad_token = self.tokenizer.eos_token
 
     def prompt_text(self) -> str:
-        """The model's chat template applied to one user turn: the image, then the prompt."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.params.prompt}]}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        """The text beside the image: the chat template applied to one user turn, or the plain template."""
+        p = self.params
+        if self.style == "chat":
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p.prompt}]}]
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return p.prompt_template.replace("{prompt}", p.prompt)
 
-    def inputs(self, image: np.ndarray) -> dict[str, torch.Tensor]:
-        enc = self.processor(images=Image.fromarray(image), text=self.prompt_text(), return_tensors="pt")
+    def generation_kwargs(self) -> dict[str, Any]:
+        """The paper's sampling (§4.1: temperature 0.8, top-p 0.4, top-k 5), over the checkpoint's defaults."""
+        p = self.params
+        return {
+            "do_sample": True, "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k,
+            "max_new_tokens": p.max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id,
+        }
+
+    def inputs(self, images: Sequence[np.ndarray]) -> dict[str, Any]:
+        """Model inputs for a batch of images (chat and plain styles), left-padded, on the model's device."""
+        if self.style == "conversation":
+            raise ValueError("conversation-style models build their inputs one image at a time: see conversation_inputs")
+        text = self.prompt_text()
+        enc = self.processor(
+            images=[Image.fromarray(im) for im in images], text=[text] * len(images), return_tensors="pt",
+            padding=True, padding_side="left",
+        )
+        return self._to_device(dict(enc))
+
+    def conversation_inputs(self, image: np.ndarray) -> dict[str, Any]:
+        """CogVLM's inputs for one image, as its model card feeds them to ``generate``."""
+        built = self.model.build_conversation_input_ids(
+            self.tokenizer, query=self.params.prompt, history=[], images=[Image.fromarray(image)]
+        )
+        enc: dict[str, Any] = {k: v.unsqueeze(0) for k, v in built.items() if k != "images"}
+        enc["images"] = [[built["images"][0]]]
+        return self._to_device(enc)
+
+    def _to_device(self, enc: dict[str, Any]) -> dict[str, Any]:
         dtype = self.model.dtype  # pixels in the model's precision (bf16/fp16 checkpoints)
-        return {k: v.to(self.device, dtype=dtype) if v.is_floating_point() else v.to(self.device) for k, v in enc.items()}
+
+        def move(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                return v.to(self.device, dtype=dtype) if v.is_floating_point() else v.to(self.device)
+            if isinstance(v, list):
+                return [move(x) for x in v]
+            return v
+
+        return {k: move(v) for k, v in enc.items()}
 
     @torch.inference_mode()
+    def generate(self, enc: dict[str, Any]) -> list[str]:
+        """Sample, then decode the new tokens of every row."""
+        out = self.model.generate(**enc, **self.generation_kwargs())
+        prompt = enc["input_ids"]
+        # Decoder-only models return prompt + continuation; encoder-decoders (BLIP-2 with T5) the continuation.
+        n = prompt.shape[1]
+        if out.shape[1] >= n and torch.equal(out[:, :n].to(prompt.device), prompt):
+            out = out[:, n:]
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def caption_images(self, images: Sequence[np.ndarray]) -> list[str]:
+        """One caption per image, ``batch_size`` images per ``generate`` (CogVLM: one at a time)."""
+        texts: list[str] = []
+        if self.style == "conversation":
+            for im in images:
+                texts += self.generate(self.conversation_inputs(im))
+            return texts
+        for start in range(0, len(images), self.batch_size):
+            texts += self.generate(self.inputs(images[start : start + self.batch_size]))
+        return texts
+
+    def captions_batch(self, paths: Sequence[Path], images: Sequence[np.ndarray]) -> list[list[Caption]]:
+        return [[Caption(t, self.source)] if t else [] for t in self.caption_images(images)]
+
     def captions(self, path: Path, image: np.ndarray) -> list[Caption]:
-        enc = self.inputs(image)
-        p = self.params
-        out = self.model.generate(
-            **enc, do_sample=True, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-            max_new_tokens=p.max_new_tokens,
-        )
-        new_tokens = out[:, enc["input_ids"].shape[1] :]
-        text = self.processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
-        return [Caption(text, self.source)] if text else []
+        return self.captions_batch([path], [image])[0]
 
 
 def load_mllm_captioner(
@@ -125,17 +227,25 @@ def load_mllm_captioner(
     offline: bool = False,
     params: GenerationParams | None = None,
     dtype: str = "auto",
+    processor: str | None = None,
+    trust_remote_code: bool = False,
+    batch_size: int = 8,
 ) -> MLLMCaptioner:
-    """A Hugging Face model id or local folder, or ``tiny`` (random-init, tests and smoke runs only)."""
+    """A Hugging Face model id or local folder, or ``tiny`` (random-init, tests and smoke runs only).
+
+    ``processor``: another id or folder for the processor or tokenizer, for checkpoints that ship none
+    (CogVLM: ``lmsys/vicuna-7b-v1.5``). ``trust_remote_code``: allow checkpoints that ship their own
+    Python code (CogVLM); that code runs with this process's rights, so only for sources you trust.
+    """
     if name_or_path == "tiny":
         from use_search.curation.tiny import build_tiny_mllm
 
-        model, processor = build_tiny_mllm()
-        return MLLMCaptioner(model, processor, params, device=device, model_id="mllm-tiny-untrained")
-    from transformers import AutoModelForImageTextToText
+        model, proc = build_tiny_mllm()
+        return MLLMCaptioner(model, proc, params, device=device, model_id="mllm-tiny-untrained", batch_size=batch_size)
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    model, processor = load_pretrained(
-        name_or_path, AutoModelForImageTextToText, offline=offline, what="MLLM captioner",
-        dtype=dtype,
+    model, proc = load_pretrained(
+        name_or_path, (AutoModelForImageTextToText, AutoModelForCausalLM), offline=offline, what="MLLM captioner",
+        processor=processor, trust_remote_code=trust_remote_code, dtype=dtype,
     )
-    return MLLMCaptioner(model, processor, params, device=device, model_id=name_or_path)
+    return MLLMCaptioner(model, proc, params, device=device, model_id=name_or_path, batch_size=batch_size)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,9 @@ class CurationConfig:
     sidecar_captions: bool = False  # photo.jpg → photo.txt, a caption per line
     coco_captions: Path | None = None  # COCO captions JSON
     mllm: str | None = None  # Hugging Face id or folder of an image-text-to-text model, or "tiny"
+    mllm_processor: str | None = None  # its processor or tokenizer, when the checkpoint ships none (CogVLM)
+    mllm_batch_size: int = 8  # images per generate call
+    trust_remote_code: bool = False  # let the MLLM checkpoint run its own Python code (CogVLM)
     generation: GenerationParams = field(default_factory=GenerationParams)
     vg_regions: Path | None = None  # Visual Genome region_descriptions.json (skips grounding)
     vg_image_data: Path | None = None  # VG image_data.json: the images are COCO images, keyed by coco_id
@@ -125,7 +128,10 @@ def build_components(config: CurationConfig) -> CurationComponents:
     if config.coco_captions:
         captioners.append(CocoCaptions(config.coco_captions))
     if config.mllm:
-        mllm = load_mllm_captioner(config.mllm, device=device, offline=offline, params=config.generation)
+        mllm = load_mllm_captioner(
+            config.mllm, device=device, offline=offline, params=config.generation, processor=config.mllm_processor,
+            trust_remote_code=config.trust_remote_code, batch_size=config.mllm_batch_size,
+        )
         captioners.append(mllm)
         models["captioner"] = mllm.model_id
     phrases = grounder = None
@@ -169,16 +175,37 @@ def caption_box_texts(
     return out
 
 
-def curate_image(loaded: LoadedImage, parts: CurationComponents, mask_nms_iou: float = 0.7) -> dict:
-    """One shard record (see ``shards.py``) for one image. ``RegionMismatchError``: VG regions do not fit."""
+def caption_batch(captioners: list[Captioner], loaded: list[LoadedImage]) -> list[list[Caption]]:
+    """Every captioner's captions for each image; captioners with ``captions_batch`` see the whole batch."""
+    out: list[list[Caption]] = [[] for _ in loaded]
+    paths = [Path(li.record.path) for li in loaded]
+    for captioner in captioners:
+        batch = getattr(captioner, "captions_batch", None)
+        if batch is not None:
+            per_image = batch(paths, [li.pixels for li in loaded])
+        else:
+            per_image = [captioner.captions(p, li.pixels) for p, li in zip(paths, loaded, strict=True)]
+        for caps, new in zip(out, per_image, strict=True):
+            caps += new
+    return out
+
+
+def curate_image(
+    loaded: LoadedImage, parts: CurationComponents, mask_nms_iou: float = 0.7, captions: list[Caption] | None = None
+) -> dict:
+    """One shard record (see ``shards.py``) for one image. ``captions``: already made (a batch), else made here.
+
+    ``RegionMismatchError``: its VG regions do not fit it.
+    """
     phrases, grounder = parts.phrases, parts.grounder
     rgb, path = loaded.pixels, Path(loaded.record.path)
     box_texts: list[BoxText] = []
-    # Human regions first: a mismatch fails the image before any model runs.
+    # Human regions first: a mismatch fails the image before grounding and SAM run.
     regions = parts.regions.pairs(path, rgb.shape[1], rgb.shape[0]) if parts.regions is not None else []
-    for captioner in parts.captioners:
-        for caption in captioner.captions(path, rgb):
-            box_texts += caption_box_texts(rgb, caption, phrases, grounder)  # type: ignore[arg-type]
+    if captions is None:
+        captions = caption_batch(parts.captioners, [loaded])[0]
+    for caption in captions:
+        box_texts += caption_box_texts(rgb, caption, phrases, grounder)  # type: ignore[arg-type]
     box_texts += regions
     segments = parts.segmenter.segment(rgb, [b.box for b in box_texts])
     candidates = [SegmentTexts(s, list(b.texts)) for s, b in zip(segments, box_texts, strict=True) if s is not None]
@@ -214,24 +241,29 @@ def run_curation(config: CurationConfig, components: CurationComponents | None =
     )
     with ShardWriter(out, config.records_per_shard) as writer, Progress(*columns, disable=not config.progress) as bar:
         task = bar.add_task("curate", total=len(todo), pairs=0, segments=0)
-        for path in todo:
-            try:
-                loaded = read_image(path, settings.max_image_pixels)
-            except ImageReadError as e:
-                failed.append((str(path), str(e)))
-                bar.advance(task)
-                continue
-            try:
-                record = curate_image(loaded, parts, config.mask_nms)
-            except RegionMismatchError as e:
-                failed.append((str(path), str(e)))
-                bar.advance(task)
-                continue
-            writer.write(record)
-            curated += 1
-            pairs += record["pairs_before_nms"]
-            segments += len(record["segments"])
-            bar.update(task, advance=1, pairs=pairs, segments=segments)
+        # Images are read and captioned a batch at a time (an MLLM generates for many at once), then
+        # curated and written one by one, so a killed run loses at most the batch in flight.
+        chunk = config.mllm_batch_size if config.mllm else 1
+        for start in range(0, len(todo), chunk):
+            batch: list[LoadedImage] = []
+            for path in todo[start : start + chunk]:
+                try:
+                    batch.append(read_image(path, settings.max_image_pixels))
+                except ImageReadError as e:
+                    failed.append((str(path), str(e)))
+                    bar.advance(task)
+            for loaded, captions in zip(batch, caption_batch(parts.captioners, batch), strict=True):
+                try:
+                    record = curate_image(loaded, parts, config.mask_nms, captions)
+                except RegionMismatchError as e:
+                    failed.append((loaded.record.path, str(e)))
+                    bar.advance(task)
+                    continue
+                writer.write(record)
+                curated += 1
+                pairs += record["pairs_before_nms"]
+                segments += len(record["segments"])
+                bar.update(task, advance=1, pairs=pairs, segments=segments)
     return CurationSummary(
         out=out, images_found=len(found), images_skipped=skipped,
         images_curated=curated, images_failed=failed, pairs_before_nms=pairs, segments=segments,
@@ -249,6 +281,8 @@ def write_manifest(out: Path, config: CurationConfig, parts: CurationComponents)
         "grounding_nms": config.grounding_nms,
         "mask_nms": config.mask_nms,
         "vg_image_key": parts.regions.key if parts.regions is not None else None,
+        "mllm_generation": asdict(config.generation) if config.mllm else None,
+        "trust_remote_code": config.trust_remote_code,
         "text_sources": [
             s for s, on in (
                 ("caption:txt", config.sidecar_captions), ("caption:coco", bool(config.coco_captions)),

@@ -12,6 +12,7 @@ tokenizes with exact character offsets.
 
 from __future__ import annotations
 
+import re
 import string
 from typing import Any
 
@@ -100,8 +101,12 @@ def build_tiny_mllm() -> tuple[Any, Any]:
         PreTrainedTokenizerFast,
     )
 
+    from use_search.curation.captions import PART_AWARE_PROMPT
+
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "<image>": 4}
-    for piece in [*COMMON_WORDS, *string.ascii_lowercase, *".,:;!?'-"]:
+    # The chat roles and every word of the paper's prompt are whole tokens: the prompt reaches the model intact.
+    prompt_words = re.findall(r"[a-z]+", f"user assistant {PART_AWARE_PROMPT}".lower())
+    for piece in [*COMMON_WORDS, *prompt_words, *string.ascii_lowercase, *".,:;!?'-"]:
         vocab.setdefault(piece, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.normalizer = normalizers.Lowercase()
