@@ -283,14 +283,27 @@ class TinyCogForCausalLM(LlamaForCausalLM):
 '''
 
 
-def write_remote_code_model(root):
+# CogVLM's Hub code updates its generation state through a GenerationMixin method that transformers
+# has since removed (as this override does, word for word in the call).
+LEGACY_PY = '''
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False,
+                                            standardize_cache_format=False, **kwargs):
+        model_kwargs["past_key_values"] = self._extract_past_from_model_output(
+            outputs, standardize_cache_format=standardize_cache_format
+        )
+        return model_kwargs
+'''
+
+
+def write_remote_code_model(root, legacy: bool = False):
     """(model folder, tokenizer folder): the model's files as a Hub repository holds them."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_dir, tok_dir = root / "tiny-cogvlm", root / "tiny-vicuna-tokenizer"
+    model_dir, tok_dir = root / ("tiny-cogvlm-legacy" if legacy else "tiny-cogvlm"), root / "tiny-vicuna-tokenizer"
     model_dir.mkdir(parents=True)
     (model_dir / "configuration_tinycog.py").write_text(CONFIGURATION_PY)
-    (model_dir / "modeling_tinycog.py").write_text(MODELING_PY)
+    (model_dir / "modeling_tinycog.py").write_text(MODELING_PY + (LEGACY_PY if legacy else ""))
     tok, vocab = word_tokenizer([*PROMPT_WORDS, "question", "answer"], ["<pad>", "<s>", "</s>"],
                                 bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tok.save_pretrained(tok_dir)
@@ -320,7 +333,9 @@ def remote_code(tmp_path_factory):
     saved = dmu.HF_MODULES_CACHE
     dmu.HF_MODULES_CACHE = str(modules)
     try:
-        yield (*write_remote_code_model(tmp_path_factory.mktemp("hub")), modules)
+        hub = tmp_path_factory.mktemp("hub")
+        legacy_dir, _ = write_remote_code_model(hub / "legacy", legacy=True)
+        yield (*write_remote_code_model(hub), modules, legacy_dir)
     finally:
         dmu.HF_MODULES_CACHE = saved
         for name in [m for m in sys.modules if m.startswith("transformers_modules")]:
@@ -330,13 +345,13 @@ def remote_code(tmp_path_factory):
 
 
 def test_remote_code_needs_the_flag(remote_code):
-    model_dir, tok_dir, _ = remote_code
+    model_dir, tok_dir, *_ = remote_code
     with pytest.raises(RemoteCodeError, match="(?s)ships its own Python code.*--trust-remote-code.*rights"):
         load_mllm_captioner(str(model_dir), processor=str(tok_dir), offline=True)
 
 
 def test_remote_code_model_captions_through_its_conversation_builder(remote_code):
-    model_dir, tok_dir, _ = remote_code
+    model_dir, tok_dir, *_ = remote_code
     captioner = load_mllm_captioner(
         str(model_dir), processor=str(tok_dir), offline=True, trust_remote_code=True,
         params=GenerationParams(max_new_tokens=8), dtype="float32",
@@ -355,7 +370,7 @@ def test_remote_code_model_captions_through_its_conversation_builder(remote_code
 
 
 def test_curate_run_cli_with_a_remote_code_mllm(remote_code, tmp_path):
-    model_dir, tok_dir, modules = remote_code
+    model_dir, tok_dir, *_ = remote_code
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.fromarray(IMAGES[2]).save(photos / "cat.png")
@@ -410,3 +425,16 @@ def test_a_saved_transformers_mllm_loads_from_its_folder(qwen, tmp_path):
     assert type(loaded.model).__name__ == "Qwen2VLForConditionalGeneration" and loaded.style == "chat"
     assert loaded.prompt_text() == MLLMCaptioner(model, processor, GREEDY).prompt_text()
     assert loaded.caption_images(IMAGES) == MLLMCaptioner(model, processor, GREEDY).caption_images(IMAGES)
+
+
+def test_remote_code_written_for_older_transformers_is_a_clear_error(remote_code):
+    import transformers
+
+    _, tok_dir, _, legacy_dir = remote_code
+    captioner = load_mllm_captioner(str(legacy_dir), processor=str(tok_dir), offline=True, trust_remote_code=True,
+                                    params=GenerationParams(max_new_tokens=4), dtype="float32")
+    with pytest.raises(RemoteCodeError, match=(
+        f"(?s)own code .*modeling_tinycog.* failed inside generate\\(\\) under transformers {re.escape(transformers.__version__)}"
+        ".*_extract_past_from_model_output.*LLaVA, Qwen2-VL"
+    )):
+        captioner.caption_images(IMAGES[:1])

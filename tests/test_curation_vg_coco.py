@@ -16,7 +16,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from use_search.curation.annotations import RegionMismatchError, VisualGenomeRegions
+from use_search.curation.annotations import RegionError, VisualGenomeRegions
 from use_search.curation.pairs import TextEntry
 from use_search.curation.pipeline import CurationConfig, run_curation
 from use_search.curation.shards import iter_shard_records
@@ -75,7 +75,7 @@ def test_regions_keyed_by_coco_id_and_scaled_to_the_coco_image(vg_files, coco_fo
 
 def test_another_framing_is_an_error_not_shifted_boxes(vg_files):
     vg = VisualGenomeRegions(*vg_files)
-    with pytest.raises(RegionMismatchError, match="(?s)VG image 5 is 800×600.*640×400"):
+    with pytest.raises(RegionError, match="(?s)VG image 5 is 800×600.*640×400"):
         vg.pairs("000000000009.jpg", 640, 400)
     assert len(vg.pairs("000000000009.jpg", 641, 481)) == 2  # rounding of a resize is not a mismatch
 
@@ -111,3 +111,15 @@ def test_mismatched_image_is_reported_and_retried(tmp_path, vg_files):
     ))
     assert summary.images_curated == 0 and len(summary.images_failed) == 1
     assert "300×300" in summary.images_failed[0][1] and list(iter_shard_records(tmp_path / "pairs")) == []
+
+
+def test_malformed_files_and_regions_are_clear_errors(tmp_path, vg_files):
+    (tmp_path / "dict.json").write_text('{"id": 1}')
+    with pytest.raises(ValueError, match="dict.json: not a Visual Genome image_data.json file: expected a JSON list"):
+        VisualGenomeRegions(vg_files[0], tmp_path / "dict.json")
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(ValueError, match="broken.json: not a Visual Genome region_descriptions.json file"):
+        VisualGenomeRegions(tmp_path / "broken.json")
+    (tmp_path / "nox.json").write_text(json.dumps([{"id": 3, "regions": [{"phrase": "a hat", "y": 1, "width": 2, "height": 2}]}]))
+    with pytest.raises(RegionError, match="3.jpg: a region of VG image 3 is malformed .*'x'"):
+        VisualGenomeRegions(tmp_path / "nox.json").pairs("3.jpg", 10, 10)

@@ -10,7 +10,7 @@ About half of VG's images are COCO images. VG's ``image_data.json`` (``{"image_i
 images, found by the COCO id their file name ends in (``000000000009.jpg``,
 ``COCO_train2014_000000000009.jpg``), and the regions of the matching VG image are scaled from VG's
 resolution (up to 800 px) to the COCO image's (up to 640 px). A COCO image framed differently from its
-VG image is a ``RegionMismatchError``, never shifted boxes.
+VG image is a ``RegionError``, never shifted boxes.
 """
 
 from __future__ import annotations
@@ -24,8 +24,19 @@ from use_search.curation.pairs import BoxText, TextEntry
 _TRAILING_DIGITS = re.compile(r"(\d+)$")
 
 
-class RegionMismatchError(ValueError):
-    """The image is not framed like the VG image whose regions it would get."""
+class RegionError(ValueError):
+    """The image's VG regions cannot be used on it: another framing, or a malformed region."""
+
+
+def read_entries(path: Path, what: str) -> list[dict]:
+    """A JSON list of objects, or a ValueError that names the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a {what} file: {e}") from e
+    if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+        raise ValueError(f"{path}: not a {what} file: expected a JSON list with one object per image")
+    return data
 
 
 class VisualGenomeRegions:
@@ -37,7 +48,7 @@ class VisualGenomeRegions:
     source = "annotation:vg"
 
     def __init__(self, region_file: Path, image_data: Path | None = None) -> None:
-        data = json.loads(Path(region_file).read_text(encoding="utf-8"))
+        data = read_entries(region_file, "Visual Genome region_descriptions.json")
         self.by_id: dict[str, list[dict]] = {}
         for entry in data:
             image_id = entry.get("id", entry.get("image_id"))
@@ -47,7 +58,7 @@ class VisualGenomeRegions:
         self.vg_size: dict[str, tuple[int, int]] = {}
         if image_data is not None:
             self.key = "coco"
-            for img in json.loads(Path(image_data).read_text(encoding="utf-8")):
+            for img in read_entries(image_data, "Visual Genome image_data.json"):
                 vg_id = str(img.get("image_id", img.get("id")))
                 if img.get("width") and img.get("height"):
                     self.vg_size[vg_id] = (int(img["width"]), int(img["height"]))
@@ -66,11 +77,13 @@ class VisualGenomeRegions:
         for vg_id in self.vg_ids(path):
             sx, sy = self._scale(vg_id, path, width, height)
             for r in self.by_id.get(vg_id, []):
-                phrase = str(r.get("phrase", "")).strip()
-                w, h = float(r["width"]), float(r["height"])
+                try:
+                    phrase = str(r.get("phrase", "")).strip()
+                    x, y, w, h = (float(r[k]) for k in ("x", "y", "width", "height"))
+                except (AttributeError, KeyError, TypeError, ValueError) as e:
+                    raise RegionError(f"{path}: a region of VG image {vg_id} is malformed ({e!r}): {r!r:.200}") from e
                 if not phrase or w <= 0 or h <= 0:
                     continue
-                x, y = float(r["x"]), float(r["y"])
                 box = (x * sx, y * sy, (x + w) * sx, (y + h) * sy)
                 out.append(BoxText(box, (TextEntry(phrase, "expression", self.source),)))
         return out
@@ -82,7 +95,7 @@ class VisualGenomeRegions:
         vw, vh = self.vg_size[vg_id]
         sx, sy = width / vw, height / vh
         if abs(vh * sx - height) > max(2.0, 0.01 * height):  # more than the rounding of one resize
-            raise RegionMismatchError(
+            raise RegionError(
                 f"{path}: VG image {vg_id} is {vw}×{vh}, this image is {width}×{height}; not the same framing, "
                 "so its regions would not fit (is image_data.json's coco_id map the right one for these images?)"
             )

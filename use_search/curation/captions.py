@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from use_search.curation.hf import load_pretrained
+from use_search.curation.hf import RemoteCodeError, load_pretrained
 
 PART_AWARE_PROMPT = (
     "Describe this image in detail. In your description, specifically mention ALL VISIBLE parts of each "
@@ -194,7 +194,20 @@ class MLLMCaptioner:
     @torch.inference_mode()
     def generate(self, enc: dict[str, Any]) -> list[str]:
         """Sample, then decode the new tokens of every row."""
-        out = self.model.generate(**enc, **self.generation_kwargs())
+        try:
+            out = self.model.generate(**enc, **self.generation_kwargs())
+        except (AttributeError, TypeError) as e:
+            if not type(self.model).__module__.startswith("transformers_modules"):
+                raise
+            import transformers
+
+            # CogVLM's Hub code, for one, calls generation internals that newer transformers removed.
+            raise RemoteCodeError(
+                f"the MLLM's own code ({type(self.model).__module__}) failed inside generate() under transformers "
+                f"{transformers.__version__}: {type(e).__name__}: {e}. Its code was written for another transformers "
+                "version: run curation in an environment with the version its model card names, or use an MLLM "
+                "that transformers ships (LLaVA, Qwen2-VL, Idefics, ...)."
+            ) from e
         prompt = enc["input_ids"]
         # Decoder-only models return prompt + continuation; encoder-decoders (BLIP-2 with T5) the continuation.
         n = prompt.shape[1]

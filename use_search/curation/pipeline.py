@@ -19,7 +19,7 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from use_search.config import BoxPromptSettings, Settings
-from use_search.curation.annotations import RegionMismatchError, VisualGenomeRegions
+from use_search.curation.annotations import RegionError, VisualGenomeRegions
 from use_search.curation.captions import (
     Caption,
     Captioner,
@@ -195,7 +195,7 @@ def curate_image(
 ) -> dict:
     """One shard record (see ``shards.py``) for one image. ``captions``: already made (a batch), else made here.
 
-    ``RegionMismatchError``: its VG regions do not fit it.
+    ``RegionError``: its VG regions do not fit it.
     """
     phrases, grounder = parts.phrases, parts.grounder
     rgb, path = loaded.pixels, Path(loaded.record.path)
@@ -255,7 +255,7 @@ def run_curation(config: CurationConfig, components: CurationComponents | None =
             for loaded, captions in zip(batch, caption_batch(parts.captioners, batch), strict=True):
                 try:
                     record = curate_image(loaded, parts, config.mask_nms, captions)
-                except RegionMismatchError as e:
+                except RegionError as e:
                     failed.append((loaded.record.path, str(e)))
                     bar.advance(task)
                     continue

@@ -107,8 +107,9 @@ def coco_pairs(annotations: Path | Sequence[Path], images: Path | None = None, c
     segments: dict[int, list[PairSegment]] = {}
     for path in files:
         coco = COCO(str(path))
-        names = {c["id"]: category_text(c["name"]) for c in coco.loadCats(coco.getCatIds())
-                 if c["name"] != COCO_STUFF_OTHER}
+        cats = coco.loadCats(coco.getCatIds())
+        names = {c["id"]: category_text(c["name"]) for c in cats if c["name"] != COCO_STUFF_OTHER}
+        skip = {c["id"] for c in cats if c["name"] == COCO_STUFF_OTHER}
         for img in coco.loadImgs(coco.getImgIds()):
             seen = image_info.setdefault(img["id"], (img, path))
             if _identity(seen[0]) != _identity(img):
@@ -117,11 +118,12 @@ def coco_pairs(annotations: Path | Sequence[Path], images: Path | None = None, c
                     f"{seen[1]} but {img['file_name']} ({img['width']}×{img['height']}) in {path}: "
                     "annotation files given together must describe the same images"
                 )
-            segments.setdefault(img["id"], []).extend(
-                PairSegment(a["segmentation"], (names[a["category_id"]],))
-                for a in coco.loadAnns(coco.getAnnIds(imgIds=img["id"], iscrowd=None))
-                if (include_crowd or not a.get("iscrowd", 0)) and a["category_id"] in names
-            )
+            for a in coco.loadAnns(coco.getAnnIds(imgIds=img["id"], iscrowd=None)):
+                if a["category_id"] in skip or (a.get("iscrowd", 0) and not include_crowd):
+                    continue
+                if a["category_id"] not in names:
+                    raise ValueError(f"{path}: annotation {a.get('id')} has category {a['category_id']}, not in its categories")
+                segments.setdefault(img["id"], []).append(PairSegment(a["segmentation"], (names[a["category_id"]],)))
     caps: dict[int, list[str]] = {}
     if captions is not None:
         for ann in json.loads(Path(captions).read_text())["annotations"]:
@@ -130,7 +132,7 @@ def coco_pairs(annotations: Path | Sequence[Path], images: Path | None = None, c
     for image_id in sorted(image_info):
         img = image_info[image_id][0]
         h, w = int(img["height"]), int(img["width"])
-        segs = segments[image_id]
+        segs = segments.get(image_id, [])
         if caps.get(img["id"]):
             whole = {"size": [h, w], "counts": [0, h * w]}  # uncompressed RLE of the full image
             segs.append(PairSegment(whole, _clean(caps[img["id"]])))
