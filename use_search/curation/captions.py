@@ -103,15 +103,13 @@ def prompt_style(model: Any, processor: Any) -> PromptStyle:
     """
     if callable(getattr(model, "build_conversation_input_ids", None)):
         return "conversation"
-    if getattr(processor, "chat_template", None):
-        return "chat"
     if getattr(processor, "image_processor", None) is None:
         raise ValueError(
             f"the MLLM's processor ({type(processor).__name__}) takes no images and the model "
             f"({type(model).__name__}) builds no image inputs of its own: give its image processor "
             "(--mllm-processor) or a model that has one"
         )
-    return "plain"
+    return "chat" if getattr(processor, "chat_template", None) else "plain"
 
 
 class MLLMCaptioner:
