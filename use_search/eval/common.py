@@ -1,4 +1,4 @@
-"""Shared pieces of the eval commands: class lists, label files, the per-image voting step."""
+"""Shared pieces of the eval commands: class lists, label files, timing."""
 
 from __future__ import annotations
 
@@ -68,13 +68,3 @@ class Timer:
 
 def nan_to_none(x: float) -> float | None:
     return None if x is None or (isinstance(x, float) and np.isnan(x)) else float(x)
-
-
-def read_templates(path: Path) -> list[str]:
-    """Prompt templates, one per line, each with one ``{}`` for the class name (e.g. ``a photo of a {}.``)."""
-    lines = [s.strip() for s in Path(path).read_text(encoding="utf-8").splitlines()]
-    templates = [s for s in lines if s and not s.startswith("#")]
-    bad = [t for t in templates if t.count("{}") != 1]
-    if not templates or bad:
-        raise ValueError(f"{path}: every template needs exactly one {{}} for the class name; bad: {bad[:3]}")
-    return templates
