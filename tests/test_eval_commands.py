@@ -17,6 +17,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from use_search.config import VotingSettings
 from use_search.eval import (
     PartsDataset,
     RetrievalDataset,
@@ -267,12 +268,14 @@ def tiny(tmp_path_factory):
 def test_tiny_preset_all_three_evals_run(data, tiny, tmp_path):
     root = data["root"]
     segmenter, embedder = tiny
-    sem = evaluate_semseg(SemsegDataset.from_folders(root / "images", root / "labels", root / "classes.txt"), segmenter, embedder)
+    fast = VotingSettings(templates="train4")  # 80 templates × 100+ classes is seconds of tiny text tower
+    sem = evaluate_semseg(SemsegDataset.from_folders(root / "images", root / "labels", root / "classes.txt"),
+                          segmenter, embedder, voting=fast)
     assert sem.images == 2 and sem.segments >= 2 and 0 <= sem.scores.pacc <= 100
     assert set(sem.stage_seconds) >= {"text", "decode", "masks", "embed", "vote", "score"}
     json.dumps(sem.to_json())
 
-    parts = evaluate_parts(PartsDataset.load(root / "images", root / "instances.json"), segmenter, embedder)
+    parts = evaluate_parts(PartsDataset.load(root / "images", root / "instances.json"), segmenter, embedder, voting=fast)
     assert parts.images == 2 and parts.segments >= 2 and (parts.ap.n_detections == 0 or 0 <= parts.map <= 100)
     json.dumps(parts.to_json())
 
@@ -284,7 +287,8 @@ def test_tiny_preset_all_three_evals_run(data, tiny, tmp_path):
 
 
 def test_class_lists_templates_and_background(tmp_path):
-    from use_search.eval.common import read_class_list, read_templates
+    from use_search.eval.common import read_class_list
+    from use_search.model.text import TRAINING_TEMPLATES, template_set
     from use_search.eval.parts import COCO_STUFF_CLASSES, PARTIMAGENET_SUPERCATEGORIES, default_background_classes
 
     (tmp_path / "c.txt").write_text("# ADE\nwall\n\nbuilding, edifice\n")
@@ -292,11 +296,18 @@ def test_class_lists_templates_and_background(tmp_path):
     (tmp_path / "d.txt").write_text("wall\nwall\n")
     with pytest.raises(ValueError, match="repeats"):
         read_class_list(tmp_path / "d.txt")
-    (tmp_path / "t.txt").write_text("a photo of a {}.\nthere is a {} in the scene\n")
-    assert read_templates(tmp_path / "t.txt")[1] == "there is a {} in the scene"
+    (tmp_path / "t.txt").write_text("# mine\na photo of a {}.\nthere is a {} in the scene\n")
+    assert template_set(tmp_path / "t.txt") == ("a photo of a {}.", "there is a {} in the scene")
     (tmp_path / "u.txt").write_text("no placeholder\n")
     with pytest.raises(ValueError, match="exactly one"):
-        read_templates(tmp_path / "u.txt")
+        template_set(str(tmp_path / "u.txt"))
+    with pytest.raises(ValueError, match="neither a named set"):
+        template_set("clip-s4")  # not shipped: its set could not be identified
+    assert template_set("train4") == TRAINING_TEMPLATES == (
+        "a photo of {}", "This is a photo of {}", "There is {} in the scene", "a photo of {} in the scene")
+    imagenet = template_set("imagenet80")
+    assert len(imagenet) == len(set(imagenet)) == 80 and all(t.count("{}") == 1 for t in imagenet)
+    assert imagenet[:2] == ("a bad photo of a {}.", "a photo of many {}.") and "a photo of the {}." in imagenet
     assert len(COCO_STUFF_CLASSES) == len(set(COCO_STUFF_CLASSES)) == 91
     cats = [{"id": i, "name": f"{s} part", "supercategory": s} for i, s in enumerate(PARTIMAGENET_SUPERCATEGORIES * 2)]
     assert default_background_classes(cats) == list(COCO_STUFF_CLASSES) + list(PARTIMAGENET_SUPERCATEGORIES)
