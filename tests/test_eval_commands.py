@@ -174,7 +174,9 @@ def test_semseg_perfect_pipeline_scores_100(data, tmp_path):
     assert result.scores.miou == 100.0 and result.scores.pacc == 100.0 and result.scores.macc == 100.0
     present = {int(c) for c in np.unique(np.asarray(Image.open(root / "labels" / "voc.png")))} | {8}
     assert {i for i, v in enumerate(result.scores.iou) if not np.isnan(v)} == present
-    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["chelsea.png", "voc.png"]
+    # Predictions keep the images' relative paths (two "x.png" in different folders do not collide).
+    assert sorted(str(p.relative_to(tmp_path / "pred")) for p in (tmp_path / "pred").rglob("*.png")) == ["sub/chelsea.png", "voc.png"]
+    assert [r["image"] for r in result.to_json()["per_image"]] == ["sub/chelsea.png", "voc.png"]
     out = result.to_json()
     assert out["mIoU"] == 100.0 and len(out["per_class"]) == 21 and out["per_class"][1]["IoU"] is None
 
@@ -182,6 +184,23 @@ def test_semseg_perfect_pipeline_scores_100(data, tmp_path):
     ds0 = SemsegDataset.from_folders(root / "images", root / "labels", data["names"][1:], reduce_zero_label=True)
     r0 = evaluate_semseg(ds0, OracleSegmenter(data["semantic"]), OracleEmbedder(data["names"], data["truth"]))
     assert r0.scores.miou == 100.0 and r0.scores.gt_pixels.sum() < result.scores.gt_pixels.sum()
+
+
+def test_semseg_16bit_tiff_labels_with_65535_ignored(data, tmp_path):
+    """ADE-847 / PC-459 layout (detectron2 scripts): uint16 TIFF labels, 65535 = ignore."""
+    root = data["root"]
+    for src in (root / "labels").rglob("*.png"):
+        lab = np.asarray(Image.open(src)).astype(np.uint16)
+        lab[lab == 255] = 65535
+        dest = tmp_path / "labels" / src.relative_to(root / "labels").with_suffix(".tif")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(lab).save(dest)
+    ds = SemsegDataset.from_folders(root / "images", tmp_path / "labels", root / "classes.txt", ignore_index=65535)
+    r = evaluate_semseg(ds, OracleSegmenter(data["semantic"]), OracleEmbedder(data["names"], data["truth"]))
+    ref = evaluate_semseg(SemsegDataset.from_folders(root / "images", root / "labels", root / "classes.txt"),
+                          OracleSegmenter(data["semantic"]), OracleEmbedder(data["names"], data["truth"]))
+    assert r.scores.miou == 100.0 and (r.scores.gt_pixels == ref.scores.gt_pixels).all()
+    assert r.to_json()["per_image"][0]["unlabeled_pixels"] == 0
 
 
 def test_semseg_missing_label_is_an_error(data, tmp_path):

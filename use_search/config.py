@@ -66,7 +66,7 @@ class WeightedModel(BaseModel):
     on the command line and in TOML / env lists; the weight defaults to 1."""
 
     path: Path
-    weight: float = Field(default=1.0, gt=0)
+    weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -99,10 +99,18 @@ class VotingSettings(BaseModel):
     models: list[WeightedModel] = []
     combine: Literal["mean", "geometric"] = "mean"  # Σ wᵢpᵢ/Σ wᵢ, or OVSeg's Π pᵢ^(wᵢ/Σ w) renormalised
     templates: str = "imagenet80"  # a named set (train4, imagenet80) or a file, one template per line
-    logit_scale: float | None = Field(default=None, gt=0)  # None: each model's training scale (CLIP: 100)
+    logit_scale: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # None: each model's training scale (CLIP: 100)
     # Pixels no segment covers: "nearest" labelled pixel, a low-weight whole-"image" voter, or "none".
     fallback: Literal["nearest", "image", "none"] = "nearest"
-    fallback_weight: float = Field(default=0.05, gt=0)  # the whole-image voter's weight ("image")
+    fallback_weight: float = Field(default=0.05, gt=0, allow_inf_nan=False)  # the whole-image voter's weight ("image")
+
+    @field_validator("models", mode="after")
+    @classmethod
+    def _distinct(cls, v: list[WeightedModel]) -> list[WeightedModel]:
+        paths = [m.path.expanduser().absolute() for m in v]
+        if len(set(paths)) != len(paths):
+            raise ValueError("an ensemble lists the same checkpoint twice: give each once, with its weight")
+        return v
 
 
 class StoreSettings(BaseModel):

@@ -24,6 +24,8 @@ def read_class_list(path: Path) -> list[str]:
 
     A line ``3: wall`` or ``3 wall``-style index prefix is *not* parsed: line order is the label index
     (line 1 → label 0), which is how ADE-150 / PC-59 class files are usually written."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"class list not found: {path} (a text file, one class name per line)")
     names = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         s = line.strip()

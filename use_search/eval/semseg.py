@@ -47,6 +47,7 @@ class SemsegDataset:
     classes: list[str]
     ignore_index: int = 255
     reduce_zero_label: bool = False
+    images_root: Path | None = None  # predictions are saved under their path relative to it
 
     @classmethod
     def from_folders(
@@ -78,7 +79,14 @@ class SemsegDataset:
             raise FileNotFoundError(f"no images under {images}")
         if limit is not None:
             pairs = pairs[:limit]
-        return cls(pairs, names, ignore_index, reduce_zero_label)
+        return cls(pairs, names, ignore_index, reduce_zero_label, images.absolute())
+
+    def relative(self, image: Path) -> Path:
+        """The image's path under ``images_root`` (its name alone when outside it or unknown)."""
+        try:
+            return Path(image).absolute().relative_to(self.images_root) if self.images_root else Path(Path(image).name)
+        except ValueError:
+            return Path(Path(image).name)
 
     def load_label(self, path: Path) -> np.ndarray:
         lab = read_label_map(path)
@@ -171,14 +179,16 @@ def evaluate_semseg(
         )
         n_segments += votes.segments
         per_image.append({
-            "image": str(img_path), "segments": votes.segments,
+            "image": str(dataset.relative(img_path)), "segments": votes.segments,
             "uncovered_pixels": votes.uncovered_pixels, "unlabeled_pixels": votes.unlabeled_pixels,
         })
         t = time.perf_counter()
         cm.update(votes.labels, gt)
         timer.add("score", t)
         if save_dir is not None:
-            (save_dir / f"{img_path.stem}.png").write_bytes(label_png(votes.labels))
+            dest = save_dir / dataset.relative(img_path).with_suffix(".png")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(label_png(votes.labels))
         if on_image:
             on_image(i + 1, len(dataset.pairs), img_path.name)
     settings = {

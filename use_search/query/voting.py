@@ -239,9 +239,6 @@ def load_ensemble(settings: "Settings", default: Embedder | None = None) -> Ense
     v = settings.voting
     if not v.models:
         return Ensemble([EnsembleMember(default or Runtime.from_settings(settings).embedder())], v.combine)
-    paths = [m.path.expanduser().resolve() for m in v.models]
-    if len(set(paths)) != len(paths):
-        raise ValueError("an ensemble lists the same checkpoint twice: give each once, with its weight")
     runtimes = [Runtime.from_settings(settings.model_copy(update={"use_checkpoint": m.path})) for m in v.models]
     for rt in runtimes:  # every missing file is named before any model loads
         rt.preflight(("clip",))
