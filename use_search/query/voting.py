@@ -14,17 +14,14 @@ from __future__ import annotations
 import io
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 from PIL import Image
 
-from use_search.config import VotingSettings
+from use_search.config import Settings, VotingSettings
 from use_search.model.base import Embedder
 from use_search.types import Segment, Segmenter
-
-if TYPE_CHECKING:
-    from use_search.config import Settings
 
 UNLABELED = -1
 UNLABELED_PNG = 255
@@ -231,7 +228,7 @@ class Ensemble:
         return out
 
 
-def load_ensemble(settings: "Settings", default: Embedder | None = None) -> Ensemble:
+def load_ensemble(settings: Settings, default: Embedder | None = None) -> Ensemble:
     """The voting models of ``settings.voting.models`` (each USE checkpoint loaded once, on the
     settings' device), or, when none are listed, ``default`` / the one configured embedder."""
     from use_search.factory import Runtime
