@@ -17,6 +17,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from use_search.config import VotingSettings
 from use_search.eval import (
     PartsDataset,
     RetrievalDataset,
@@ -173,7 +174,9 @@ def test_semseg_perfect_pipeline_scores_100(data, tmp_path):
     assert result.scores.miou == 100.0 and result.scores.pacc == 100.0 and result.scores.macc == 100.0
     present = {int(c) for c in np.unique(np.asarray(Image.open(root / "labels" / "voc.png")))} | {8}
     assert {i for i, v in enumerate(result.scores.iou) if not np.isnan(v)} == present
-    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["chelsea.png", "voc.png"]
+    # Predictions keep the images' relative paths (two "x.png" in different folders do not collide).
+    assert sorted(str(p.relative_to(tmp_path / "pred")) for p in (tmp_path / "pred").rglob("*.png")) == ["sub/chelsea.png", "voc.png"]
+    assert [r["image"] for r in result.to_json()["per_image"]] == ["sub/chelsea.png", "voc.png"]
     out = result.to_json()
     assert out["mIoU"] == 100.0 and len(out["per_class"]) == 21 and out["per_class"][1]["IoU"] is None
 
@@ -181,6 +184,23 @@ def test_semseg_perfect_pipeline_scores_100(data, tmp_path):
     ds0 = SemsegDataset.from_folders(root / "images", root / "labels", data["names"][1:], reduce_zero_label=True)
     r0 = evaluate_semseg(ds0, OracleSegmenter(data["semantic"]), OracleEmbedder(data["names"], data["truth"]))
     assert r0.scores.miou == 100.0 and r0.scores.gt_pixels.sum() < result.scores.gt_pixels.sum()
+
+
+def test_semseg_16bit_tiff_labels_with_65535_ignored(data, tmp_path):
+    """ADE-847 / PC-459 layout (detectron2 scripts): uint16 TIFF labels, 65535 = ignore."""
+    root = data["root"]
+    for src in (root / "labels").rglob("*.png"):
+        lab = np.asarray(Image.open(src)).astype(np.uint16)
+        lab[lab == 255] = 65535
+        dest = tmp_path / "labels" / src.relative_to(root / "labels").with_suffix(".tif")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(lab).save(dest)
+    ds = SemsegDataset.from_folders(root / "images", tmp_path / "labels", root / "classes.txt", ignore_index=65535)
+    r = evaluate_semseg(ds, OracleSegmenter(data["semantic"]), OracleEmbedder(data["names"], data["truth"]))
+    ref = evaluate_semseg(SemsegDataset.from_folders(root / "images", root / "labels", root / "classes.txt"),
+                          OracleSegmenter(data["semantic"]), OracleEmbedder(data["names"], data["truth"]))
+    assert r.scores.miou == 100.0 and (r.scores.gt_pixels == ref.scores.gt_pixels).all()
+    assert r.to_json()["per_image"][0]["unlabeled_pixels"] == 0
 
 
 def test_semseg_missing_label_is_an_error(data, tmp_path):
@@ -267,12 +287,14 @@ def tiny(tmp_path_factory):
 def test_tiny_preset_all_three_evals_run(data, tiny, tmp_path):
     root = data["root"]
     segmenter, embedder = tiny
-    sem = evaluate_semseg(SemsegDataset.from_folders(root / "images", root / "labels", root / "classes.txt"), segmenter, embedder)
+    fast = VotingSettings(templates="train4")  # 80 templates × 100+ classes is seconds of tiny text tower
+    sem = evaluate_semseg(SemsegDataset.from_folders(root / "images", root / "labels", root / "classes.txt"),
+                          segmenter, embedder, voting=fast)
     assert sem.images == 2 and sem.segments >= 2 and 0 <= sem.scores.pacc <= 100
     assert set(sem.stage_seconds) >= {"text", "decode", "masks", "embed", "vote", "score"}
     json.dumps(sem.to_json())
 
-    parts = evaluate_parts(PartsDataset.load(root / "images", root / "instances.json"), segmenter, embedder)
+    parts = evaluate_parts(PartsDataset.load(root / "images", root / "instances.json"), segmenter, embedder, voting=fast)
     assert parts.images == 2 and parts.segments >= 2 and (parts.ap.n_detections == 0 or 0 <= parts.map <= 100)
     json.dumps(parts.to_json())
 
@@ -284,7 +306,8 @@ def test_tiny_preset_all_three_evals_run(data, tiny, tmp_path):
 
 
 def test_class_lists_templates_and_background(tmp_path):
-    from use_search.eval.common import read_class_list, read_templates
+    from use_search.eval.common import read_class_list
+    from use_search.model.text import TRAINING_TEMPLATES, template_set
     from use_search.eval.parts import COCO_STUFF_CLASSES, PARTIMAGENET_SUPERCATEGORIES, default_background_classes
 
     (tmp_path / "c.txt").write_text("# ADE\nwall\n\nbuilding, edifice\n")
@@ -292,11 +315,18 @@ def test_class_lists_templates_and_background(tmp_path):
     (tmp_path / "d.txt").write_text("wall\nwall\n")
     with pytest.raises(ValueError, match="repeats"):
         read_class_list(tmp_path / "d.txt")
-    (tmp_path / "t.txt").write_text("a photo of a {}.\nthere is a {} in the scene\n")
-    assert read_templates(tmp_path / "t.txt")[1] == "there is a {} in the scene"
+    (tmp_path / "t.txt").write_text("# mine\na photo of a {}.\nthere is a {} in the scene\n")
+    assert template_set(tmp_path / "t.txt") == ("a photo of a {}.", "there is a {} in the scene")
     (tmp_path / "u.txt").write_text("no placeholder\n")
     with pytest.raises(ValueError, match="exactly one"):
-        read_templates(tmp_path / "u.txt")
+        template_set(str(tmp_path / "u.txt"))
+    with pytest.raises(ValueError, match="neither a named set"):
+        template_set("clip-s4")  # not shipped: its set could not be identified
+    assert template_set("train4") == TRAINING_TEMPLATES == (
+        "a photo of {}", "This is a photo of {}", "There is {} in the scene", "a photo of {} in the scene")
+    imagenet = template_set("imagenet80")
+    assert len(imagenet) == len(set(imagenet)) == 80 and all(t.count("{}") == 1 for t in imagenet)
+    assert imagenet[:2] == ("a bad photo of a {}.", "a photo of many {}.") and "a photo of the {}." in imagenet
     assert len(COCO_STUFF_CLASSES) == len(set(COCO_STUFF_CLASSES)) == 91
     cats = [{"id": i, "name": f"{s} part", "supercategory": s} for i, s in enumerate(PARTIMAGENET_SUPERCATEGORIES * 2)]
     assert default_background_classes(cats) == list(COCO_STUFF_CLASSES) + list(PARTIMAGENET_SUPERCATEGORIES)

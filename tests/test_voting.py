@@ -1,30 +1,36 @@
-"""Voting (paper §4.3): equals a direct per-pixel numpy reference; uncovered pixels are unlabeled."""
+"""Voting (paper §4.3): equals a direct per-pixel numpy reference; the fallbacks for pixels no segment
+covers (nearest labelled pixel, a whole-image voter, none) against brute-force references."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from use_search.config import VotingSettings
+from use_search.masks import mask_bbox
 from use_search.query.voting import (
     UNLABELED,
     class_probabilities,
+    fill_nearest,
     label_png,
+    predict_labels,
     read_label_png,
     semantic_segmentation,
     vote,
 )
+from use_search.types import Segment
 
 
-def reference_vote(masks: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """The paper's rule written pixel by pixel, no vectorisation."""
+def reference_vote(masks: np.ndarray, probs: np.ndarray, prior: np.ndarray | None = None) -> np.ndarray:
+    """The paper's rule written pixel by pixel, no vectorisation (``prior``: a voter on every pixel)."""
     n, h, w = masks.shape
     out = np.full((h, w), UNLABELED, dtype=np.int64)
     for y in range(h):
         for x in range(w):
             covering = [i for i in range(n) if masks[i, y, x]]
-            if not covering:
+            if not covering and prior is None:
                 continue
-            total = np.zeros(probs.shape[1])
+            total = np.zeros(probs.shape[1]) if prior is None else prior.astype(np.float64).copy()
             for i in covering:
                 total += probs[i]
             out[y, x] = int(np.argmax(total))
@@ -99,15 +105,114 @@ def test_semantic_segmentation_tiny_preset_on_photo(photos, tiny_settings):
     segmenter, embedder = rt.segmenter(), rt.embedder()
     pixels = read_image(photos["chelsea"], 10**8).pixels
     classes = ["cat", "grass", "sky"]
-    labels, masks = semantic_segmentation(pixels, classes, segmenter, embedder)
+    bare = VotingSettings(fallback="none", templates="train4")
+    labels, masks = semantic_segmentation(pixels, classes, segmenter, embedder, bare)
     assert labels.shape == pixels.shape[:2]
     assert set(np.unique(labels)) <= {UNLABELED, 0, 1, 2}
     assert list(masks) == classes
     for i, name in enumerate(classes):
         assert masks[name].shape == labels.shape
         np.testing.assert_array_equal(masks[name], labels == i)
-    # Same rule as vote() on the segmenter's own masks.
+    # Same rule as vote() on the segmenter's own masks: without a fallback, uncovered pixels stay unlabeled.
     segments = segmenter.segment(pixels)
     assert segments
     covered = np.stack([s.mask for s in segments]).any(0)
+    assert not covered.all()  # the tiny SAM leaves gaps, so the fallback has work to do
     np.testing.assert_array_equal(labels != UNLABELED, covered)
+    # The default fallback (nearest labelled pixel) keeps every covered pixel and fills the rest.
+    filled, _ = semantic_segmentation(pixels, classes, segmenter, embedder, VotingSettings(templates="train4"))
+    np.testing.assert_array_equal(filled[covered], labels[covered])
+    assert (filled != UNLABELED).all()
+    np.testing.assert_array_equal(filled, fill_nearest(labels))
+
+
+def reference_nearest(labels: np.ndarray) -> np.ndarray:
+    """Brute force: every unlabeled pixel takes the label of a labelled pixel at the least Euclidean
+    distance; where several are equally near, any of their labels is right, so report the set."""
+    out = labels.copy()
+    ys, xs = np.nonzero(labels >= 0)
+    for y, x in zip(*np.nonzero(labels < 0)):
+        d = (ys - y) ** 2 + (xs - x) ** 2
+        nearest = set(labels[ys[d == d.min()], xs[d == d.min()]].tolist())
+        out[y, x] = min(nearest) if len(nearest) == 1 else -2 - len(nearest)  # -2-k: a tie, k labels
+    return out
+
+
+def test_fill_nearest_matches_brute_force():
+    rng = np.random.default_rng(3)
+    labels = np.full((19, 23), UNLABELED, np.int32)
+    for k in range(5):  # five labelled blobs of random rectangles
+        y, x = rng.integers(0, 16), rng.integers(0, 20)
+        labels[y : y + rng.integers(1, 5), x : x + rng.integers(1, 5)] = k
+    filled = fill_nearest(labels)
+    ref = reference_nearest(labels)
+    assert (filled >= 0).all()
+    exact = ref >= 0
+    np.testing.assert_array_equal(filled[exact], ref[exact])
+    for y, x in zip(*np.nonzero(~exact)):  # ties: the label is one of the equally near ones
+        ys, xs = np.nonzero(labels >= 0)
+        d = (ys - y) ** 2 + (xs - x) ** 2
+        assert filled[y, x] in set(labels[ys[d == d.min()], xs[d == d.min()]].tolist())
+    assert (fill_nearest(np.full((3, 3), UNLABELED)) == UNLABELED).all()  # nothing to copy from
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_vote_with_a_prior_matches_reference(seed):
+    rng = np.random.default_rng(seed)
+    n, c, h, w = 5, 4, 11, 9
+    masks = rng.random((n, h, w)) < 0.2
+    probs = rng.dirichlet(np.ones(c), size=n).astype(np.float32)
+    prior = (0.05 * rng.dirichlet(np.ones(c))).astype(np.float32)
+    labels = vote(masks, probs, prior)
+    np.testing.assert_array_equal(labels, reference_vote(masks, probs, prior))
+    assert (labels != UNLABELED).all()
+    np.testing.assert_array_equal(labels[~masks.any(0)], int(prior.argmax()))
+    # No segment at all: the prior labels everything.
+    assert (vote(np.zeros((0, h, w), bool), np.zeros((0, c)), prior) == int(prior.argmax())).all()
+
+
+class FixedSegmenter:
+    """A segmenter whose masks are given (SAM's are random on the tiny preset)."""
+
+    def __init__(self, masks: list[np.ndarray]) -> None:
+        self.masks = masks
+
+    def segment(self, image: np.ndarray) -> list[Segment]:
+        return [Segment(mask=m, bbox=mask_bbox(m), area=int(m.sum())) for m in self.masks]
+
+
+def test_predict_labels_fallbacks_on_a_hand_example(photos, tiny_settings):
+    """Two segments leaving a gap; the real tiny embedder. none: the gap is unlabeled; nearest: filled
+    from its neighbours; image: the whole image is one more segment voting with weight w everywhere."""
+    from use_search.factory import Runtime
+    from use_search.indexer import read_image
+
+    embedder = Runtime.from_settings(tiny_settings).embedder()
+    pixels = read_image(photos["chelsea"], 10**8).pixels[:40, :50]
+    a = np.zeros((40, 50), bool)
+    a[:, :20] = True
+    b = np.zeros((40, 50), bool)
+    b[5:30, 15:35] = True  # overlaps a on columns 15-19; columns 35-49 are covered by neither
+    seg = FixedSegmenter([a, b])
+    classes = ["cat", "grass", "sky", "wall"]
+    cv = embedder.embed_texts(classes)
+    segs = seg.segment(pixels)
+    p = class_probabilities(embedder.embed_segments(pixels, segs), cv, 100.0)
+
+    none = predict_labels(pixels, seg, embedder, cv, fallback="none")
+    np.testing.assert_array_equal(none.labels, reference_vote(np.stack([a, b]), p))
+    assert none.segments == 2 and none.uncovered_pixels == none.unlabeled_pixels == int((~(a | b)).sum())
+
+    nearest = predict_labels(pixels, seg, embedder, cv, fallback="nearest")
+    assert nearest.unlabeled_pixels == 0 and nearest.uncovered_pixels == none.uncovered_pixels
+    np.testing.assert_array_equal(nearest.labels, fill_nearest(none.labels))
+
+    w = 0.05
+    image = predict_labels(pixels, seg, embedder, cv, fallback="image", fallback_weight=w)
+    whole = Segment(mask=np.ones((40, 50), bool), bbox=(0, 0, 50, 40), area=2000)
+    p_img = class_probabilities(embedder.embed_segments(pixels, [whole]), cv, 100.0)[0]
+    np.testing.assert_array_equal(image.labels, reference_vote(np.stack([a, b]), p, w * p_img))
+    assert image.unlabeled_pixels == 0 and (image.labels[~(a | b)] == p_img.argmax()).all()
+
+    with pytest.raises(ValueError, match="unknown fallback"):
+        predict_labels(pixels, seg, embedder, cv, fallback="zeros")

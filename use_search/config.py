@@ -61,6 +61,58 @@ class BoxPromptSettings(BaseModel):
     min_island_area: int = 100  # drop islands smaller than this (pixels)
 
 
+class WeightedModel(BaseModel):
+    """One USE checkpoint of a voting ensemble and its weight (paper A.2). Written ``PATH[:WEIGHT]``
+    on the command line and in TOML / env lists; the weight defaults to 1."""
+
+    path: Path
+    weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_spec(cls, v: object) -> object:
+        if isinstance(v, (str, Path)):
+            return cls.parse_spec(str(v))
+        return v
+
+    @staticmethod
+    def parse_spec(spec: str) -> dict[str, object]:
+        """``PATH[:WEIGHT]``: the text after the last ``:`` is a weight only when it reads as a number
+        and the whole text is not an existing file (so ``C:\\m.safetensors`` or ``a:b`` stay paths)."""
+        spec = spec.strip()
+        head, sep, tail = spec.rpartition(":")
+        if sep and head and not Path(spec).expanduser().exists():
+            try:
+                return {"path": Path(head).expanduser(), "weight": float(tail)}
+            except ValueError:
+                pass
+        return {"path": Path(spec).expanduser()}
+
+
+class VotingSettings(BaseModel):
+    """Semantic segmentation by voting (paper §4.3): ``segment``, ``eval semseg|parts`` and HTTP
+    ``/segment``. Indexing and search use one model (``use_checkpoint``): a store holds one vector space."""
+
+    # Several USE checkpoints whose class probabilities are combined per segment before the vote
+    # (A.2: curated-data model 1, COCO-ground-truth model 0.7 on PC-59, 0.25 elsewhere).
+    # Empty: the one configured model (``use_checkpoint``, else crop-CLIP).
+    models: list[WeightedModel] = []
+    combine: Literal["mean", "geometric"] = "mean"  # Σ wᵢpᵢ/Σ wᵢ, or OVSeg's Π pᵢ^(wᵢ/Σ w) renormalised
+    templates: str = "imagenet80"  # a named set (train4, imagenet80) or a file, one template per line
+    logit_scale: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # None: each model's training scale (CLIP: 100)
+    # Pixels no segment covers: "nearest" labelled pixel, a low-weight whole-"image" voter, or "none".
+    fallback: Literal["nearest", "image", "none"] = "nearest"
+    fallback_weight: float = Field(default=0.05, gt=0, allow_inf_nan=False)  # the whole-image voter's weight ("image")
+
+    @field_validator("models", mode="after")
+    @classmethod
+    def _distinct(cls, v: list[WeightedModel]) -> list[WeightedModel]:
+        paths = [m.path.expanduser().absolute() for m in v]
+        if len(set(paths)) != len(paths):
+            raise ValueError("an ensemble lists the same checkpoint twice: give each once, with its weight")
+        return v
+
+
 class StoreSettings(BaseModel):
     backend: Literal["embedded", "server"] = "embedded"
     path: Path | None = None  # embedded store folder; default <data_dir>/store
@@ -105,6 +157,7 @@ class Settings(BaseSettings):
     amg: AutoMaskSettings = AutoMaskSettings()
     box: BoxPromptSettings = BoxPromptSettings()
     store: StoreSettings = StoreSettings()
+    voting: VotingSettings = VotingSettings()
 
     @field_validator("data_dir", "weights_dir", mode="after")
     @classmethod

@@ -226,37 +226,94 @@ def serve(
     run_server(state.settings, host, port)
 
 
+# Options shared by `segment` and `eval semseg|parts` (semantic segmentation by voting, §4.3, A.2).
+MODELS_HELP = (
+    "USE checkpoint PATH[:WEIGHT]; repeat it for an ensemble whose per-segment class probabilities are "
+    "combined with the weights before voting (paper A.2: curated-data model 1, COCO-ground-truth model 0.7 "
+    "on PC-59, 0.25 elsewhere). Given here it replaces the global --model for this command; index and query "
+    "always use the one global --model (a store holds one vector space). Default: the global --model, else crop-CLIP."
+)
+
+
+def _voting_settings(
+    models: Optional[list[str]], combine: Optional[str], templates: Optional[str], logit_scale: Optional[float],
+    fallback: Optional[str], fallback_weight: Optional[float], points_per_side: Optional[int],
+    pred_iou_thresh: Optional[float], stability_thresh: Optional[float],
+) -> Settings:
+    """``state.settings`` with the voting and automatic-mask flags applied (validated by the settings model)."""
+    s = state.settings
+    voting = {k: v for k, v in dict(
+        models=models or None, combine=combine, templates=templates, logit_scale=logit_scale, fallback=fallback,
+        fallback_weight=fallback_weight,
+    ).items() if v is not None}
+    amg = {k: v for k, v in dict(
+        points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_thresh,
+    ).items() if v is not None}
+    return Settings.model_validate({
+        **s.model_dump(), "voting": {**s.voting.model_dump(), **voting}, "amg": {**s.amg.model_dump(), **amg},
+    })
+
+
+def _voting_models(settings: Settings):  # type: ignore[no-untyped-def]
+    """The SAM segmenter and the voting ensemble; says which models vote with which weight and scale."""
+    from use_search.factory import Runtime
+    from use_search.query.voting import load_ensemble
+
+    rt = Runtime.from_settings(settings)
+    rt.preflight(("sam",))
+    ensemble = load_ensemble(settings)
+    banner(ensemble.untrained)
+    for m in ensemble.describe():
+        err.print(f"model {m['model']}  weight {m['weight']:g}  softmax scale {m['logit_scale']:g}", highlight=False)
+    return rt.segmenter(), ensemble
+
+
+def _amg_json(segmenter) -> dict:  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    return {**dataclasses.asdict(segmenter.params), "engine": type(segmenter).__name__}
+
+
 @app.command()
 def segment(
     image: Path = typer.Argument(..., help="The image to label."),
     classes: str = typer.Option(..., "--classes", "-c", help="Comma-separated class names, e.g. cat,grass,sky."),
     out_path: Path = typer.Option(Path("labels.png"), "--out", "-o", help="Label PNG: pixel = class index, 255 = unlabeled."),
-    logit_scale: float = typer.Option(100.0, "--logit-scale", help="Softmax scale on cosine similarities."),
+    models: Optional[list[str]] = typer.Option(None, "--model", "-m", help=MODELS_HELP),
+    combine: Optional[str] = typer.Option(None, "--combine", help="Ensemble combination: mean (Σ w·p / Σ w, default) or geometric (OVSeg's Π p^w)."),
+    templates: Optional[str] = typer.Option(None, "--templates", help="Class-name templates: train4, imagenet80 (default) or a file, one per line with {}."),
+    logit_scale: Optional[float] = typer.Option(None, "--logit-scale", help="Softmax scale on cosines (default: each model's training scale; crop-CLIP 100)."),
+    fallback: Optional[str] = typer.Option(None, "--fallback", help="Pixels no segment covers: nearest (default), image (a low-weight whole-image voter) or none."),
+    fallback_weight: Optional[float] = typer.Option(None, "--fallback-weight", help="Weight of the whole-image voter (--fallback image; default 0.05)."),
+    points_per_side: Optional[int] = typer.Option(None, "--points-per-side", min=1, help="SAM point grid side (default: the preset's; SAM's 32)."),
+    pred_iou_thresh: Optional[float] = typer.Option(None, "--pred-iou-thresh", min=0.0, max=1.0, help="SAM predicted-IoU filter (default: SAM's 0.88)."),
+    stability_thresh: Optional[float] = typer.Option(None, "--stability-thresh", min=0.0, max=1.0, help="SAM stability-score filter (default: SAM's 0.95)."),
 ) -> None:
-    """Semantic segmentation by voting (paper §4.3): SAM segments, softmax over classes, per-pixel sum."""
-    from use_search.factory import Runtime
+    """Semantic segmentation by voting (paper §4.3): SAM segments, softmax over classes (combined over
+    an ensemble of models, A.2), per-pixel sum."""
+    settings = _voting_settings(models, combine, templates, logit_scale, fallback, fallback_weight,
+                                points_per_side, pred_iou_thresh, stability_thresh)
     from use_search.indexer.read import ImageReadError, read_image
-    from use_search.query.voting import label_png, semantic_segmentation
+    from use_search.query.voting import check_class_names, label_png, segment_by_voting
 
-    names = [c.strip() for c in classes.split(",") if c.strip()]
-    rt = Runtime.from_settings(state.settings)
-    rt.preflight(("sam", "clip"))
-    embedder = rt.embedder()
-    banner(embedder.untrained)
+    names = check_class_names([c for c in classes.split(",") if c.strip()])
     try:
-        loaded = read_image(image, state.settings.max_image_pixels)
+        loaded = read_image(image, settings.max_image_pixels)
     except ImageReadError as e:
         raise ValueError(f"{image}: {e}") from None
-    labels, masks = semantic_segmentation(loaded.pixels, names, rt.segmenter(), embedder, logit_scale=logit_scale)
+    segmenter, ensemble = _voting_models(settings)
+    votes = segment_by_voting(loaded.pixels, names, segmenter, ensemble, settings.voting)
+    labels = votes.labels
     out_path.write_bytes(label_png(labels))
-    t = Table(title=f"{image.name}: {labels.shape[1]}×{labels.shape[0]}")
+    t = Table(title=f"{image.name}: {labels.shape[1]}×{labels.shape[0]}, {votes.segments} segments")
     for col, just in (("index", "right"), ("class", "left"), ("pixels", "right")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
-    for i, (name, m) in enumerate(masks.items()):
+    for i, (name, m) in enumerate(votes.masks(names).items()):
         t.add_row(str(i), name, str(int(m.sum())))
-    t.add_row("255", "(unlabeled)", str(int((labels < 0).sum())))
+    t.add_row("255", "(unlabeled)", str(votes.unlabeled_pixels))
     out.print(t)
-    err.print(f"labels written to {out_path}")
+    err.print(f"{votes.uncovered_pixels} pixels no segment covered (fallback: {settings.voting.fallback}); "
+              f"labels written to {out_path}", highlight=False)
 
 
 @curate_app.command("run")
@@ -518,33 +575,45 @@ def eval_semseg(
     images: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
     labels: Path = typer.Argument(..., help="Folder of label PNGs, same relative names as the images (pixel = class index)."),
     classes: Path = typer.Option(..., "--classes", "-c", help="Class list: one name per line, line i = label i."),
-    ignore_index: int = typer.Option(255, "--ignore-index", help="Label value left out of the scores."),
+    ignore_index: int = typer.Option(255, "--ignore-index", help="Label value left out of the scores (65535 for 16-bit TIFF labels)."),
     reduce_zero_label: bool = typer.Option(False, "--reduce-zero-label", help="ADE20K / PC-59 files: 0 = ignore, v → v-1."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images (sorted by path)."),
     save_preds: Optional[Path] = typer.Option(None, "--save-preds", help="Write predicted label PNGs here."),
-    logit_scale: float = typer.Option(100.0, "--logit-scale", help="Softmax scale on cosine similarities."),
-    templates: Optional[Path] = typer.Option(None, "--templates", help="Prompt templates, one per line with {} (default: the paper's 4)."),
+    models: Optional[list[str]] = typer.Option(None, "--model", "-m", help=MODELS_HELP),
+    combine: Optional[str] = typer.Option(None, "--combine", help="Ensemble combination: mean (Σ w·p / Σ w, default) or geometric (OVSeg's Π p^w)."),
+    templates: Optional[str] = typer.Option(None, "--templates", help="Class-name templates: train4, imagenet80 (default) or a file, one per line with {}."),
+    logit_scale: Optional[float] = typer.Option(None, "--logit-scale", help="Softmax scale on cosines (default: each model's training scale; crop-CLIP 100)."),
+    fallback: Optional[str] = typer.Option(None, "--fallback", help="Pixels no segment covers: nearest (default), image (a low-weight whole-image voter) or none (a miss)."),
+    fallback_weight: Optional[float] = typer.Option(None, "--fallback-weight", help="Weight of the whole-image voter (--fallback image; default 0.05)."),
+    points_per_side: Optional[int] = typer.Option(None, "--points-per-side", min=1, help="SAM point grid side (default: the preset's; SAM's 32)."),
+    pred_iou_thresh: Optional[float] = typer.Option(None, "--pred-iou-thresh", min=0.0, max=1.0, help="SAM predicted-IoU filter (default: SAM's 0.88)."),
+    stability_thresh: Optional[float] = typer.Option(None, "--stability-thresh", min=0.0, max=1.0, help="SAM stability-score filter (default: SAM's 0.95)."),
     per_class: bool = typer.Option(False, "--per-class", help="Also print the per-class table."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
     out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the results as JSON here."),
 ) -> None:
-    """mIoU / pAcc / mAcc of §4.3 voting over SAM segments on ADE20K / Pascal-Context-style data."""
+    """mIoU / pAcc / mAcc of §4.3 voting over SAM segments on ADE20K / Pascal-Context-style data.
+    Several --model PATH:WEIGHT vote as an ensemble (A.2)."""
+    settings = _voting_settings(models, combine, templates, logit_scale, fallback, fallback_weight,
+                                points_per_side, pred_iou_thresh, stability_thresh)
     from use_search.eval import SemsegDataset, evaluate_semseg
-    from use_search.eval.common import read_templates
+    from use_search.model.text import template_set
 
     ds = SemsegDataset.from_folders(images, labels, classes, ignore_index, reduce_zero_label, limit)
-    tpl = read_templates(templates) if templates else None
-    _, segmenter, embedder = _eval_models()
+    template_set(settings.voting.templates)  # a bad name or file fails before any model loads
+    segmenter, ensemble = _voting_models(settings)
     with _eval_progress("semseg") as bar:
         task = bar.add_task("semseg", total=len(ds.pairs), name="")
         result = evaluate_semseg(
-            ds, segmenter, embedder, templates=tpl, logit_scale=logit_scale, save_dir=save_preds,
-            max_image_pixels=state.settings.max_image_pixels,
+            ds, segmenter, ensemble, voting=settings.voting, save_dir=save_preds,
+            max_image_pixels=settings.max_image_pixels,
             on_image=lambda done, total, name: bar.update(task, completed=done, name=name),
         )
+    res = result.to_json()
+    res["settings"]["amg"] = _amg_json(segmenter)
     _eval_report(
-        result.to_json(), f"semseg: {len(ds.classes)} classes, {result.images} images",
-        ["mIoU", "pAcc", "mAcc", "images", "segments", "unlabeled_pixels", "seconds"],
+        res, f"semseg: {len(ds.classes)} classes, {result.images} images",
+        ["mIoU", "pAcc", "mAcc", "images", "segments", "uncovered_pixels", "unlabeled_pixels", "seconds"],
         ("per_class", ["class", "IoU", "Acc", "gt_pixels"]) if per_class else None, as_json, out_file,
     )
 
@@ -556,32 +625,43 @@ def eval_parts(
     background: Optional[Path] = typer.Option(None, "--background", help="Background class list, one per line "
                                               "(default: the 91 COCO-stuff classes + the parts' super-categories)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images (by id)."),
-    logit_scale: float = typer.Option(100.0, "--logit-scale", help="Softmax scale on cosine similarities."),
-    templates: Optional[Path] = typer.Option(None, "--templates", help="Prompt templates, one per line with {} (default: the paper's 4)."),
+    models: Optional[list[str]] = typer.Option(None, "--model", "-m", help=MODELS_HELP),
+    combine: Optional[str] = typer.Option(None, "--combine", help="Ensemble combination: mean (Σ w·p / Σ w, default) or geometric (OVSeg's Π p^w)."),
+    templates: Optional[str] = typer.Option(None, "--templates", help="Class-name templates: train4, imagenet80 (default) or a file, one per line with {}."),
+    logit_scale: Optional[float] = typer.Option(None, "--logit-scale", help="Softmax scale on cosines (default: each model's training scale; crop-CLIP 100)."),
+    points_per_side: Optional[int] = typer.Option(None, "--points-per-side", min=1, help="SAM point grid side (default: the preset's; SAM's 32)."),
+    pred_iou_thresh: Optional[float] = typer.Option(None, "--pred-iou-thresh", min=0.0, max=1.0, help="SAM predicted-IoU filter (default: SAM's 0.88)."),
+    stability_thresh: Optional[float] = typer.Option(None, "--stability-thresh", min=0.0, max=1.0, help="SAM stability-score filter (default: SAM's 0.95)."),
     per_class: bool = typer.Option(False, "--per-class", help="Also print the per-class AP table."),
     detections: Optional[Path] = typer.Option(None, "--detections", help="Write the scored detections (COCO results JSON) here."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
     out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the results as JSON here."),
 ) -> None:
-    """Mask mAP@[.5:.95] (COCOeval) of the SAM segments whose top class is a part (§4.4)."""
+    """Mask mAP@[.5:.95] (COCOeval) of the SAM segments whose top class is a part (§4.4).
+    Several --model PATH:WEIGHT vote as an ensemble (A.2)."""
+    settings = _voting_settings(models, combine, templates, logit_scale, None, None,
+                                points_per_side, pred_iou_thresh, stability_thresh)
     from use_search.eval import PartsDataset, evaluate_parts
-    from use_search.eval.common import read_class_list, read_templates
+    from use_search.eval.common import read_class_list
+    from use_search.model.text import template_set
 
     ds = PartsDataset.load(images, annotations, limit)
     bg = read_class_list(background) if background else None
-    tpl = read_templates(templates) if templates else None
-    _, segmenter, embedder = _eval_models()
+    template_set(settings.voting.templates)  # a bad name or file fails before any model loads
+    segmenter, ensemble = _voting_models(settings)
     with _eval_progress("parts") as bar:
         task = bar.add_task("parts", total=len(ds.img_ids), name="")
         result = evaluate_parts(
-            ds, segmenter, embedder, background=bg, templates=tpl, logit_scale=logit_scale,
-            max_image_pixels=state.settings.max_image_pixels,
+            ds, segmenter, ensemble, background=bg, voting=settings.voting,
+            max_image_pixels=settings.max_image_pixels,
             on_image=lambda done, total, name: bar.update(task, completed=done, name=name),
         )
     if detections:
         detections.write_text(json.dumps(result.detections))
+    res = result.to_json()
+    res["settings"]["amg"] = _amg_json(segmenter)
     _eval_report(
-        result.to_json(), f"parts: {len(result.part_names)} part + {len(result.background)} background classes",
+        res, f"parts: {len(result.part_names)} part + {len(result.background)} background classes",
         ["mAP", "AP50", "AP75", "images", "segments", "detections", "seconds"],
         ("per_class", ["category_id", "class", "AP"]) if per_class else None, as_json, out_file,
     )

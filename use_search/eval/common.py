@@ -1,4 +1,4 @@
-"""Shared pieces of the eval commands: class lists, label files, the per-image voting step."""
+"""Shared pieces of the eval commands: class lists, label files, timing."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ def read_class_list(path: Path) -> list[str]:
 
     A line ``3: wall`` or ``3 wall``-style index prefix is *not* parsed: line order is the label index
     (line 1 → label 0), which is how ADE-150 / PC-59 class files are usually written."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"class list not found: {path} (a text file, one class name per line)")
     names = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         s = line.strip()
@@ -68,13 +70,3 @@ class Timer:
 
 def nan_to_none(x: float) -> float | None:
     return None if x is None or (isinstance(x, float) and np.isnan(x)) else float(x)
-
-
-def read_templates(path: Path) -> list[str]:
-    """Prompt templates, one per line, each with one ``{}`` for the class name (e.g. ``a photo of a {}.``)."""
-    lines = [s.strip() for s in Path(path).read_text(encoding="utf-8").splitlines()]
-    templates = [s for s in lines if s and not s.startswith("#")]
-    bad = [t for t in templates if t.count("{}") != 1]
-    if not templates or bad:
-        raise ValueError(f"{path}: every template needs exactly one {{}} for the class name; bad: {bad[:3]}")
-    return templates

@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from use_search.config import VotingSettings
 from use_search.eval.common import Progress, Timer, nan_to_none
 from use_search.eval.metrics import MaskAP, coco_from_dataset, mask_map
 from use_search.indexer.read import read_image
 from use_search.model.base import Embedder
-from use_search.query.voting import DEFAULT_LOGIT_SCALE, segment_and_classify
+from use_search.query.voting import Ensemble, segment_and_classify
 from use_search.types import Segmenter
 
 # The 91 stuff classes of COCO-Stuff (Caesar et al. 2018), ids 92-182, with their "-other" / "-stuff"
@@ -107,6 +108,7 @@ class PartsResult:
     seconds: float
     stage_seconds: dict[str, float]
     detections: list[dict[str, Any]]
+    settings: dict[str, Any] = field(default_factory=dict)  # what produced the figures (models, templates, ...)
 
     @property
     def map(self) -> float:
@@ -123,6 +125,7 @@ class PartsResult:
             "background_classes": len(self.background),
             "seconds": self.seconds,
             "stage_seconds": self.stage_seconds,
+            "settings": self.settings,
             "per_class": [
                 {"category_id": c, "class": self.part_names[c], "AP": nan_to_none(v)} for c, v in self.ap.per_class.items()
             ],
@@ -157,16 +160,22 @@ def part_detections(
 def evaluate_parts(
     dataset: PartsDataset,
     segmenter: Segmenter,
-    embedder: Embedder,
+    models: Embedder | Ensemble,
     *,
     background: Sequence[str] | None = None,
-    templates: Sequence[str] | None = None,
-    logit_scale: float = DEFAULT_LOGIT_SCALE,
+    voting: VotingSettings | None = None,
     max_image_pixels: int = 50_000_000,
     max_dets: int = 100,
     on_image: Progress | None = None,
 ) -> PartsResult:
+    """Classify every SAM mask with the model(s) (templates and softmax scale from ``voting``; the
+    ensemble's combined probabilities), keep the part-topped ones as detections, score with COCOeval."""
+    from use_search.model.text import template_set
+
     started = time.perf_counter()
+    v = voting or VotingSettings()
+    ens = Ensemble.of(models).with_logit_scale(v.logit_scale)
+    templates = template_set(v.templates)
     timer = Timer()
     cats = dataset.categories
     part_ids = [int(c["id"]) for c in cats]
@@ -174,7 +183,7 @@ def evaluate_parts(
     bg = list(background) if background is not None else default_background_classes(cats)
     lower_parts = {n.lower() for n in part_names.values()}
     bg = [b for b in dict.fromkeys(b.strip() for b in bg) if b and b.lower() not in lower_parts]
-    class_vectors = embedder.embed_texts([part_names[c] for c in part_ids] + bg, templates)
+    class_vectors = ens.class_vectors([part_names[c] for c in part_ids] + bg, templates)
     timer.add("text", started)
     detections: list[dict[str, Any]] = []
     n_segments = 0
@@ -189,7 +198,7 @@ def evaluate_parts(
                 f"{info['file_name']}: annotations say {info.get('width')}×{info.get('height')}, "
                 f"the image is {w}×{h}"
             )
-        segments, probs = segment_and_classify(pixels, segmenter, embedder, class_vectors, logit_scale, timer)
+        segments, probs = segment_and_classify(pixels, segmenter, ens, class_vectors, timer)
         n_segments += len(segments)
         detections += part_detections(img_id, segments, probs, part_ids)
         if on_image:
@@ -197,6 +206,8 @@ def evaluate_parts(
     t = time.perf_counter()
     ap = mask_map(dataset.coco, detections, cat_ids=part_ids, img_ids=dataset.img_ids, max_dets=max_dets)
     timer.add("cocoeval", t)
+    settings = {"models": ens.describe(), "combine": ens.combine, "templates": v.templates, "n_templates": len(templates)}
     return PartsResult(
-        ap, part_names, bg, len(dataset.img_ids), n_segments, time.perf_counter() - started, timer.seconds, detections
+        ap, part_names, bg, len(dataset.img_ids), n_segments, time.perf_counter() - started, timer.seconds, detections,
+        settings,
     )

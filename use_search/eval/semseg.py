@@ -9,15 +9,17 @@ Data in the ADE20K / Pascal-Context layout:
 ADE-150 and PC-59 as mmsegmentation ships them store 0 = "other / background" and 1..C = the classes:
 pass ``reduce_zero_label=True`` (0 → ignore, v → v - 1), as mmsegmentation does for both.
 
-Each image goes through SAM automatic masks → segment embeddings → softmax over the class text
-embeddings → per-pixel vote (``query.voting.vote``); pixels no segment covers are unlabeled, which
-counts as a miss. Confusion counts are pooled over all images (mmsegmentation's convention).
+Each image goes through SAM automatic masks → segment embeddings (every model of the ensemble) →
+softmax over the class text embeddings → weighted combination → per-pixel vote (``query.voting``);
+pixels no segment covers get the fallback (default: the nearest labelled pixel's class) and any pixel
+left unlabeled counts as a miss. Confusion counts are pooled over all images (mmsegmentation's
+convention); ``per_image`` reports each image's segments, uncovered and unlabeled pixels.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,10 +33,11 @@ from use_search.eval.common import (
     read_class_list,
     read_label_map,
 )
+from use_search.config import VotingSettings
 from use_search.eval.metrics import ConfusionMatrix, SemsegScores
 from use_search.indexer.read import read_image
 from use_search.model.base import Embedder
-from use_search.query.voting import DEFAULT_LOGIT_SCALE, label_png, predict_labels
+from use_search.query.voting import Ensemble, label_png, predict_labels
 from use_search.types import Segmenter
 
 
@@ -44,6 +47,7 @@ class SemsegDataset:
     classes: list[str]
     ignore_index: int = 255
     reduce_zero_label: bool = False
+    images_root: Path | None = None  # predictions are saved under their path relative to it
 
     @classmethod
     def from_folders(
@@ -75,7 +79,14 @@ class SemsegDataset:
             raise FileNotFoundError(f"no images under {images}")
         if limit is not None:
             pairs = pairs[:limit]
-        return cls(pairs, names, ignore_index, reduce_zero_label)
+        return cls(pairs, names, ignore_index, reduce_zero_label, images.absolute())
+
+    def relative(self, image: Path) -> Path:
+        """The image's path under ``images_root`` (its name alone when outside it or unknown)."""
+        try:
+            return Path(image).absolute().relative_to(self.images_root) if self.images_root else Path(Path(image).name)
+        except ValueError:
+            return Path(Path(image).name)
 
     def load_label(self, path: Path) -> np.ndarray:
         lab = read_label_map(path)
@@ -92,12 +103,16 @@ class SemsegResult:
     segments: int
     seconds: float
     stage_seconds: dict[str, float]
+    settings: dict[str, Any] = field(default_factory=dict)  # what produced the figures (models, templates, ...)
+    per_image: list[dict[str, Any]] = field(default_factory=list)  # image, segments, uncovered/unlabeled pixels
 
     @property
     def miou(self) -> float:
         return self.scores.miou
 
     def to_json(self) -> dict[str, Any]:
+        """Figures in percent. ``unlabeled_pixels``: scored ground-truth pixels left without a label
+        (misses); ``uncovered_pixels``: pixels of all images no segment covered (the fallback's work)."""
         s = self.scores
         return {
             "mIoU": nan_to_none(s.miou),
@@ -106,8 +121,11 @@ class SemsegResult:
             "images": self.images,
             "segments": self.segments,
             "unlabeled_pixels": s.unlabeled_pixels,
+            "uncovered_pixels": sum(int(r["uncovered_pixels"]) for r in self.per_image),
             "seconds": self.seconds,
             "stage_seconds": self.stage_seconds,
+            "settings": self.settings,
+            "per_image": self.per_image,
             "per_class": [
                 {
                     "class": name, "IoU": nan_to_none(s.iou[i]), "Acc": nan_to_none(s.acc[i]),
@@ -121,21 +139,28 @@ class SemsegResult:
 def evaluate_semseg(
     dataset: SemsegDataset,
     segmenter: Segmenter,
-    embedder: Embedder,
+    models: Embedder | Ensemble,
     *,
-    templates: Sequence[str] | None = None,
-    logit_scale: float = DEFAULT_LOGIT_SCALE,
+    voting: VotingSettings | None = None,
     save_dir: Path | None = None,
     max_image_pixels: int = 50_000_000,
     on_image: Progress | None = None,
 ) -> SemsegResult:
-    """Run §4.3 voting on every image and score it against its label map."""
+    """Run §4.3 voting (templates, softmax scale and fallback from ``voting``) on every image with the
+    model(s) given (an embedder, or an ``Ensemble`` from ``query.voting.load_ensemble``) and score it
+    against its label map."""
+    from use_search.model.text import template_set
+
     started = time.perf_counter()
+    v = voting or VotingSettings()
+    ens = Ensemble.of(models).with_logit_scale(v.logit_scale)
+    templates = template_set(v.templates)
     timer = Timer()
-    class_vectors = embedder.embed_texts(dataset.classes, templates)
+    class_vectors = ens.class_vectors(dataset.classes, templates)
     timer.add("text", started)
     cm = ConfusionMatrix(len(dataset.classes), dataset.ignore_index)
     n_segments = 0
+    per_image: list[dict[str, Any]] = []
     if save_dir is not None:
         save_dir = Path(save_dir)
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -149,15 +174,28 @@ def evaluate_semseg(
                 f"{lab_path}: label is {gt.shape[1]}×{gt.shape[0]}, image {img_path} is "
                 f"{pixels.shape[1]}×{pixels.shape[0]} (after EXIF orientation)"
             )
-        pred, n = predict_labels(pixels, segmenter, embedder, class_vectors, logit_scale, timer)
-        n_segments += n
+        votes = predict_labels(
+            pixels, segmenter, ens, class_vectors, fallback=v.fallback, fallback_weight=v.fallback_weight, timer=timer
+        )
+        n_segments += votes.segments
+        per_image.append({
+            "image": str(dataset.relative(img_path)), "segments": votes.segments,
+            "uncovered_pixels": votes.uncovered_pixels, "unlabeled_pixels": votes.unlabeled_pixels,
+        })
         t = time.perf_counter()
-        cm.update(pred, gt)
+        cm.update(votes.labels, gt)
         timer.add("score", t)
         if save_dir is not None:
-            (save_dir / f"{img_path.stem}.png").write_bytes(label_png(pred))
+            dest = save_dir / dataset.relative(img_path).with_suffix(".png")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(label_png(votes.labels))
         if on_image:
             on_image(i + 1, len(dataset.pairs), img_path.name)
+    settings = {
+        "models": ens.describe(), "combine": ens.combine, "templates": v.templates, "n_templates": len(templates),
+        "fallback": v.fallback, **({"fallback_weight": v.fallback_weight} if v.fallback == "image" else {}),
+    }
     return SemsegResult(
-        dataset.classes, cm.scores(), len(dataset.pairs), n_segments, time.perf_counter() - started, timer.seconds
+        dataset.classes, cm.scores(), len(dataset.pairs), n_segments, time.perf_counter() - started, timer.seconds,
+        settings, per_image,
     )

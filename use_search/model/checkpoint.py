@@ -53,6 +53,11 @@ class UseConfig:
     dinov2_fingerprint: str
     preset: str | None = None
     trained_steps: int = 0
+    # Softmax scale the head was trained with, reused to turn its cosines into class probabilities.
+    # Eq. 1 writes exp(s·t / τ) with τ = 30 (§4.2); for unit vectors that can only mean the logits
+    # are s·t × 30 (a divisor of 30 would flatten the softmax), so τ is stored as a multiplier, like
+    # CLIP's logit scale of 100. Checkpoints written before this field were all trained at 30.
+    logit_scale: float = 30.0
     format_version: int = FORMAT_VERSION
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -16,8 +17,42 @@ TRAINING_TEMPLATES: tuple[str, ...] = (
     "There is {} in the scene",
     "a photo of {} in the scene",
 )
-# For bare class names (eval / voting, §4.3) users may pass their own set; these are the defaults.
+# Free-text queries use the training templates (the expressions they were trained on).
 QUERY_TEMPLATES = TRAINING_TEMPLATES
+
+
+# Named template sets for bare class names (voting, §4.3), selectable by name or as a file. The paper
+# evaluates with "the prompt template used in [10]" (CLIP-S4), which publishes no code and whose set
+# we could not identify, so it is not shipped; "imagenet80" is CLIP's 80 ImageNet templates (from
+# open_clip, which carries OpenAI's list).
+def _imagenet80() -> tuple[str, ...]:
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
+
+
+TEMPLATE_SETS = {"train4": lambda: TRAINING_TEMPLATES, "imagenet80": _imagenet80}
+
+
+def read_template_file(path: Path) -> tuple[str, ...]:
+    """Prompt templates, one per line, each with one ``{}`` for the class name; ``#`` lines are comments."""
+    lines = [s.strip() for s in Path(path).read_text(encoding="utf-8").splitlines()]
+    templates = tuple(s for s in lines if s and not s.startswith("#"))
+    bad = [t for t in templates if t.count("{}") != 1]
+    if not templates or bad:
+        raise ValueError(f"{path}: every template needs exactly one {{}} for the class name; bad: {list(bad[:3])}")
+    return templates
+
+
+def template_set(name_or_file: str | Path) -> tuple[str, ...]:
+    """A named set (``train4``, ``imagenet80``) or a template file."""
+    key = str(name_or_file)
+    if key in TEMPLATE_SETS:
+        return TEMPLATE_SETS[key]()
+    path = Path(key).expanduser()
+    if not path.is_file():
+        raise ValueError(f"templates: {key!r} is neither a named set ({', '.join(TEMPLATE_SETS)}) nor a file")
+    return read_template_file(path)
 
 
 class TextEncoder:

@@ -1,27 +1,34 @@
-"""Semantic segmentation by voting (paper §4.3).
+"""Semantic segmentation by voting (paper §4.3), with model ensembles (appendix A.2).
 
-Class-agnostic masks (SAM, point grid + NMS) are embedded; each segment gets a softmax over the
-target classes of (cosine similarity × logit scale); every pixel sums the probabilities of the
-segments that cover it and takes the class with the highest total. Pixels no segment covers are
-``UNLABELED`` (-1 in the label map, 255 in a label PNG).
+Class-agnostic masks (SAM, point grid + NMS) are computed once per image and embedded by every model
+of the ensemble; each model turns its segment embeddings into a softmax over the target classes of
+(cosine similarity × its logit scale); the models' probabilities are combined per segment with their
+weights; every pixel sums the combined probabilities of the segments that cover it and takes the
+class with the highest total. Pixels no segment covers get the fallback (``VotingSettings.fallback``):
+the nearest labelled pixel's class, a low-weight whole-image voter, or none (``UNLABELED``: -1 in
+the label map, 255 in a label PNG).
 """
 
 from __future__ import annotations
 
 import io
 import time
+from dataclasses import dataclass, replace
 from typing import Protocol, Sequence
 
 import numpy as np
 from PIL import Image
 
+from use_search.config import Settings, VotingSettings
 from use_search.model.base import Embedder
 from use_search.types import Segment, Segmenter
 
 UNLABELED = -1
 UNLABELED_PNG = 255
-DEFAULT_LOGIT_SCALE = 100.0  # CLIP's learned temperature saturates at 100
+CLIP_LOGIT_SCALE = 100.0  # CLIP's learned logit scale (saturated at 100): crop-CLIP's softmax scale
 PIXEL_CHUNK = 1 << 18  # pixels per matrix product: bounds the (classes × pixels) buffer
+COMBINE_MODES = ("mean", "geometric")
+FALLBACKS = ("nearest", "image", "none")
 
 
 class StageTimer(Protocol):
@@ -31,7 +38,7 @@ class StageTimer(Protocol):
 
 
 def class_probabilities(
-    segment_vectors: np.ndarray, class_vectors: np.ndarray, logit_scale: float = DEFAULT_LOGIT_SCALE
+    segment_vectors: np.ndarray, class_vectors: np.ndarray, logit_scale: float = CLIP_LOGIT_SCALE
 ) -> np.ndarray:
     """(N, D) segment embeddings × (C, D) class text embeddings → (N, C) softmax over classes of
     cosine × ``logit_scale``. Rows are normalised here, so unnormalised inputs are fine."""
@@ -47,11 +54,36 @@ def class_probabilities(
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def vote(masks: np.ndarray | Sequence[np.ndarray], probs: np.ndarray) -> np.ndarray:
+def combine_probabilities(probs: Sequence[np.ndarray], weights: Sequence[float], mode: str = "mean") -> np.ndarray:
+    """Per-segment class probabilities of several models, (N, C) each → one (N, C), rows summing to 1.
+
+    ``mean``: Σᵢ wᵢ·pᵢ / Σᵢ wᵢ (the weights of A.2: curated-data model 1, COCO-GT model 0.7 / 0.25).
+    ``geometric``: Πᵢ pᵢ^(wᵢ/Σ w), renormalised: OVSeg's ensemble (pᵃ^λ · pᵇ^(1-λ)), which A.2 says it
+    follows, generalised to any number of models. Both reduce to the model itself for one model.
+    """
+    if len(probs) != len(weights) or not probs:
+        raise ValueError(f"{len(probs)} probability arrays but {len(weights)} weights")
+    w = np.asarray(weights, dtype=np.float64)
+    if not np.all(np.isfinite(w)) or (w <= 0).any():
+        raise ValueError(f"ensemble weights must be positive numbers, got {list(weights)}")
+    p = np.stack([np.asarray(x, dtype=np.float64) for x in probs])  # (M, N, C); raises on unequal shapes
+    w = w / w.sum()
+    if mode == "mean":
+        out = np.tensordot(w, p, axes=1)
+    elif mode == "geometric":
+        out = np.exp(np.tensordot(w, np.log(np.maximum(p, 1e-300)), axes=1))
+        out /= np.maximum(out.sum(axis=-1, keepdims=True), 1e-300)
+    else:
+        raise ValueError(f"unknown ensemble combination {mode!r}; choose one of {', '.join(COMBINE_MODES)}")
+    return out.astype(np.float32)
+
+
+def vote(masks: np.ndarray | Sequence[np.ndarray], probs: np.ndarray, prior: np.ndarray | None = None) -> np.ndarray:
     """(N, H, W) bool masks and (N, C) per-segment class probabilities → (H, W) int32 labels.
 
-    Each pixel's score for class c is the sum of ``probs[i, c]`` over the segments i covering it; the
-    label is the argmax (ties → the lower class index), ``UNLABELED`` where no segment covers it.
+    Each pixel's score for class c is the sum of ``probs[i, c]`` over the segments i covering it, plus
+    ``prior[c]`` when given (a voter covering every pixel, e.g. the whole image × a small weight); the
+    label is the argmax (ties → the lower class index), ``UNLABELED`` where nothing votes.
     """
     m = np.asarray(masks, dtype=bool)
     p = np.asarray(probs, dtype=np.float32)
@@ -60,7 +92,15 @@ def vote(masks: np.ndarray | Sequence[np.ndarray], probs: np.ndarray) -> np.ndar
     n, h, w = m.shape
     if p.ndim != 2 or p.shape[0] != n:
         raise ValueError(f"probs must be (N={n}, C), got {p.shape}")
+    if prior is not None:
+        prior = np.asarray(prior, dtype=np.float32)
+        if n and prior.shape != (p.shape[1],):
+            raise ValueError(f"prior must be (C={p.shape[1]},), got {prior.shape}")
     labels = np.full(h * w, UNLABELED, dtype=np.int32)
+    if prior is not None and prior.size:
+        labels[:] = int(prior.argmax())
+        if n == 0:
+            return labels.reshape(h, w)
     if n == 0 or p.shape[1] == 0:
         return labels.reshape(h, w)
     flat = m.reshape(n, h * w)
@@ -69,9 +109,24 @@ def vote(masks: np.ndarray | Sequence[np.ndarray], probs: np.ndarray) -> np.ndar
     for start in range(0, h * w, PIXEL_CHUNK):
         block = flat[:, start : start + PIXEL_CHUNK]
         scores = pt @ block.astype(np.float32)  # (C, chunk): summed probabilities per class
+        if prior is not None:
+            scores += prior[:, None]
         labels[start : start + block.shape[1]] = scores.argmax(axis=0)
-    labels[~covered] = UNLABELED
+    if prior is None:
+        labels[~covered] = UNLABELED
     return labels.reshape(h, w)
+
+
+def fill_nearest(labels: np.ndarray) -> np.ndarray:
+    """``UNLABELED`` pixels take the label of the nearest labelled pixel (Euclidean; a label map with
+    no labelled pixel is returned as it is)."""
+    from scipy import ndimage
+
+    missing = labels < 0
+    if not missing.any() or missing.all():
+        return labels
+    idx = ndimage.distance_transform_edt(missing, return_distances=False, return_indices=True)
+    return labels[tuple(idx)]
 
 
 def class_masks(labels: np.ndarray, n_classes: int) -> list[np.ndarray]:
@@ -79,73 +134,235 @@ def class_masks(labels: np.ndarray, n_classes: int) -> list[np.ndarray]:
     return [labels == c for c in range(n_classes)]
 
 
+def whole_image_segment(height: int, width: int) -> Segment:
+    return Segment(mask=np.ones((height, width), bool), bbox=(0, 0, width, height), area=height * width,
+                   source="whole-image")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ensembles (A.2)
+
+
+def training_logit_scale(embedder: Embedder) -> float:
+    """The softmax scale a model was trained with: a USE embedder's checkpoint config records it
+    (``UseConfig.logit_scale``, τ of eq. 1); anything else (crop-CLIP) gets CLIP's 100."""
+    scale = getattr(getattr(embedder, "config", None), "logit_scale", None)
+    return float(scale) if scale else CLIP_LOGIT_SCALE
+
+
+@dataclass(frozen=True)
+class EnsembleMember:
+    embedder: Embedder
+    weight: float = 1.0
+    logit_scale: float | None = None  # None: the model's training scale (``training_logit_scale``)
+    source: str | None = None  # the checkpoint file, for reports
+
+    @property
+    def scale(self) -> float:
+        return float(self.logit_scale) if self.logit_scale else training_logit_scale(self.embedder)
+
+
+class Ensemble:
+    """Models whose per-segment class probabilities are combined before the vote (A.2). A single
+    model is an ensemble of one (its probabilities pass through unchanged)."""
+
+    def __init__(self, members: Sequence[EnsembleMember], combine: str = "mean") -> None:
+        if not members:
+            raise ValueError("an ensemble needs at least one model")
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"unknown ensemble combination {combine!r}; choose one of {', '.join(COMBINE_MODES)}")
+        for m in members:
+            if not (np.isfinite(m.weight) and m.weight > 0):
+                raise ValueError(f"ensemble weights must be positive numbers, got {m.weight} for {m.source or m.embedder.model_id}")
+            if not (np.isfinite(m.scale) and m.scale > 0):
+                raise ValueError(f"logit scale must be a positive number, got {m.scale}")
+        self.members = list(members)
+        self.combine = combine
+
+    @classmethod
+    def of(cls, models: "Embedder | Ensemble") -> "Ensemble":
+        return models if isinstance(models, Ensemble) else cls([EnsembleMember(models)])
+
+    def with_logit_scale(self, logit_scale: float | None) -> "Ensemble":
+        """The same models with every softmax scale set to ``logit_scale`` (None: unchanged)."""
+        if logit_scale is None:
+            return self
+        return Ensemble([replace(m, logit_scale=logit_scale) for m in self.members], self.combine)
+
+    @property
+    def untrained(self) -> bool:
+        return any(m.embedder.untrained for m in self.members)
+
+    def describe(self) -> list[dict[str, object]]:
+        return [
+            {"model": m.embedder.model_id, "checkpoint": m.source, "weight": m.weight, "logit_scale": m.scale}
+            for m in self.members
+        ]
+
+    def class_vectors(self, classes: Sequence[str], templates: Sequence[str] | None = None) -> list[np.ndarray]:
+        """Each model's (C, D) class text embeddings (models may differ in text tower)."""
+        return [m.embedder.embed_texts(list(classes), templates) for m in self.members]
+
+    def probabilities(
+        self, image: np.ndarray, segments: Sequence[Segment], class_vectors: Sequence[np.ndarray],
+        timer: StageTimer | None = None,
+    ) -> np.ndarray:
+        """(N, C) combined class probabilities of ``segments``: every model embeds them once."""
+        if len(class_vectors) != len(self.members):
+            raise ValueError(f"{len(class_vectors)} class-vector sets for {len(self.members)} models")
+        per_model = []
+        for m, cv in zip(self.members, class_vectors):
+            t = time.perf_counter()
+            vectors = m.embedder.embed_segments(image, segments)
+            if timer:
+                t = timer.add("embed", t)
+            per_model.append(class_probabilities(vectors, cv, m.scale))
+            if timer:
+                timer.add("classify", t)
+        if len(per_model) == 1:
+            return per_model[0]
+        t = time.perf_counter()
+        out = combine_probabilities(per_model, [m.weight for m in self.members], self.combine)
+        if timer:
+            timer.add("classify", t)
+        return out
+
+
+def load_ensemble(settings: Settings, default: Embedder | None = None) -> Ensemble:
+    """The voting models of ``settings.voting.models`` (each USE checkpoint loaded once, on the
+    settings' device), or, when none are listed, ``default`` / the one configured embedder."""
+    from use_search.factory import Runtime
+
+    v = settings.voting
+    if not v.models:
+        return Ensemble([EnsembleMember(default or Runtime.from_settings(settings).embedder())], v.combine)
+    runtimes = [Runtime.from_settings(settings.model_copy(update={"use_checkpoint": m.path})) for m in v.models]
+    for rt in runtimes:  # every missing file is named before any model loads
+        rt.preflight(("clip",))
+    members = [
+        EnsembleMember(rt.embedder(), m.weight, source=str(m.path)) for rt, m in zip(runtimes, v.models)
+    ]
+    return Ensemble(members, v.combine)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One image
+
+
+@dataclass
+class Votes:
+    """The label map of one image and what the fallback had to do."""
+
+    labels: np.ndarray  # (H, W) int32 class indices, UNLABELED = -1
+    segments: int  # SAM segments that voted
+    uncovered_pixels: int  # pixels no segment covers (before the fallback)
+
+    @property
+    def unlabeled_pixels(self) -> int:
+        """Pixels still without a label (after the fallback)."""
+        return int((self.labels < 0).sum())
+
+    def masks(self, classes: Sequence[str]) -> dict[str, np.ndarray]:
+        return dict(zip(classes, class_masks(self.labels, len(classes))))
+
+
 def segment_and_classify(
     pixels: np.ndarray,
     segmenter: Segmenter,
-    embedder: Embedder,
-    class_vectors: np.ndarray,
-    logit_scale: float = DEFAULT_LOGIT_SCALE,
+    models: "Embedder | Ensemble",
+    class_vectors: np.ndarray | Sequence[np.ndarray],
     timer: StageTimer | None = None,
 ) -> tuple[list[Segment], np.ndarray]:
-    """SAM segments of one image and their (N, C) class probabilities (paper §4.3: softmax over the
-    classes of cosine similarity × logit scale)."""
+    """SAM segments of one image and their (N, C) class probabilities, combined over the models
+    (paper §4.3: softmax over the classes of cosine similarity × logit scale; A.2: weighted)."""
+    ens = Ensemble.of(models)
+    cvs = [class_vectors] if isinstance(class_vectors, np.ndarray) else list(class_vectors)
     t = time.perf_counter()
     segments = segmenter.segment(pixels)
     if timer:
-        t = timer.add("masks", t)
+        timer.add("masks", t)
     if not segments:
-        return [], np.zeros((0, len(class_vectors)), np.float32)
-    vectors = embedder.embed_segments(pixels, segments)
-    if timer:
-        t = timer.add("embed", t)
-    probs = class_probabilities(vectors, class_vectors, logit_scale)
-    if timer:
-        timer.add("classify", t)
-    return segments, probs
+        return [], np.zeros((0, len(cvs[0])), np.float32)
+    return segments, ens.probabilities(pixels, segments, cvs, timer)
 
 
 def predict_labels(
     pixels: np.ndarray,
     segmenter: Segmenter,
-    embedder: Embedder,
-    class_vectors: np.ndarray,
-    logit_scale: float = DEFAULT_LOGIT_SCALE,
+    models: "Embedder | Ensemble",
+    class_vectors: np.ndarray | Sequence[np.ndarray],
+    *,
+    fallback: str = "nearest",
+    fallback_weight: float = 0.05,
     timer: StageTimer | None = None,
-) -> tuple[np.ndarray, int]:
-    """(H, W) int32 label map by §4.3 voting (``UNLABELED`` where no segment covers) and the segment count."""
-    segments, probs = segment_and_classify(pixels, segmenter, embedder, class_vectors, logit_scale, timer)
+) -> Votes:
+    """§4.3 voting on one image, the fallback (``FALLBACKS``) for pixels no segment covers."""
+    if fallback not in FALLBACKS:
+        raise ValueError(f"unknown fallback {fallback!r}; choose one of {', '.join(FALLBACKS)}")
+    ens = Ensemble.of(models)
+    cvs = [class_vectors] if isinstance(class_vectors, np.ndarray) else list(class_vectors)
     h, w = pixels.shape[:2]
-    if not segments:
-        return np.full((h, w), UNLABELED, np.int32), 0
     t = time.perf_counter()
-    labels = vote(np.stack([s.mask for s in segments]), probs)
+    segments = segmenter.segment(pixels)
+    if timer:
+        timer.add("masks", t)
+    # The whole-image voter is one more segment: every model embeds it with the others, in one call.
+    voters = segments + [whole_image_segment(h, w)] if fallback == "image" else segments
+    probs = ens.probabilities(pixels, voters, cvs, timer) if voters else np.zeros((0, len(cvs[0])), np.float32)
+    t = time.perf_counter()
+    prior = None
+    if fallback == "image":
+        prior, probs = fallback_weight * probs[-1], probs[:-1]
+    masks = np.stack([s.mask for s in segments]) if segments else np.zeros((0, h, w), bool)
+    uncovered = h * w - int(masks.any(axis=0).sum()) if segments else h * w
+    labels = vote(masks, probs, prior)
+    if fallback == "nearest":
+        labels = fill_nearest(labels)
     if timer:
         timer.add("vote", t)
-    return labels, len(segments)
+    return Votes(labels, len(segments), uncovered)
+
+
+def check_class_names(classes: Sequence[str]) -> list[str]:
+    names = [c.strip() for c in classes]
+    if not names or any(not c for c in names):
+        raise ValueError("give at least one non-empty class name")
+    if len(set(names)) != len(names):
+        raise ValueError("class names must be distinct")
+    return names
+
+
+def segment_by_voting(
+    image: np.ndarray,
+    classes: Sequence[str],
+    segmenter: Segmenter,
+    models: "Embedder | Ensemble",
+    voting: VotingSettings | None = None,
+) -> Votes:
+    """Semantic segmentation of one image (H×W×3 uint8) for a class list: segment, embed with every
+    model, combine, vote, fall back. ``voting`` (default ``VotingSettings()``) gives the templates,
+    the softmax-scale override and the fallback; the models come from ``load_ensemble``."""
+    from use_search.model.text import template_set
+
+    v = voting or VotingSettings()
+    names = check_class_names(classes)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be H×W×3, got {image.shape}")
+    ens = Ensemble.of(models).with_logit_scale(v.logit_scale)
+    class_vectors = ens.class_vectors(names, template_set(v.templates))
+    return predict_labels(image, segmenter, ens, class_vectors, fallback=v.fallback, fallback_weight=v.fallback_weight)
 
 
 def semantic_segmentation(
     image: np.ndarray,
     classes: Sequence[str],
     segmenter: Segmenter,
-    embedder: Embedder,
-    templates: Sequence[str] | None = None,
-    logit_scale: float = DEFAULT_LOGIT_SCALE,
+    models: "Embedder | Ensemble",
+    voting: VotingSettings | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Segment ``image`` (H×W×3 uint8), embed segments and class names, vote.
-
-    Returns the (H, W) int32 label map (class indices into ``classes``, ``UNLABELED`` = -1) and the
-    per-class bool masks keyed by class name, in the order of ``classes``.
-    """
-    names = [c.strip() for c in classes]
-    if not names or any(not c for c in names):
-        raise ValueError("give at least one non-empty class name")
-    if len(set(names)) != len(names):
-        raise ValueError("class names must be distinct")
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image must be H×W×3, got {image.shape}")
-    labels, _ = predict_labels(image, segmenter, embedder, embedder.embed_texts(names, templates), logit_scale)
-    return labels, dict(zip(names, class_masks(labels, len(names))))
+    """``segment_by_voting`` as (label map, per-class bool masks keyed by class name)."""
+    votes = segment_by_voting(image, classes, segmenter, models, voting)
+    return votes.labels, votes.masks(check_class_names(classes))
 
 
 def _palette() -> list[int]:

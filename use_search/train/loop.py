@@ -194,6 +194,8 @@ class Trainer:
         self.model: UseModel = build_use_model(
             preset, settings, self.device, grid=config.grid, lln_dim=config.lln_dim, seed=config.seed
         )
+        # Every checkpoint records the scale it was trained at: voting reuses it (UseConfig.logit_scale).
+        self.model.config = dataclasses.replace(self.model.config, logit_scale=config.logit_scale)
         grid = self.model.config.grid
         self.crop = config.crop or grid * self.model.backbones.clip_patch
 
