@@ -71,6 +71,7 @@ def test_remove_small_islands_keeps_largest_when_all_small():
 
 
 def _cv2_remove_small_regions(mask, area, mode):
+    """segment-anything's own, with OpenCV (opencv-python-headless, dev extra)."""
     from segment_anything.utils.amg import remove_small_regions as sam_remove_small_regions
 
     return sam_remove_small_regions(mask, area, mode)
@@ -78,7 +79,6 @@ def _cv2_remove_small_regions(mask, area, mode):
 
 def test_remove_small_regions_equals_segment_anything_with_opencv():
     """Random blobby masks, both modes, and equal-sized islands (the tie-break for the largest)."""
-    pytest.importorskip("cv2", reason="opencv-python-headless is in the dev extra")
     rng = np.random.default_rng(0)
     cases = []
     for _ in range(300):
