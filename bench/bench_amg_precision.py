@@ -81,13 +81,15 @@ def main() -> None:
                 "exact_s": t1 - t0, "fast_s": t2 - t1,
             })
             r = rows[-1]
+            iou = f"median {r['median_iou']:.3f} min {r['min_iou']:.3f}" if len(ious) else "none"
             print(f"min_area={min_area:<4} image {i}: exact {len(a):3d} fast {len(b):3d}  RLE-equal {same:3d}  "
-                  f"matched IoU median {r['median_iou']:.3f} min {r['min_iou']:.3f} (≥0.9: {r['iou_ge_0.9']})  "
-                  f"unmatched exact/fast {only_exact}/{only_fast}")
+                  f"matched IoU {iou} (≥0.9: {r['iou_ge_0.9']})  unmatched exact/fast {only_exact}/{only_fast}")
     med = [r["median_iou"] for r in rows if r["median_iou"] is not None]
     mins = [r["min_iou"] for r in rows if r["min_iou"] is not None]
-    print(f"\nover {len(rows)} image runs: median of medians {np.median(med):.3f}, worst min IoU {min(mins):.3f}, "
-          f"unmatched per image up to {max(max(r['only_exact'], r['only_fast']) for r in rows)}")
+    worst = max(max(r["only_exact"], r["only_fast"]) for r in rows)
+    if med:
+        print(f"\nover {len(rows)} image runs: median of medians {np.median(med):.3f}, worst min IoU {min(mins):.3f}, "
+              f"unmatched per image up to {worst}")
     write_json(args.json, {"bench": "amg_precision", "arch": args.arch, "recipe": args.recipe, "side": args.side,
                            "points_per_side": args.points_per_side, "rows": rows})
 

@@ -69,6 +69,17 @@ def test_tiny_and_thin_images_give_a_handful_of_segments(sam, shape):
     assert len({s.rle["counts"] for s in batched}) == len(batched)  # no duplicate masks
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 1000), (3, 2)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_crop_layers_on_tiny_images(sam, shape):
+    """A crop layer cuts a 1-px-high image into crops 0 px high: skipped (segment-anything fails)."""
+    params = AutoMaskParams(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, crop_n_layers=1)
+    image = strip(*shape)
+    batched = BatchedAutoSegmenter(sam, params).segment(image)
+    assert 1 <= len(batched) <= min(8, shape[0] * shape[1])  # a 3×2 image has 6 pixels; crops see them apart
+    assert len({s.rle["counts"] for s in batched}) == len(batched)
+    assert [s.rle for s in AutoSegmenter(sam, params).segment(image)] == [s.rle for s in batched]
+
+
 def test_resize_never_rounds_a_side_to_zero():
     t = ResizeToEncoder(1024)
     assert t.get_preprocess_shape(1, 4000, 1024) == (1, 1024)

@@ -14,7 +14,8 @@ segment-anything in the same few places, on purpose:
   suppressed among themselves in box NMS by their pixel extent (``amg.box_nms``); segment-anything's
   IoU is NaN for them and keeps them all: a 1×1 image gave every grid mask.
 - **Images thinner than one encoder pixel** (4000×1) are resized to one pixel on the short side
-  (``amg.ResizeToEncoder``) where segment-anything fails.
+  (``amg.ResizeToEncoder``), and crops with no pixels (crop layers cut a 1-pixel-high image into
+  0-pixel-high crops) are skipped, where segment-anything fails.
 - ``min_mask_region_area`` post-processing is segment-anything's (holes, islands, second box NMS)
   with scipy instead of OpenCV (``amg.postprocess_small_regions``).
 
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.modeling import Sam
+from segment_anything.utils.amg import MaskData
 
 from use_search.masks import mask_bbox
 from use_search.segmenter.amg import ResizeToEncoder, box_nms, postprocess_small_regions
@@ -70,7 +72,7 @@ class AutoSegmenter:
 
     def __init__(self, sam: Sam, params: AutoMaskParams) -> None:
         self.params = params
-        self.generator = SamAutomaticMaskGenerator(
+        self.generator = _Generator(
             sam,
             points_per_side=params.points_per_side,
             points_per_batch=params.points_per_batch,
@@ -134,6 +136,16 @@ class AutoSegmenter:
             kept = idx[box_nms(boxes[idx], 1 / area, self.params.crop_nms_thresh)].tolist()
         dropped = {flat[k] for k in range(len(flat))} - {flat[k] for k in kept}
         return [r for i, r in enumerate(records) if i not in dropped]
+
+
+class _Generator(SamAutomaticMaskGenerator):
+    """segment-anything's generator, skipping crops without pixels (it fails on them)."""
+
+    def _process_crop(self, image, crop_box, crop_layer_idx, orig_size):  # type: ignore[no-untyped-def]
+        x0, y0, x1, y1 = crop_box
+        if x1 <= x0 or y1 <= y0:
+            return MaskData()
+        return super()._process_crop(image, crop_box, crop_layer_idx, orig_size)
 
 
 def _xyxy(xywh: list[float]) -> list[float]:
