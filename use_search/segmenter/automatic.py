@@ -60,6 +60,19 @@ class AutoMaskParams:
     # "auto": fast on CUDA, exact elsewhere. The reference engine is always segment-anything's float32.
     precision: Literal["auto", "fast", "exact"] = "auto"
 
+    def __post_init__(self) -> None:
+        if self.points_per_side is None or self.points_per_side < 1:
+            raise ValueError("points_per_side must be a positive integer")
+        if self.crop_n_layers < 0 or self.crop_n_points_downscale_factor < 1:
+            raise ValueError("crop_n_layers must be >= 0 and crop_n_points_downscale_factor >= 1")
+        if self.points_per_side // self.crop_n_points_downscale_factor**self.crop_n_layers < 1:
+            raise ValueError(
+                f"the last crop layer gets no points: points_per_side {self.points_per_side} / "
+                f"crop_n_points_downscale_factor {self.crop_n_points_downscale_factor}^{self.crop_n_layers} < 1"
+            )
+        if self.precision not in ("auto", "fast", "exact"):
+            raise ValueError(f"precision must be auto, fast or exact, not {self.precision!r}")
+
     @property
     def post_nms_thresh(self) -> float:
         """segment-anything's threshold for the NMS after ``min_mask_region_area`` cleaning."""

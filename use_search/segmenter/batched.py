@@ -130,10 +130,6 @@ class BatchedAutoSegmenter:
     """
 
     def __init__(self, sam: Sam, params: AutoMaskParams, options: BatchOptions | None = None) -> None:
-        if params.points_per_side is None or params.points_per_side <= 0:
-            raise ValueError("points_per_side must be a positive integer")
-        if params.crop_n_layers < 0:
-            raise ValueError("crop_n_layers must be >= 0")
         self.params = params
         self.options = options or BatchOptions()
         self.sam = sam
