@@ -15,7 +15,7 @@ segment-anything in the same few places, on purpose:
   IoU is NaN for them and keeps them all: a 1×1 image gave every grid mask.
 - **Images thinner than one encoder pixel** (4000×1) are resized to one pixel on the short side
   (``amg.ResizeToEncoder``), and crops with no pixels (crop layers cut a 1-pixel-high image into
-  0-pixel-high crops) are skipped, where segment-anything fails.
+  0-pixel-high crops) are skipped, where segment-anything fails; so are crops equal to an earlier one.
 - ``min_mask_region_area`` post-processing is segment-anything's (holes, islands, second box NMS)
   with scipy instead of OpenCV (``amg.postprocess_small_regions``).
 
@@ -143,7 +143,7 @@ class AutoSegmenter:
             idx = torch.tensor([k for k, c in enumerate(crops) if c == crop])
             kept.extend(idx[box_nms(boxes[idx], ious[idx], self.params.box_nms_thresh)].tolist())
         kept.sort()
-        if len(set(crops)) > 1 and len(kept) > 1:
+        if self.params.crop_n_layers > 0 and len(kept) > 1:
             idx = torch.tensor(kept)
             area = torch.tensor([(c[2] - c[0]) * (c[3] - c[1]) for c in (crops[k] for k in kept)])
             kept = idx[box_nms(boxes[idx], 1 / area, self.params.crop_nms_thresh)].tolist()
@@ -152,12 +152,18 @@ class AutoSegmenter:
 
 
 class _Generator(SamAutomaticMaskGenerator):
-    """segment-anything's generator, skipping crops without pixels (it fails on them)."""
+    """segment-anything's generator, skipping crops without pixels (it fails on them) and crops equal
+    to an earlier one (both happen only with crop layers on images a few pixels wide)."""
+
+    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+        self._seen: set[tuple[int, ...]] = set()
+        return super().generate(image)
 
     def _process_crop(self, image, crop_box, crop_layer_idx, orig_size):  # type: ignore[no-untyped-def]
         x0, y0, x1, y1 = crop_box
-        if x1 <= x0 or y1 <= y0:
+        if x1 <= x0 or y1 <= y0 or tuple(crop_box) in self._seen:
             return MaskData()
+        self._seen.add(tuple(crop_box))
         return super()._process_crop(image, crop_box, crop_layer_idx, orig_size)
 
 

@@ -177,14 +177,15 @@ class BatchedAutoSegmenter:
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"expected an H×W×3 uint8 RGB image, got {image.shape} {image.dtype}")
         p = self.params
-        # Every crop of every image, in segment-anything's order (the whole image first); crops of a
-        # very thin image can have no pixels.
-        jobs = [
-            (i, box, layer)
-            for i, image in enumerate(images)
-            for box, layer in zip(*generate_crop_boxes(image.shape[:2], p.crop_n_layers, p.crop_overlap_ratio))
-            if box[2] > box[0] and box[3] > box[1]
-        ]
+        # Every crop of every image, in segment-anything's order (the whole image first), but not the
+        # crops of an image a few pixels wide that hold no pixels or repeat an earlier crop (as AutoSegmenter).
+        jobs = []
+        for i, image in enumerate(images):
+            seen: set[tuple[int, ...]] = set()
+            for box, layer in zip(*generate_crop_boxes(image.shape[:2], p.crop_n_layers, p.crop_overlap_ratio)):
+                if box[2] > box[0] and box[3] > box[1] and tuple(box) not in seen:
+                    seen.add(tuple(box))
+                    jobs.append((i, box, layer))
         last_job = {i: g for g, (i, _, _) in enumerate(jobs)}
         kept: list[list[_Kept]] = [[] for _ in images]
         out: list[list[Segment]] = [[] for _ in images]
@@ -356,7 +357,7 @@ class BatchedAutoSegmenter:
             # Positions in the concatenation (crop-major, each crop in its NMS order) as the reference.
             owner = torch.cat([torch.full((len(k.iou),), c, dtype=torch.long) for c, k in enumerate(kept)])
             pos = torch.cat([torch.arange(len(k.iou)) for k in kept])
-            if len(kept) > 1 and len(owner):
+            if p.crop_n_layers > 0 and len(owner):  # segment-anything: whenever there are crop layers
                 boxes = torch.cat([k.boxes for k in kept])
                 crop_boxes = torch.tensor([kept[c].crop.box for c in owner.tolist()])
                 area = (crop_boxes[:, 2] - crop_boxes[:, 0]) * (crop_boxes[:, 3] - crop_boxes[:, 1])
