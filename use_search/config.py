@@ -52,11 +52,11 @@ class AutoMaskSettings(BaseModel):
     crop_n_points_downscale_factor: int = 1
     min_mask_region_area: int = 0
     # Batched engine: "exact" = fp32 and segment-anything's arithmetic, mask for mask its output;
-    # "fast" = bf16 encoder/decoder + fp16 upscaling on CUDA and SDPA (masks move by a pixel here and
-    # there, see README); "auto" = fast on CUDA, exact elsewhere.
+    # "fast" = bf16 encoder/decoder + fp16 upscaling on CUDA and SDPA (borders and close calls move,
+    # see README); "auto" = fast on CUDA, exact elsewhere.
     precision: Literal["auto", "fast", "exact"] = "auto"
     # "batched": BatchedAutoSegmenter (built for GPU throughput); "reference": segment-anything's
-    # SamAutomaticMaskGenerator loop. Same masks in float32.
+    # SamAutomaticMaskGenerator loop. The same masks with precision "exact".
     engine: Literal["batched", "reference"] = "batched"
 
 
