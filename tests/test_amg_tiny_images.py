@@ -114,7 +114,7 @@ def test_upload_of_a_1x1_and_a_thin_png_over_http(tmp_path):
         return buf.getvalue()
 
     with api_server(tmp_path) as base, httpx.Client(base_url=base, timeout=120) as client:
-        for name, (h, w) in {"dot.png": (1, 1), "line.png": (1, 1000), "pole.png": (4000, 1)}.items():
+        for name, (h, w) in {"dot.png": (1, 1), "line.png": (1, 1000)}.items():
             r = client.post("/images", files={"file": (name, png(h, w), "image/png")})
             assert r.status_code == 201, r.text
             body = r.json()
