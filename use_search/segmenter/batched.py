@@ -392,7 +392,8 @@ class BatchedAutoSegmenter:
                     masks[j], rles[j], areas[j] = m, r, a
         order = list(range(n))
         if clean:
-            order, masks = postprocess_small_regions(masks, self.params.min_mask_region_area, self.params.post_nms_thresh)
+            p = self.params
+            order, masks = postprocess_small_regions(masks, p.min_mask_region_area, p.post_nms_thresh)
         out: list[Segment] = []
         for j in order:
             k, i = kept[owner[j]], pos[j]
