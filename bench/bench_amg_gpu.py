@@ -21,8 +21,11 @@ Reference stage split: "encoder" is ``SamPredictor.set_image``; "rest" is everyt
 ``generate`` (decoder, filtering, NMS, RLE). Ours: preprocess (PIL resize), encoder, decoder,
 filter (upscale + stability + boxes of every candidate), nms, masks (kept masks at full size, RLE,
 copy to host), from a second, synchronised (``profile``) pass. Equivalence (our masks vs the
-reference's on the reference images, one-to-one by mask IoU) is printed too; with bf16 on the GPU
-expect small differences, with ``--dtype float32`` near-identical masks.
+reference's on the reference images, one-to-one by mask IoU) is printed too: ``--precision exact``
+(float32, segment-anything's attention arithmetic) should give identical masks up to the float32
+kernels the GPU picks; the CUDA default ``fast`` (bf16 / fp16) moves mask borders and close calls
+(bench/bench_amg_precision.py measures by how much). ``--crop-layers 1`` runs segment-anything's crop
+layer (the whole image plus 4 crops, each encoded) in both.
 """
 
 from __future__ import annotations
@@ -164,7 +167,9 @@ def main() -> None:
     ap.add_argument("--modes", default="default,relaxed")
     ap.add_argument("--image-batch", type=int, default=0, help="0: 8 on CUDA, 1 on CPU")
     ap.add_argument("--decode-batch", type=int, default=0, help="0: 1024 on CUDA, 128 on CPU")
-    ap.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA), float32, bfloat16, float16")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fast", "exact"], help="AutoMaskParams.precision")
+    ap.add_argument("--dtype", default="auto", help="override: auto (from --precision), float32, bfloat16, float16")
+    ap.add_argument("--crop-layers", type=int, default=0, help="crop_n_layers (segment-anything's crops)")
     ap.add_argument("--compile", action="store_true", help="torch.compile our encoder and decoder")
     ap.add_argument("--ref-bf16", action="store_true", help="run the reference under bf16 autocast")
     ap.add_argument("--no-stages", action="store_true", help="skip the synchronised per-stage pass")
@@ -196,7 +201,9 @@ def main() -> None:
     print(f"SAM {args.arch} (random weights) on {machine['device']}; photos long side {args.side}; "
           f"{args.points_per_side}² prompts")
     for mode in args.modes.split(","):
-        params = AutoMaskParams(points_per_side=args.points_per_side, **MODES[mode])
+        params = AutoMaskParams(
+            points_per_side=args.points_per_side, crop_n_layers=args.crop_layers, precision=args.precision, **MODES[mode]
+        )
         entry = {}
         ours, our_masks = run_ours(sam, params, images[: args.images], args.device, opts, not args.no_stages)
         entry["ours"] = ours

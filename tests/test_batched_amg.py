@@ -91,7 +91,7 @@ def test_same_masks_as_segment_anything_with_filters_live(sam, images):
     assert all(5 <= len(r) < 192 for r in ref), [len(r) for r in ref]
     assert_equivalent(ref, ours, min_masks=100)
     exact = sum(r.rle == o.rle for ri, oi in zip(ref, ours) for r, o in zip(ri, oi))
-    assert exact >= 0.99 * sum(len(r) for r in ref)  # fp32 on CPU: bit-for-bit masks in practice
+    assert exact == sum(len(r) for r in ref)  # precision "exact" (the CPU default): bit-for-bit masks
     for segs, im in zip(ours, images):
         assert [s.area for s in segs] == sorted((s.area for s in segs), reverse=True)
         for s in segs[:5]:
@@ -115,7 +115,7 @@ def test_reference_modules_path_and_batching_agree(sam, images):
     """segment_batch over mixed sizes = segment one by one; SDPA/fast decoder = segment-anything's modules."""
     params = AutoMaskParams(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
     mixed = [images[0], images[1][:150, :100].copy()]
-    fast = BatchedAutoSegmenter(sam, params, BatchOptions(image_batch=2))
+    fast = BatchedAutoSegmenter(sam, params, BatchOptions(image_batch=2, sdpa=True))
     plain = BatchedAutoSegmenter(sam, params, BatchOptions(sdpa=False, fast_decoder=False, decode_batch=7))
     together = fast.segment_batch(mixed)
     for im, segs in zip(mixed, together):
@@ -127,15 +127,35 @@ def test_reference_modules_path_and_batching_agree(sam, images):
 
 
 def test_gpu_dtypes_run_and_stay_close(sam, images):
-    """The CUDA defaults (bf16 model copies, fp16 upscaling) exercised on CPU. The random tiny SAM's
-    logits are within ±0.2, a harsh case for bf16, so this asks for closeness, not equality."""
+    """The CUDA defaults (bf16 model copies, fp16 upscaling, SDPA) exercised on CPU. The random tiny SAM's
+    logits are within ±0.2, a harsh case for bf16, so this asks for closeness, not equality
+    (bench/bench_amg_precision.py measures it on many masks)."""
     params = AutoMaskParams(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
     fp32 = BatchedAutoSegmenter(sam, params).segment(images[0])
-    low = BatchedAutoSegmenter(sam, params, BatchOptions(dtype="bfloat16", upscale_dtype="float16"))
+    low = BatchedAutoSegmenter(sam, params, BatchOptions(dtype="bfloat16", upscale_dtype="float16", sdpa=True))
     assert low.encoder is not sam.image_encoder and next(sam.parameters()).dtype == torch.float32
+    assert low.dtype == torch.bfloat16 and low.upscale_dtype == torch.float16
     half = low.segment(images[0])
     assert len(half) == len(fp32) == 48
     assert np.median(match(fp32, half)) >= 0.95
+
+
+def test_precision_setting_picks_the_arithmetic(sam, monkeypatch):
+    """``amg.precision`` reaches the batched engine: exact = float32 + segment-anything's attention
+    arithmetic; fast = SDPA (and bf16/fp16 on CUDA); auto = exact off CUDA."""
+    from use_search.config import Settings
+    from use_search.presets import get_preset
+    from use_search.segmenter import auto_mask_params
+
+    monkeypatch.setenv("USE_SEARCH_CONFIG", "/nonexistent.toml")
+    for precision, exact in (("auto", True), ("exact", True), ("fast", False)):
+        monkeypatch.setenv("USE_SEARCH_AMG__PRECISION", precision)
+        params = auto_mask_params(Settings(), get_preset("tiny"))
+        seg = BatchedAutoSegmenter(sam, params)
+        assert (seg.exact, seg.sdpa, seg.dtype, seg.upscale_dtype) == (exact, not exact, torch.float32, torch.float32)
+    monkeypatch.setenv("USE_SEARCH_AMG__PRECISION", "half")
+    with pytest.raises(ValueError, match="precision"):
+        Settings()
 
 
 def test_rle_encode_batch_matches_pycocotools():
@@ -153,9 +173,11 @@ def test_rle_encode_batch_matches_pycocotools():
     assert rle_encode_batch(torch.zeros(0, h, w, dtype=torch.bool)) == []
 
 
-def test_rejects_crop_layers_and_bad_images(sam):
-    with pytest.raises(ValueError, match="crop_n_layers=0"):
-        BatchedAutoSegmenter(sam, AutoMaskParams(crop_n_layers=1))
+def test_rejects_bad_images_and_settings(sam):
+    with pytest.raises(ValueError, match="points_per_side"):
+        BatchedAutoSegmenter(sam, AutoMaskParams(points_per_side=0))
+    with pytest.raises(ValueError, match="crop_n_layers"):
+        BatchedAutoSegmenter(sam, AutoMaskParams(crop_n_layers=-1))
     seg = BatchedAutoSegmenter(sam, AutoMaskParams(points_per_side=2))
     with pytest.raises(ValueError, match="uint8 RGB"):
         seg.segment(np.zeros((8, 8), np.uint8))

@@ -97,3 +97,28 @@ def test_hole_fill_and_island_removal_use_box_prompt_areas(sam):
     assert not seg.mask[35:37, 35:37].any()
     assert seg.area == 25 * 25 - 36 and seg.bbox == (5, 5, 25, 25)
     assert BoxSegmenter(sam).post_process(np.zeros((5, 5), dtype=bool), 1.0, 1.0) is None
+
+
+def test_post_process_fills_small_border_regions_like_segment_anything(sam):
+    """segment-anything's rule (paper §3.1 "similar to SAM"): holes are background regions by size,
+    8-connected, so a thin background strip at the image border is filled when it is small."""
+    mask = np.zeros((30, 30), dtype=bool)
+    mask[:, 3:25] = True  # 90 px of background on the left border, 150 px on the right
+    seg = BoxSegmenter(sam, BoxPromptSettings(min_hole_area=100, min_island_area=0)).post_process(mask, 0.5, 0.5)
+    assert seg is not None and seg.mask[:, :25].all() and not seg.mask[:, 25:].any()
+    assert seg.bbox == (0, 0, 25, 30) and seg.area == 750
+    # Diagonal contact joins islands: two 4-px squares touching at a corner are one 8-px island.
+    diag = np.zeros((12, 12), dtype=bool)
+    diag[2:4, 2:4] = True
+    diag[4:6, 4:6] = True
+    diag[9:11, 9:11] = True  # a separate 4-px island
+    seg = BoxSegmenter(sam, BoxPromptSettings(min_hole_area=0, min_island_area=6)).post_process(diag, 0.5, 0.5)
+    assert seg is not None and seg.area == 8 and not seg.mask[9:11, 9:11].any()
+
+
+def test_very_thin_images_get_box_masks(sam):
+    """A 1×600 image is 0 px high at the tiny SAM's 256-px input in segment-anything's resize."""
+    thin = np.asarray(Image.fromarray(skimage.data.chelsea()).resize((600, 1)))
+    out = BoxSegmenter(sam, stability_score_offset=OFFSET).segment(thin, [(0.0, 0.0, 300.0, 1.0)])
+    assert len(out) == 1 and out[0] is not None
+    assert out[0].mask.shape == (1, 600) and out[0].area == int(out[0].mask.sum()) > 0

@@ -47,9 +47,16 @@ class AutoMaskSettings(BaseModel):
     stability_score_offset: float = 1.0
     box_nms_thresh: float = 0.7
     crop_n_layers: int = 0
+    crop_nms_thresh: float = 0.7
+    crop_overlap_ratio: float = 512 / 1500
+    crop_n_points_downscale_factor: int = 1
     min_mask_region_area: int = 0
-    # "batched": BatchedAutoSegmenter (same masks, built for GPU throughput; crop_n_layers=0 only);
-    # "reference": segment-anything's SamAutomaticMaskGenerator loop.
+    # Batched engine: "exact" = fp32 and segment-anything's arithmetic, mask for mask its output;
+    # "fast" = bf16 encoder/decoder + fp16 upscaling on CUDA and SDPA (borders and close calls move,
+    # see README); "auto" = fast on CUDA, exact elsewhere.
+    precision: Literal["auto", "fast", "exact"] = "auto"
+    # "batched": BatchedAutoSegmenter (built for GPU throughput); "reference": segment-anything's
+    # SamAutomaticMaskGenerator loop. The same masks with precision "exact".
     engine: Literal["batched", "reference"] = "batched"
 
 

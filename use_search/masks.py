@@ -53,36 +53,61 @@ def iou_matrix(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]]) -> np.n
     return np.asarray(mask_utils.iou([_coco(r) for r in a], [_coco(r) for r in b], [0] * len(b)))
 
 
-def remove_small_regions(mask: np.ndarray, area_thresh: int, mode: str) -> np.ndarray:
-    """Fill holes (``mode="holes"``) or drop islands (``mode="islands"``) smaller than ``area_thresh``.
+_EIGHT = np.ones((3, 3), dtype=bool)
 
-    Same rule as SAM's post-processing (paper §3.1), done with scipy instead of OpenCV. Holes are
-    background components not touching the image border; like SAM, the largest island is kept even
-    if it is small, so a non-empty mask never becomes empty.
+
+def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> tuple[np.ndarray, bool]:
+    """segment-anything's ``remove_small_regions`` (utils/amg.py) with scipy instead of OpenCV.
+
+    ``mode="holes"`` fills the 8-connected components of the background smaller than ``area_thresh``
+    (by size only: background touching the image border is filled too when it is small);
+    ``mode="islands"`` drops the 8-connected components of the mask smaller than it, keeping the
+    largest one when every component is small. Returns ``(mask, changed)`` where ``changed`` is
+    segment-anything's flag: some component was below the threshold (also when the only, small,
+    island is kept). Ties for "largest" go to the component OpenCV numbers first (its first 2×2
+    block in block-raster order), so the result is the same as segment-anything's pixel for pixel.
     """
-    if area_thresh <= 0 or not mask.any():
-        return mask
-    if mode == "holes":
-        labels, n = ndimage.label(~mask)
-        if n == 0:
-            return mask
-        sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, n + 1))
-        border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-        small = [i + 1 for i, s in enumerate(sizes) if s < area_thresh and (i + 1) not in border]
-        return mask | np.isin(labels, small)
-    if mode == "islands":
-        labels, n = ndimage.label(mask)
-        sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, n + 1))
-        keep = [i + 1 for i, s in enumerate(sizes) if s >= area_thresh]
-        if not keep:
-            keep = [int(np.argmax(sizes)) + 1]
-        return np.isin(labels, keep)
-    raise ValueError(f"mode must be 'holes' or 'islands', not {mode!r}")
+    if mode not in ("holes", "islands"):
+        raise ValueError(f"mode must be 'holes' or 'islands', not {mode!r}")
+    mask = np.asarray(mask, dtype=bool)
+    holes = mode == "holes"
+    labels, n = ndimage.label(mask ^ holes, structure=_EIGHT)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    small = np.flatnonzero(sizes < area_thresh) + 1
+    if small.size == 0:
+        return mask, False
+    if holes:
+        return mask | np.isin(labels, small), True
+    keep = np.flatnonzero(sizes >= area_thresh) + 1
+    if keep.size == 0:
+        keep = _largest_as_opencv(labels, sizes)
+    return np.isin(labels, keep), True
 
 
-def clean_mask(mask: np.ndarray, hole_area: int, island_area: int) -> np.ndarray:
-    """SAM's post-processing (paper §3.1): fill holes, then drop islands, below the given areas."""
-    return remove_small_regions(remove_small_regions(mask, hole_area, "holes"), island_area, "islands")
+def _largest_as_opencv(labels: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """The label of the largest component; among equal sizes, the one OpenCV's block-based labelling
+    (8-connectivity) numbers first: by the first 2×2 block, in block-raster order, that it touches."""
+    best = np.flatnonzero(sizes == sizes.max()) + 1
+    if best.size > 1:
+        rows, cols = np.nonzero(np.isin(labels, best))
+        block = (rows // 2) * (labels.shape[1] // 2 + 1) + cols // 2
+        first = [block[labels[rows, cols] == b].min() for b in best]
+        best = best[[int(np.argmin(first))]]
+    return best[:1]
+
+
+def clean_mask(mask: np.ndarray, hole_area: float, island_area: float) -> np.ndarray:
+    """SAM's post-processing (paper §3.1, segment-anything's ``min_mask_region_area``): fill holes
+    smaller than ``hole_area``, then drop islands smaller than ``island_area`` (see
+    ``remove_small_regions``). A non-empty mask never becomes empty."""
+    return clean_mask_changed(mask, hole_area, island_area)[0]
+
+
+def clean_mask_changed(mask: np.ndarray, hole_area: float, island_area: float) -> tuple[np.ndarray, bool]:
+    """``clean_mask`` and segment-anything's "changed" flag (either step found a small region)."""
+    mask, holes_changed = remove_small_regions(mask, hole_area, "holes")
+    mask, islands_changed = remove_small_regions(mask, island_area, "islands")
+    return mask, holes_changed or islands_changed
 
 
 def mask_nms(

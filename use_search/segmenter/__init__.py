@@ -21,18 +21,22 @@ def auto_mask_params(settings: Settings, preset: Preset) -> AutoMaskParams:
         stability_score_offset=a.stability_score_offset,
         box_nms_thresh=a.box_nms_thresh,
         crop_n_layers=a.crop_n_layers,
+        crop_nms_thresh=a.crop_nms_thresh,
+        crop_overlap_ratio=a.crop_overlap_ratio,
+        crop_n_points_downscale_factor=a.crop_n_points_downscale_factor,
         min_mask_region_area=a.min_mask_region_area,
+        precision=a.precision,
     )
 
 
 def load_auto_segmenter(
     settings: Settings, preset: Preset, device: str
 ) -> tuple[AutoSegmenter | BatchedAutoSegmenter, str]:
-    """The batched generator (``amg.engine="batched"``, the default) unless crop layers are asked for,
-    which only segment-anything's own loop implements."""
+    """The batched generator (``amg.engine="batched"``, the default) or segment-anything's own loop
+    (``"reference"``); both give the same masks (see segmenter/automatic.py)."""
     sam, sam_id = load_sam(preset.sam, settings, device)
     params = auto_mask_params(settings, preset)
-    if settings.amg.engine == "batched" and params.crop_n_layers == 0:
+    if settings.amg.engine == "batched":
         return BatchedAutoSegmenter(sam, params), sam_id
     return AutoSegmenter(sam, params), sam_id
 

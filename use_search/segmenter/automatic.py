@@ -1,20 +1,48 @@
-"""Automatic segments from a grid of point prompts (SAM's "segment everything")."""
+"""Automatic segments from a grid of point prompts (SAM's "segment everything").
+
+``AutoSegmenter`` runs segment-anything's own ``SamAutomaticMaskGenerator`` loop; ``batched.py`` is the
+same algorithm rebuilt for throughput. Both give the same ``Segment``s, and both depart from
+segment-anything in the same few places, on purpose:
+
+- **Empty masks are dropped** (segment-anything returns them with ``area`` 0 and box ``[0, 0, 0, 0]``,
+  and with ``min_mask_region_area`` larger than the image its hole filling turns them into whole-image
+  masks). An empty segment has nothing to embed or show.
+- **``bbox`` is COCO's tight XYWH**, ``w = x1 - x0 + 1`` over the mask's first and last pixel, as
+  pycocotools' ``toBbox`` gives for the stored RLE. segment-anything's records say ``w = x1 - x0``
+  (one less in width and height).
+- **Boxes of zero width or height** (one-pixel-wide masks; every mask of a 1-pixel-high image) are
+  suppressed among themselves in box NMS by their pixel extent (``amg.box_nms``); segment-anything's
+  IoU is NaN for them and keeps them all: a 1×1 image gave every grid mask.
+- **Images thinner than one encoder pixel** (4000×1) are resized to one pixel on the short side
+  (``amg.ResizeToEncoder``), and crops with no pixels (crop layers cut a 1-pixel-high image into
+  0-pixel-high crops) are skipped, where segment-anything fails; so are crops equal to an earlier one.
+- ``min_mask_region_area`` post-processing is segment-anything's (holes, islands, second box NMS)
+  with scipy instead of OpenCV (``amg.postprocess_small_regions``).
+
+Everything else — prompts, filters, NMS, crops, mask pixels — is segment-anything's; segments come
+largest first.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.modeling import Sam
+from segment_anything.utils.amg import MaskData
 
-from use_search.masks import clean_mask, mask_bbox
+from use_search.masks import mask_bbox
+from use_search.segmenter.amg import ResizeToEncoder, box_nms, postprocess_small_regions
 from use_search.types import Segment
 
 
 @dataclass(frozen=True)
 class AutoMaskParams:
+    """``SamAutomaticMaskGenerator``'s settings (same names and defaults), plus ``precision``."""
+
     points_per_side: int = 32
     points_per_batch: int = 64
     pred_iou_thresh: float = 0.88
@@ -22,19 +50,42 @@ class AutoMaskParams:
     stability_score_offset: float = 1.0
     box_nms_thresh: float = 0.7
     crop_n_layers: int = 0
+    crop_nms_thresh: float = 0.7
+    crop_overlap_ratio: float = 512 / 1500
+    crop_n_points_downscale_factor: int = 1
     min_mask_region_area: int = 0
+    # The batched engine's arithmetic. "exact": float32 and segment-anything's attention arithmetic,
+    # mask for mask segment-anything's output. "fast": bfloat16 encoder/decoder and float16 mask
+    # upscaling on CUDA, scaled_dot_product_attention everywhere (see batched.py for what it costs).
+    # "auto": fast on CUDA, exact elsewhere. The reference engine is always segment-anything's float32.
+    precision: Literal["auto", "fast", "exact"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.points_per_side is None or self.points_per_side < 1:
+            raise ValueError("points_per_side must be a positive integer")
+        if self.crop_n_layers < 0 or self.crop_n_points_downscale_factor < 1:
+            raise ValueError("crop_n_layers must be >= 0 and crop_n_points_downscale_factor >= 1")
+        if self.points_per_side // self.crop_n_points_downscale_factor**self.crop_n_layers < 1:
+            raise ValueError(
+                f"the last crop layer gets no points: points_per_side {self.points_per_side} / "
+                f"crop_n_points_downscale_factor {self.crop_n_points_downscale_factor}^{self.crop_n_layers} < 1"
+            )
+        if self.precision not in ("auto", "fast", "exact"):
+            raise ValueError(f"precision must be auto, fast or exact, not {self.precision!r}")
+
+    @property
+    def post_nms_thresh(self) -> float:
+        """segment-anything's threshold for the NMS after ``min_mask_region_area`` cleaning."""
+        return max(self.box_nms_thresh, self.crop_nms_thresh)
 
 
 class AutoSegmenter:
-    """segment-anything's ``SamAutomaticMaskGenerator`` → ``Segment``s, largest first.
-
-    ``min_mask_region_area`` post-processing is done here with scipy (segment-anything's own needs
-    OpenCV): holes and islands below the area are removed, then empty masks are dropped.
-    """
+    """segment-anything's ``SamAutomaticMaskGenerator`` → ``Segment``s, largest first (see the module
+    docstring for the few deliberate differences)."""
 
     def __init__(self, sam: Sam, params: AutoMaskParams) -> None:
         self.params = params
-        self.generator = SamAutomaticMaskGenerator(
+        self.generator = _Generator(
             sam,
             points_per_side=params.points_per_side,
             points_per_batch=params.points_per_batch,
@@ -43,28 +94,79 @@ class AutoSegmenter:
             stability_score_offset=params.stability_score_offset,
             box_nms_thresh=params.box_nms_thresh,
             crop_n_layers=params.crop_n_layers,
-            min_mask_region_area=0,
+            crop_nms_thresh=params.crop_nms_thresh,
+            crop_overlap_ratio=params.crop_overlap_ratio,
+            crop_n_points_downscale_factor=params.crop_n_points_downscale_factor,
+            min_mask_region_area=0,  # done below, without OpenCV
             output_mode="binary_mask",
         )
+        self.generator.predictor.transform = ResizeToEncoder(sam.image_encoder.img_size)
 
     @torch.inference_mode()
     def segment(self, image: np.ndarray) -> list[Segment]:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an H×W×3 uint8 RGB image, got {image.shape} {image.dtype}")
-        out: list[Segment] = []
-        for rec in self.generator.generate(image):
-            mask = rec["segmentation"]
-            if self.params.min_mask_region_area > 0:
-                mask = clean_mask(mask, self.params.min_mask_region_area, self.params.min_mask_region_area)
-            area = int(mask.sum())
-            if area == 0:
-                continue
-            out.append(
-                Segment(
-                    mask=mask, bbox=mask_bbox(mask), area=area,
-                    predicted_iou=float(rec["predicted_iou"]), stability_score=float(rec["stability_score"]),
-                    source="auto",
-                )
+        # The generator's records come in its NMS order; empty masks never took part in its NMS.
+        records = [r for r in self.generator.generate(image) if r["area"] > 0]
+        records = self._suppress_flat_boxes(records)
+        masks = [r["segmentation"] for r in records]
+        if self.params.min_mask_region_area > 0:
+            keep, cleaned = postprocess_small_regions(
+                masks, self.params.min_mask_region_area, self.params.post_nms_thresh
             )
+            records = [records[i] for i in keep]
+            masks = [cleaned[i] for i in keep]
+        out = [
+            Segment(
+                mask=mask, bbox=mask_bbox(mask), area=int(mask.sum()),
+                predicted_iou=float(rec["predicted_iou"]), stability_score=float(rec["stability_score"]),
+                source="auto",
+            )
+            for rec, mask in zip(records, masks)
+        ]
         out.sort(key=lambda s: -s.area)
         return out
+
+    def _suppress_flat_boxes(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The NMS segment-anything skipped: among masks whose box has zero width or height (which
+        interact with no other box there), per crop by predicted IoU, then across crops preferring
+        smaller crops, as its two NMS steps would have done with ``amg.box_nms``."""
+        flat = [i for i, r in enumerate(records) if r["bbox"][2] == 0 or r["bbox"][3] == 0]
+        if len(flat) < 2:
+            return records
+        # segment-anything's XYWH has w = x1 - x0: back to its inclusive XYXY.
+        boxes = torch.tensor([_xyxy(records[i]["bbox"]) for i in flat], dtype=torch.float32)
+        ious = torch.tensor([records[i]["predicted_iou"] for i in flat], dtype=torch.float32)
+        crops = [tuple(_xyxy(records[i]["crop_box"])) for i in flat]
+        kept: list[int] = []
+        for crop in dict.fromkeys(crops):
+            idx = torch.tensor([k for k, c in enumerate(crops) if c == crop])
+            kept.extend(idx[box_nms(boxes[idx], ious[idx], self.params.box_nms_thresh)].tolist())
+        kept.sort()
+        if self.params.crop_n_layers > 0 and len(kept) > 1:
+            idx = torch.tensor(kept)
+            area = torch.tensor([(c[2] - c[0]) * (c[3] - c[1]) for c in (crops[k] for k in kept)])
+            kept = idx[box_nms(boxes[idx], 1 / area, self.params.crop_nms_thresh)].tolist()
+        dropped = {flat[k] for k in range(len(flat))} - {flat[k] for k in kept}
+        return [r for i, r in enumerate(records) if i not in dropped]
+
+
+class _Generator(SamAutomaticMaskGenerator):
+    """segment-anything's generator, skipping crops without pixels (it fails on them) and crops equal
+    to an earlier one (both happen only with crop layers on images a few pixels wide)."""
+
+    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+        self._seen: set[tuple[int, ...]] = set()
+        return super().generate(image)
+
+    def _process_crop(self, image, crop_box, crop_layer_idx, orig_size):  # type: ignore[no-untyped-def]
+        x0, y0, x1, y1 = crop_box
+        if x1 <= x0 or y1 <= y0 or tuple(crop_box) in self._seen:
+            return MaskData()
+        self._seen.add(tuple(crop_box))
+        return super()._process_crop(image, crop_box, crop_layer_idx, orig_size)
+
+
+def _xyxy(xywh: list[float]) -> list[float]:
+    x, y, w, h = xywh
+    return [x, y, x + w, y + h]

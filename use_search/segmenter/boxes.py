@@ -1,7 +1,8 @@
 """Box prompts → masks (paper §3.1, "Mask Generation with Box Prompt").
 
 For each box SAM predicts three masks; we keep the one with the highest stability score, fill small
-holes and drop small islands (SAM's post-processing), and a box covering more than 90% of the image
+holes and drop small islands (segment-anything's ``remove_small_regions``: 8-connected regions by size,
+see ``masks.remove_small_regions``), and a box covering more than 90% of the image
 becomes the whole-image mask without running SAM. §4.1 lowers SAM's predicted-IoU and stability
 thresholds to 0.6 for curation; a box whose chosen mask falls below them yields no segment.
 """
@@ -18,6 +19,7 @@ from segment_anything.utils.amg import calculate_stability_score
 
 from use_search.config import BoxPromptSettings
 from use_search.masks import clean_mask, mask_bbox
+from use_search.segmenter.amg import ResizeToEncoder
 from use_search.types import Segment
 
 BoxXYXY = tuple[float, float, float, float]
@@ -43,6 +45,7 @@ class BoxSegmenter:
         boxes_per_batch: int = 16,
     ) -> None:
         self.predictor = SamPredictor(sam)
+        self.predictor.transform = ResizeToEncoder(sam.image_encoder.img_size)  # thin images too
         self.box = box or BoxPromptSettings()
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh
@@ -92,11 +95,12 @@ class BoxSegmenter:
         return out
 
     def post_process(self, mask: np.ndarray, predicted_iou: float, stability: float) -> Segment | None:
-        """Fill small holes, drop small islands (BoxPromptSettings areas); None if nothing is left."""
+        """Fill small holes, drop small islands (BoxPromptSettings areas); None for an empty mask (which
+        segment-anything's hole filling would turn into the whole image when the image is small)."""
+        if not mask.any():
+            return None
         mask = clean_mask(mask, self.box.min_hole_area, self.box.min_island_area)
         area = int(mask.sum())
-        if area == 0:
-            return None
         return Segment(
             mask=mask, bbox=mask_bbox(mask), area=area,
             predicted_iou=predicted_iou, stability_score=stability, source="box",
