@@ -97,6 +97,7 @@ class Guard:
         started = time.perf_counter()
         status = 500
         method = scope["method"] if scope["method"] in METHODS else "other"
+        route = route_label(self.router, scope)  # before routing, which rewrites the scope (mounts)
 
         async def send_counted(message: Message) -> None:
             nonlocal status
@@ -111,7 +112,7 @@ class Guard:
             else:
                 await self.limited(scope, receive, send_counted)
         finally:
-            self.metrics.observe(method, route_label(self.router, scope), status, time.perf_counter() - started)
+            self.metrics.observe(method, route, status, time.perf_counter() - started)
 
     def refusal(self, scope: Scope) -> tuple[int, str] | None:
         headers = _headers(scope)
