@@ -234,9 +234,10 @@ def test_non_loopback_bind_without_key_warns(tmp_path):
 # Item 11: strict models, and the document says what the responses are ---------------------------
 def test_strict_request_models(client, upload):
     for body, field in (({"text": "cat", "k": "5"}, "k"), ({"text": "cat", "dedup": 0}, "dedup"),
-                        ({"text": "cat", "k": 5.0}, "k"), ({"text": 5}, "text"),
+                        ({"text": "cat", "k": True}, "k"), ({"text": 5}, "text"), ({"text": "cat", "k": 5.5}, "k"),
                         ({"text": "cat", "top_k": 5}, "top_k"), ({"text": "cat", "filters": {"dir": "/a"}}, "dir")):
         assert_422(client.post("/search", json=body), field)
+    assert client.post("/search", json={"text": "cat", "k": 5.0}).status_code == 200  # an integer in JSON Schema
     r = client.post("/segment", data={"classes": "a", "image_id": "../../etc/passwd"})
     assert_422(r, "image_id")
 

@@ -27,7 +27,8 @@ from typing import Any, Literal, Optional
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, ImageDraw
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
@@ -36,7 +37,7 @@ from starlette.concurrency import run_in_threadpool
 from use_search.api.guard import LOOPBACK_HOSTS, Guard, Metrics, Policy
 from use_search.api.imaging import PixelBudgetError, decode_work, nearest_index, probe
 from use_search.api.schemas import (
-    MAX_CLASS_CHARS, MAX_CLASSES, ErrorOut, Filters, HealthOut, HitOut, ImageOut, SearchOut, SearchRequest, SegmentationOut,
+    MAX_CLASS_CHARS, MAX_CLASSES, ClassNames, ErrorOut, Filters, HealthOut, HitOut, ImageOut, SearchOut, SearchRequest, SegmentationOut,
     UploadOut, checked_text,
 )
 from use_search.api.worker import HeavyWorker, Indexed, JobInputError, WorkerBusy, WorkerFailed, WorkerTimeout
@@ -322,7 +323,7 @@ def create_app(
         return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid request')}", "errors": safe}, status_code=422)
 
     # Routes -------------------------------------------------------------------------------------
-    @app.get("/health", response_model=HealthOut)
+    @app.get("/health", response_model=HealthOut, operation_id="health")
     def health(request: Request) -> dict[str, Any]:
         st = _state(request)
         return {"status": "ok", "preset": settings.preset, "untrained": st.runtime.preset.untrained,
@@ -330,7 +331,9 @@ def create_app(
                 "worker": st.worker.state, "worker_jobs": st.worker.load}
 
     @app.get(
-        "/metrics", response_class=PlainTextResponse, responses=_errors(401, 403),
+        "/metrics", response_class=Response, operation_id="metrics",
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Metrics"},
+                   **_errors(401, 403)},
         description="Prometheus metrics (text exposition format).",
     )
     def get_metrics(request: Request) -> Response:
@@ -342,7 +345,7 @@ def create_app(
         g_jobs.set(st.worker.load)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/search", response_model=SearchOut, responses=_errors(*DATA, 400, 413))
+    @app.post("/search", response_model=SearchOut, responses=_errors(*DATA, 400, 413), operation_id="search")
     def search(body: SearchRequest, request: Request) -> dict[str, Any]:
         st = _state(request)
         f = body.filters or Filters()
@@ -358,17 +361,18 @@ def create_app(
         names = st.filenames({h.path for h in hits})
         return {"hits": [hit_json(h, names[h.path]) for h in hits], "count": len(hits)}
 
-    @app.get("/segments/{seg_id}", response_model=HitOut, responses=_errors(*DATA, 404))
+    @app.get("/segments/{seg_id}", response_model=HitOut, responses=_errors(*DATA, 404), operation_id="get_segment")
     def get_segment(seg_id: uuid.UUID, request: Request) -> dict[str, Any]:
         st = _state(request)
         hit = st.segment(seg_id)
         return hit_json(hit, st.filenames({hit.path})[hit.path])
 
-    @app.get("/segments/{seg_id}/mask.png", response_class=Response, responses={**PNG, **_errors(*DATA, 404)})
+    @app.get("/segments/{seg_id}/mask.png", response_class=Response, responses={**PNG, **_errors(*DATA, 404)},
+             operation_id="get_mask")
     def get_mask(seg_id: uuid.UUID, request: Request) -> Response:
         return Response(mask_png(_state(request).segment(seg_id).mask()), media_type="image/png")
 
-    @app.get("/images/{img_id}", response_model=ImageOut, responses=_errors(*DATA, 404))
+    @app.get("/images/{img_id}", response_model=ImageOut, responses=_errors(*DATA, 404), operation_id="get_image")
     def get_image(img_id: uuid.UUID, request: Request) -> dict[str, Any]:
         st = _state(request)
         entry = st.image_entry(img_id)
@@ -391,7 +395,8 @@ def create_app(
             raise HTTPException(409, f"{entry.path} changed since it was indexed; reindex it")
         return data
 
-    @app.get("/images/{img_id}/overlay.png", response_class=Response, responses={**PNG, **_errors(*DATA, 404, 409, 410)})
+    @app.get("/images/{img_id}/overlay.png", response_class=Response, responses={**PNG, **_errors(*DATA, 404, 409, 410)},
+             operation_id="get_overlay")
     def image_overlay(request: Request, img_id: uuid.UUID, segment: Optional[uuid.UUID] = Query(None)) -> Response:
         """The image (long side at most ``api.overlay_side``) with one segment, or all, drawn on it."""
         st = _state(request)
@@ -429,7 +434,7 @@ def create_app(
 
     @app.post("/images", status_code=201, response_model=UploadOut,
               responses={200: {"model": UploadOut, "description": "Already indexed (status 'exists')."},
-                         **_errors(*DATA, 400, 409, 413)})
+                         **_errors(*DATA, 400, 409, 413)}, operation_id="upload_image")
     async def upload_image(request: Request, file: UploadFile = File(...)) -> JSONResponse:
         """Upload an image and index it: segmented at the working size, masks stored at its own size."""
         st = _state(request)
@@ -476,10 +481,14 @@ def create_app(
             raise
         return {**body, "width": done.width, "height": done.height, "status": "indexed", "n_segments": len(done.points)}
 
-    @app.post("/segment", response_model=SegmentationOut, responses=_errors(*DATA, 400, 404, 409, 410, 413))
+    @app.post("/segment", response_model=SegmentationOut, responses=_errors(*DATA, 400, 404, 409, 410, 413),
+              operation_id="segment_image")
     async def segment_image(
         request: Request,
-        classes: list[str] = Form(..., description="Class names: repeat the field, or one comma-separated value."),
+        classes: list[ClassNames] = Form(
+            ..., min_length=1, max_length=MAX_CLASSES,
+            description="Class names: repeat the field, or one comma-separated value.",
+        ),
         file: Optional[UploadFile] = File(None, description="The image (or give image_id)."),
         image_id_: Optional[uuid.UUID] = Form(None, alias="image_id", description="An indexed image (or send file)."),
         labels_format: Literal["base64", "none"] = Form("base64"),
@@ -521,6 +530,14 @@ def create_app(
             out["labels_png"] = base64.b64encode(out["labels_png"]).decode()
         return out
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = tidy_openapi(get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes), bool(key))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     # Web page -------------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -530,6 +547,33 @@ def create_app(
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     return app
+
+
+def tidy_openapi(doc: dict[str, Any], keyed: bool) -> dict[str, Any]:
+    """What FastAPI cannot say from the signatures: a multipart part is absent or present, never
+    "null"; links from the responses that hand out ids to the routes that take them; and, on a
+    server with a key, the X-API-Key scheme on every route that needs it."""
+    for path, method in (("/segment", "post"), ("/images", "post")):
+        ref = doc["paths"][path][method]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+        for prop in doc["components"]["schemas"][ref.rsplit("/", 1)[1]]["properties"].values():
+            options = [o for o in prop.pop("anyOf", []) if o.get("type") != "null"]
+            if options:
+                prop.update(options[0])
+    hit = {"get_segment": {"seg_id": "$response.body#/hits/0/id"}, "get_mask": {"seg_id": "$response.body#/hits/0/id"},
+           "get_image": {"img_id": "$response.body#/hits/0/image_id"},
+           "get_overlay": {"img_id": "$response.body#/hits/0/image_id", "segment": "$response.body#/hits/0/id"}}
+    upload = {"get_image": {"img_id": "$response.body#/id"}, "get_overlay": {"img_id": "$response.body#/id"}}
+    for path, status, links in (("/search", "200", hit), ("/images", "201", upload), ("/images", "200", upload)):
+        response = doc["paths"][path]["post"]["responses"][status]
+        response["links"] = {op: {"operationId": op, "parameters": params} for op, params in links.items()}
+    if keyed:
+        doc.setdefault("components", {})["securitySchemes"] = {
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+        for path, ops in doc["paths"].items():
+            for op in ops.values():
+                if path not in OPEN_PATHS:
+                    op["security"] = [{"apiKey": []}]
+    return doc
 
 
 def app_from_env() -> FastAPI:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import posixpath
 import uuid
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -38,13 +38,25 @@ def checked_path(value: str, what: str) -> str:
     return "/" + norm.lstrip("/")  # normpath keeps a leading '//'
 
 
+# Documented patterns (the validators below say what is wrong in words): an absolute path; some
+# non-whitespace character.
+ABSOLUTE = {"pattern": "^/"}
+VISIBLE = {"pattern": r"\S"}
+
+
+# One /segment "classes" form value: a name, or several separated by commas.
+ClassNames = Annotated[str, Field(min_length=1, max_length=MAX_CLASSES * (MAX_CLASS_CHARS + 1), json_schema_extra=VISIBLE)]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
 
 class Filters(Strict):
-    path: Optional[str] = Field(None, max_length=4096, description="Only segments of this image (absolute path).")
-    under: Optional[str] = Field(None, max_length=4096, description="Only images under this folder (absolute path).")
+    path: Optional[str] = Field(None, min_length=1, max_length=4096, json_schema_extra=ABSOLUTE,
+                                description="Only segments of this image (absolute path).")
+    under: Optional[str] = Field(None, min_length=1, max_length=4096, json_schema_extra=ABSOLUTE,
+                                 description="Only images under this folder (absolute path).")
 
     @field_validator("path", "under")
     @classmethod
@@ -53,7 +65,8 @@ class Filters(Strict):
 
 
 class SearchRequest(Strict):
-    text: str = Field(..., min_length=1, max_length=1000, description="What to look for, e.g. \"car's license plate\".")
+    text: str = Field(..., min_length=1, max_length=1000, json_schema_extra=VISIBLE,
+                      description="What to look for, e.g. \"car's license plate\".")
     k: int = Field(10, ge=1, le=200, description="Number of hits.")
     filters: Optional[Filters] = None
     min_score: Optional[float] = Field(
@@ -65,6 +78,12 @@ class SearchRequest(Strict):
     @classmethod
     def _text(cls, v: str) -> str:
         return checked_text(v, "text")
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def _whole(cls, v: Any) -> Any:
+        """JSON Schema's integer includes 5.0; strings and booleans stay refused."""
+        return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
 # Responses ---------------------------------------------------------------------------------------
