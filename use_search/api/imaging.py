@@ -107,8 +107,10 @@ def decode_work(data: bytes, max_pixels: int, side: int) -> WorkImage:
             img.load()
             img = ImageOps.exif_transpose(img) or img
             if (img.height, img.width) != (th, tw):
-                if img.mode not in ("L", "RGB", "RGBA", "LA"):
-                    img = _to_rgb(img)  # 1-bit, palette, 16-bit... : resize an 8-bit mode
+                if img.mode == "1":
+                    img = img.convert("L")  # a third of the RGB array at full size
+                elif img.mode not in ("L", "RGB", "RGBA", "LA"):
+                    img = _to_rgb(img)  # palette, 16-bit, CMYK...: resize an 8-bit mode
                 img = img.resize((tw, th), RESAMPLE)
             rgb = _to_rgb(img)
     except ImageReadError:
