@@ -1,7 +1,7 @@
 """Issue 15 item 6: heavy uploads are worked at the segmenter's size, bounded, and never starve /search.
 
 Real ``use-search serve`` processes, real HTTP. Server A has the default worker; server B has no
-waiting room (queue 0), a 2 s job limit, and a working size raised to 4096 px so a big upload is
+waiting room (queue 0), a 5 s job limit, and a working size raised to 4096 px so a big upload is
 slow on purpose (the pre-fix behaviour: SAM's masks at full size).
 """
 
@@ -66,7 +66,7 @@ def server_a(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server_b(tmp_path_factory):
     root = tmp_path_factory.mktemp("heavy-b")
-    env = {"USE_SEARCH_API__WORKER_QUEUE": "0", "USE_SEARCH_API__WORKER_TIMEOUT_S": "2",
+    env = {"USE_SEARCH_API__WORKER_QUEUE": "0", "USE_SEARCH_API__WORKER_TIMEOUT_S": "5",
            "USE_SEARCH_API__WORK_SIDE": "4096", "USE_SEARCH_MAX_UPLOAD_BYTES": str(8 << 20)}
     with api_server(root, **env) as base:
         with httpx.Client(base_url=base, timeout=300) as c:
@@ -128,10 +128,10 @@ with httpx.Client(base_url=url, timeout=300) as c:
 
 def test_search_stays_fast_while_segment_runs(server_a, tmp_path):
     """/search latency while 4000×4000 uploads go to /segment back to back stays within 3× of idle
-    (medians). The heavy client is another process, so it shares nothing with the measuring one."""
+    (medians). The heavy client is another process, so it shares nothing with the measuring one; idle
+    and busy phases alternate, so a change in the machine's other load hits both alike."""
     big = tmp_path / "big.jpg"
     big.write_bytes(photo("chelsea", (4000, 4000)))
-    stop = tmp_path / "stop"
     texts = ["a cat", "a cup", "coffee", "a table", "a person", "the sky"]
 
     def searches(n: int) -> list[float]:
@@ -143,23 +143,29 @@ def test_search_stays_fast_while_segment_runs(server_a, tmp_path):
             assert r.status_code == 200, r.text
         return out
 
+    def jobs() -> int:
+        return server_a.get("/health").json()["worker_jobs"]
+
     searches(3)  # warm
-    idle = searches(20)
-    heavy = subprocess.Popen([sys.executable, "-c", HEAVY_CLIENT, str(server_a.base_url), str(big), str(stop)],
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while server_a.get("/health").json()["worker_jobs"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        busy = searches(20)
-        still_running = server_a.get("/health").json()["worker_jobs"] > 0
-    finally:
-        stop.touch()
-        out, _ = heavy.communicate(timeout=300)
-    idle += searches(20)
-    codes = out.split()
+    idle: list[float] = []
+    busy: list[float] = []
+    codes: list[str] = []
+    for cycle in range(3):
+        idle += searches(10)
+        stop = tmp_path / f"stop{cycle}"
+        heavy = subprocess.Popen([sys.executable, "-c", HEAVY_CLIENT, str(server_a.base_url), str(big), str(stop)],
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while jobs() == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            busy += searches(10)
+            assert jobs() > 0, "the /segment job ended before the searches did: nothing was measured"
+        finally:
+            stop.touch()
+            out, _ = heavy.communicate(timeout=300)
+        codes += out.split()
     assert codes and set(codes) == {"200"}, codes
-    assert still_running
     ratio = statistics.median(busy) / statistics.median(idle)
     print(f"search p50 idle {statistics.median(idle) * 1000:.1f} ms, with /segment {statistics.median(busy) * 1000:.1f} ms "
           f"(×{ratio:.2f}); heavy requests done: {len(codes)}")
@@ -190,8 +196,8 @@ def test_full_queue_is_503_at_once(server_b):
 def test_job_over_the_time_limit_is_stopped_and_the_worker_restarts(server_b):
     big = photo("chelsea", (3000, 3000))
     r = server_b.post("/segment", data={"classes": "cat"}, files={"file": ("big.jpg", big, "image/jpeg")})
-    assert r.status_code == 503 and "longer than 2 s" in r.json()["detail"], r.text
-    assert server_b.get("/health").json()["worker"] == "stopped"
-    r = server_b.post("/segment", data={"classes": "cup,table"}, files={"file": ("s.png", small_png(side=64), "image/png")})
-    assert r.status_code == 200, r.text
+    assert r.status_code == 503 and "longer than 5 s" in r.json()["detail"], r.text
+    assert server_b.get("/health").json()["worker"] == "stopped"  # killed, its memory with it
+    r = server_b.post("/images", files={"file": ("s.png", small_png(side=48), "image/png")})
+    assert r.status_code == 201, r.text  # a fresh worker took the next job
     assert server_b.get("/health").json()["worker"] == "running"
