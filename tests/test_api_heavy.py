@@ -126,6 +126,7 @@ with httpx.Client(base_url=url, timeout=300) as c:
 """
 
 
+@pytest.mark.slow
 def test_search_stays_fast_while_segment_runs(server_a, tmp_path):
     """/search latency while 4000×4000 uploads go to /segment back to back stays within 3× of idle
     (medians). The heavy client is another process, so it shares nothing with the measuring one; idle
@@ -172,6 +173,7 @@ def test_search_stays_fast_while_segment_runs(server_a, tmp_path):
     assert ratio <= 3.0, f"search slowed ×{ratio:.2f} while /segment ran"
 
 
+@pytest.mark.slow
 def test_full_queue_is_503_at_once(server_b):
     big = photo("chelsea", (3000, 3000))
     first: list[httpx.Response] = []
@@ -193,6 +195,7 @@ def test_full_queue_is_503_at_once(server_b):
         t.join(timeout=300)
 
 
+@pytest.mark.slow
 def test_job_over_the_time_limit_is_stopped_and_the_worker_restarts(server_b):
     big = photo("chelsea", (3000, 3000))
     r = server_b.post("/segment", data={"classes": "cat"}, files={"file": ("big.jpg", big, "image/jpeg")})

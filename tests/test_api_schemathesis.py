@@ -15,17 +15,19 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 import skimage.data
 from PIL import Image
 
 from servers import api_server
 
 KEY = "schemathesis-key-0123456789"
-EXAMPLES = int(os.environ.get("USE_SEARCH_ST_EXAMPLES", "40"))  # per operation and phase
+EXAMPLES = int(os.environ.get("USE_SEARCH_ST_EXAMPLES", "25"))  # per operation and phase
 SEED = os.environ.get("USE_SEARCH_ST_SEED", "20261125")
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 
 
+@pytest.mark.slow
 def test_schemathesis_run(tmp_path):
     env = {"USE_SEARCH_API_KEY": KEY, "USE_SEARCH_MAX_UPLOAD_BYTES": str(1 << 20),
            "USE_SEARCH_API__WORKER_TIMEOUT_S": "120"}

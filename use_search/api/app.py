@@ -271,7 +271,8 @@ def create_app(
         if "*" in hosts:
             hosts = None
     else:
-        hosts = frozenset(LOOPBACK_HOSTS) if bind_host is not None and is_loopback(bind_host) else None
+        loopback = bind_host is not None and is_loopback(bind_host)
+        hosts = frozenset((*LOOPBACK_HOSTS, bind_host.strip("[]").lower())) if loopback else None
     policy = Policy(
         key=key,
         body_limit=lambda path: limit + MULTIPART_OVERHEAD if path in UPLOAD_ROUTES else api.max_body_bytes,
