@@ -43,7 +43,7 @@ def test_schemathesis_run(tmp_path):
             [sys.executable, "-m", "schemathesis.cli", "--no-color", "--config-file", str(CONFIG), "run",
              f"{base}/openapi.json", "-H", f"X-API-Key: {KEY}", "--max-examples", str(EXAMPLES), "--seed", SEED,
              "--workers", "1", "--request-timeout", "300"],
-            capture_output=True, text=True, timeout=1200,
+            capture_output=True, text=True, timeout=1200, cwd=tmp_path,  # its .schemathesis/ cache goes there
         )
     out = run.stdout + run.stderr
     summary = re.search(r"Test cases:\s*\n\s*(.+)", out)
