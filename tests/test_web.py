@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -30,8 +31,8 @@ def base(tmp_path_factory):
         img.thumbnail((128, 128))
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        r = httpx.post(url + "/images", files={"file": ("chelsea.png", buf.getvalue(), "image/png")}, timeout=120)
-        assert r.status_code == 201, r.text
+        r = httpx.post(url + "/images", files={"file": ("Chelsea the cat.png", buf.getvalue(), "image/png")}, timeout=120)
+        assert r.status_code == 201, r.text  # stored as <sha256>.png; the page shows the name it came with
         yield url
 
 
@@ -54,6 +55,9 @@ def test_page_searches_and_shows_results(base, tmp_path):
     assert html.count('class="hit"') >= 1, html[-3000:]
     assert "segments for" in html  # the status line after a successful search
     assert 'src="blob:' in html  # overlay PNGs were fetched and shown
+    assert "Chelsea the cat.png · seg" in html and not re.search(r"[0-9a-f]{64}\.png · seg", html)
+    warn = re.search(r'<div id="warn"[^>]*>(.*?)</div>', html, re.S)
+    assert warn and "hidden" not in warn.group(0) and "Untrained models" in warn.group(1)  # /health: untrained
 
     shot = tmp_path / "web-search.png"
     r = chromium(tmp_path, f"--screenshot={shot}", page)

@@ -141,6 +141,22 @@ class StoreSettings(BaseModel):
         return self
 
 
+class ApiSettings(BaseModel):
+    """``use-search serve``: limits and the browser-facing policy (env ``USE_SEARCH_API__*``)."""
+
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)  # JSON bodies (POST /search); larger → 413
+    max_pixels: int = Field(default=50_000_000, ge=1)  # per request: an upload with more pixels → 413
+    work_side: int | None = Field(default=None, ge=16)  # uploads are segmented at this long side; None: SAM's input size
+    overlay_side: int = Field(default=2048, ge=16)  # overlay PNGs are drawn at most this long side
+    worker_queue: int = Field(default=4, ge=0)  # heavy jobs (segment, upload-index) that may wait; more → 503
+    worker_timeout_s: float = Field(default=300.0, gt=0)  # a heavy job running longer is stopped → 503
+    worker_startup_timeout_s: float = Field(default=600.0, gt=0)  # loading the models in the worker
+    worker_nice: int = Field(default=10, ge=0, le=19)  # the worker's CPU priority below the server's
+    cors_origins: list[str] = []  # browser origins allowed to call the API from other pages; none by default
+    # Host headers accepted (DNS rebinding); None: loopback names when serving on a loopback address.
+    allowed_hosts: list[str] | None = None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="USE_SEARCH_", env_nested_delimiter="__", extra="ignore", validate_default=True
@@ -160,6 +176,7 @@ class Settings(BaseSettings):
 
     api_key: str | None = None  # HTTP API key: clients send header X-API-Key (env USE_SEARCH_API_KEY)
     max_upload_bytes: int = 20 * 1024 * 1024  # POST /images and /segment uploads; larger → 413
+    api: ApiSettings = ApiSettings()
 
     amg: AutoMaskSettings = AutoMaskSettings()
     box: BoxPromptSettings = BoxPromptSettings()

@@ -1,61 +1,76 @@
 """HTTP API (FastAPI) over one store: search, segments, masks, overlays, upload+index, voting, metrics.
 
-One process owns the embedded store (it is locked): the app opens it once in its lifespan and
-builds the searcher / indexer / segmenter lazily, once, on first use. Store and model calls are
-serialised with locks (sync routes run in a thread pool).
+One process owns the embedded store (it is locked): the app opens it once in its lifespan.
+Two paths that never wait for each other:
+- search (and the other reads): the text tower under its own lock, the store lock held only for the
+  store call itself;
+- heavy work (``POST /segment``, ``POST /images``): a bounded queue into one worker process that owns
+  SAM and the image embedder (``worker.py``); uploads are decoded at the segmenter's working size.
+  Full: 503 at once; too slow: 503 and the worker is restarted.
+The outer ASGI layer (``guard.py``) checks Host, Origin, API key and body size and keeps the metrics.
 """
 
 from __future__ import annotations
 
 import base64
 import colorsys
-import hmac
 import io
+import ipaddress
+import math
 import os
 import threading
-import time
 import uuid
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Any, Optional
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal, Optional
 
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from PIL import Image
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, Field
+from PIL import Image, ImageDraw
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from starlette.concurrency import run_in_threadpool
 
+from use_search.api.guard import LOOPBACK_HOSTS, Guard, Metrics, Policy
+from use_search.api.imaging import PixelBudgetError, decode_work, nearest_index, probe
+from use_search.api.schemas import (
+    MAX_CLASS_CHARS, MAX_CLASSES, ClassNames, ErrorOut, Filters, HealthOut, HitOut, ImageOut, SearchOut, SearchRequest, SegmentationOut,
+    UploadOut, checked_text,
+)
+from use_search.api.worker import HeavyWorker, Indexed, JobInputError, WorkerBusy, WorkerFailed, WorkerTimeout
 from use_search.config import Settings
-from use_search.indexer.read import ImageReadError, LoadedImage, decode_image, read_image, sha256_bytes
-from use_search.masks import encode_rle
-from use_search.query.render import mask_png, overlay
-from use_search.query.voting import label_png, semantic_segmentation
-from use_search.store.base import SearchFilter, StoreError, VectorStore, image_id
-from use_search.types import Hit, ImageRecord
+from use_search.indexer.read import ImageReadError, sha256_bytes
+from use_search.indexer.runner import now_iso
+from use_search.query.render import mask_png
+from use_search.store.base import ImageEntry, SearchFilter, StoreError, VectorStore, image_id
+from use_search.types import Hit
 
 STATIC = Path(__file__).parent / "static"
-MAX_CLASSES = 255
 OPEN_PATHS = ("/health",)  # no key needed; the page and docs hold no data (their data calls need the key)
 OPEN_PREFIXES = ("/static/",)
 PAGE_PATHS = ("/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc", "/favicon.ico")
+UPLOAD_ROUTES = ("/images", "/segment")
+MULTIPART_OVERHEAD = 64 * 1024  # form fields and part headers around an upload
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp", "MPO": "jpg"}
+HIGHLIGHT = np.array([255, 64, 32], dtype=np.float32)
 
 
-# Request / response bodies ---------------------------------------------------------------------
-class Filters(BaseModel):
-    path: Optional[str] = Field(None, description="Only segments of this image (absolute path).")
-    under: Optional[str] = Field(None, description="Only images under this folder.")
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    text = {
+        400: "Not a usable image, or a malformed request.", 401: "Missing or wrong API key (header X-API-Key).",
+        403: "Cross-origin request refused.", 404: "No such segment / image.",
+        409: "Conflicts with what is indexed.", 410: "The indexed file cannot be read any more.",
+        413: "Body or image over the limit.", 422: "Invalid parameters.",
+        503: "Store unavailable, or the segmentation worker is busy / timed out.",
+    }
+    return {c: {"model": ErrorOut, "description": text[c]} for c in codes}
 
 
-class SearchRequest(BaseModel):
-    text: str = Field(..., min_length=1, max_length=1000)
-    k: int = Field(10, ge=1, le=200)
-    filters: Optional[Filters] = None
-    min_score: Optional[float] = None
-    dedup: bool = False
+PNG = {200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}, "description": "PNG image"}}
+DATA = (401, 403, 422, 503)  # every data route can answer these
 
 
 # State --------------------------------------------------------------------------------------------
@@ -66,95 +81,79 @@ class AppState:
         self.settings = settings
         self.runtime = Runtime.from_settings(settings)
         self.store: VectorStore | None = None
-        self.store_lock = threading.RLock()
-        self.model_lock = threading.Lock()
+        self.store_lock = threading.RLock()  # held for single store calls only
+        self.text_lock = threading.Lock()  # the text tower (search's fast path)
+        self.render_slots = threading.BoundedSemaphore(2)  # overlay PNGs drawn at once
+        self.worker = HeavyWorker(settings)  # SAM + image embedder, in a child process
+        self._build_lock = threading.Lock()
         self._searcher = None
-        self._indexer = None
-        self._segmenter = None
-        self._ids: dict[str, str] = {}  # image id → path
 
-    # Lazily built parts (each once) ------------------------------------------------------------
     def searcher(self):  # type: ignore[no-untyped-def]
-        with self.model_lock:
+        with self._build_lock:
             if self._searcher is None:
                 from use_search.query.search import Searcher
 
-                self._searcher = Searcher(self.require_store(), self._embedder())
+                self._searcher = Searcher(self.require_store(), self.runtime.embedder())
             return self._searcher
-
-    def _embedder(self):  # type: ignore[no-untyped-def]
-        if self._indexer is not None:
-            return self._indexer.embedder
-        if self._searcher is not None:
-            return self._searcher.embedder
-        return self.runtime.embedder()
-
-    def indexer(self):  # type: ignore[no-untyped-def]
-        with self.model_lock:
-            if self._indexer is None:
-                from use_search.indexer.runner import Indexer
-
-                s = self.settings
-                with self.store_lock:
-                    self._indexer = Indexer(
-                        self.require_store(), self._segmenter_locked(), self._embedder(),
-                        max_image_pixels=s.max_image_pixels, batch_images=s.batch_images,
-                        extensions=s.image_extensions,
-                    )
-            return self._indexer
-
-    def _segmenter_locked(self):  # type: ignore[no-untyped-def]
-        if self._segmenter is None:
-            self._segmenter = self.runtime.segmenter()
-        return self._segmenter
-
-    def segment_parts(self):  # type: ignore[no-untyped-def]
-        with self.model_lock:
-            return self._segmenter_locked(), self._embedder_cached()
-
-    def _embedder_cached(self):  # type: ignore[no-untyped-def]
-        emb = self._embedder()
-        if self._searcher is None and self._indexer is None:
-            from use_search.query.search import Searcher
-
-            self._searcher = Searcher(self.require_store(), emb)  # keep the one embedder around
-        return emb
 
     def require_store(self) -> VectorStore:
         if self.store is None:
             raise StoreError("the store is not open")
         return self.store
 
-    # Image ids ----------------------------------------------------------------------------------
-    def path_of(self, img_id: str) -> str:
-        if img_id in self._ids:
-            return self._ids[img_id]
+    def image_entry(self, img_id: uuid.UUID) -> ImageEntry:
         with self.store_lock:
-            self._ids = {image_id(e.path): e.path for e in self.require_store().iter_images()}
-        if img_id not in self._ids:
+            store = self.require_store()
+            entry = store.get_image_by_id(str(img_id)) if store.dim is not None else None
+        if entry is None:
             raise HTTPException(404, f"no indexed image with id {img_id}")
-        return self._ids[img_id]
+        return entry
+
+    def segment(self, seg_id: uuid.UUID) -> Hit:
+        with self.store_lock:
+            store = self.require_store()
+            found = store.get_segments([str(seg_id)]) if store.dim is not None else []
+        if not found:
+            raise HTTPException(404, f"no segment with id {seg_id}")
+        return found[0]
+
+    def filenames(self, paths: set[str]) -> dict[str, str]:
+        """Display names: an upload's original file name from its image record, else the file's name."""
+        uploads = self.settings.data_dir / "uploads"
+        names = {p: PurePosixPath(p).name for p in paths}
+        for p in paths:
+            if Path(p).parent == uploads:
+                with self.store_lock:
+                    entry = self.require_store().get_image(p)
+                if entry is not None and entry.filename:
+                    names[p] = entry.filename
+        return names
 
 
 def _state(request: Request) -> AppState:
     return request.app.state.use
 
 
-def _uuid(value: str, what: str) -> str:
-    """Ids are UUIDs; anything else (paths, '..', junk) is rejected before it reaches the store."""
-    try:
-        return str(uuid.UUID(value))
-    except (ValueError, AttributeError, TypeError):
-        raise HTTPException(422, f"malformed {what} id {value[:80]!r}: expected a UUID") from None
-
-
-def hit_json(h: Hit) -> dict[str, Any]:
+def hit_json(h: Hit, filename: str) -> dict[str, Any]:
     img = image_id(h.path)
     return {
-        **h.to_json(), "image_id": img,
+        **h.to_json(), "image_id": img, "filename": filename,
         "mask_url": f"/segments/{h.id}/mask.png",
         "overlay_url": f"/images/{img}/overlay.png?segment={h.id}",
     }
+
+
+def upload_name(name: str | None) -> str | None:
+    """An upload's file name for display: the last path component, printable, at most 255 characters."""
+    if not name:
+        return None
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(c for c in base if c.isprintable()).strip()
+    try:
+        base.encode("utf-8")
+    except UnicodeEncodeError:
+        base = base.encode("utf-8", "replace").decode("utf-8")
+    return base[:255] or None
 
 
 def _png(img: Image.Image) -> bytes:
@@ -177,13 +176,69 @@ def segments_overlay(pixels: np.ndarray, masks: list[np.ndarray]) -> Image.Image
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))
 
 
+def segment_overlay(pixels: np.ndarray, mask: np.ndarray, bbox: tuple[float, float, float, float]) -> Image.Image:
+    """Dim everything outside the mask, tint the mask, outline its box (``query.render.overlay``'s look)."""
+    out = pixels.astype(np.float32)
+    out[~mask] *= 0.35
+    out[mask] = out[mask] * 0.6 + HIGHLIGHT * 0.4
+    img = Image.fromarray(out.clip(0, 255).astype(np.uint8))
+    x, y, w, h = bbox
+    ImageDraw.Draw(img).rectangle([x, y, max(x, x + w - 1), max(y, y + h - 1)], outline=(255, 220, 0), width=2)
+    return img
+
+
+def is_loopback(host: str) -> bool:
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str, settings: Settings) -> str | None:
+    """The warning ``serve`` prints when anyone on the network could use the server without a key."""
+    if is_loopback(host) or settings.api_key:
+        return None
+    return (
+        f"Serving on {host} WITHOUT an API key: anyone who can reach this port can search your photos, "
+        "upload images and run segmentation. Set USE_SEARCH_API_KEY, or serve on 127.0.0.1."
+    )
+
+
+def _jsonable(value: Any, depth: int = 0) -> Any:
+    """What a 422 echoes back, made safe for strict JSON: NaN/Inf, lone surrogates, bytes, huge inputs."""
+    if depth > 6:
+        return "…"
+    if isinstance(value, dict):
+        return {str(_jsonable(k, depth + 1)): _jsonable(v, depth + 1) for k, v in list(value.items())[:50]}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, depth + 1) for v in list(value)[:50]]
+    if isinstance(value, bool) or value is None or isinstance(value, int):
+        return value if not isinstance(value, int) or abs(value) < 2**63 else str(value)[:40]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, (bytes, bytearray)):
+        return f"<{len(value)} bytes>"
+    text = value if isinstance(value, str) else str(value)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= 200 else text[:200] + "…"
+
+
 # App ----------------------------------------------------------------------------------------------
 def create_app(
-    settings: Settings, *, api_key: str | None = None, max_upload_bytes: int | None = None
+    settings: Settings, *, api_key: str | None = None, max_upload_bytes: int | None = None,
+    bind_host: str | None = None,
 ) -> FastAPI:
-    """The API app. ``api_key`` / ``max_upload_bytes`` override the settings' fields of those names."""
-    key = api_key or settings.api_key
+    """The API app. ``api_key`` / ``max_upload_bytes`` override the settings' fields of those names;
+    ``bind_host`` is the address served on (a loopback one restricts the Host header to loopback names)."""
+    key = settings.api_key if api_key is None else api_key
+    if key is not None and not key.strip():
+        raise ValueError(
+            "USE_SEARCH_API_KEY is set but empty: set a real key, or unset the variable to serve without one"
+        )
     limit = max_upload_bytes or settings.max_upload_bytes
+    api = settings.api
     uploads = settings.data_dir / "uploads"
 
     @asynccontextmanager
@@ -194,77 +249,104 @@ def create_app(
         try:
             yield
         finally:
+            await run_in_threadpool(st.worker.close)
             with st.store_lock:
                 st.store.close()
                 st.store = None
 
     app = FastAPI(
         title="use-search", version="0.1.0", lifespan=lifespan,
-        description="Search image segments by text (USE: SAM segments, CLIP embeddings, Qdrant).",
+        description="Search image segments by text (USE: SAM segments, CLIP embeddings, Qdrant). "
+        "When the server has an API key, every route but /health needs the header X-API-Key.",
     )
 
     registry = CollectorRegistry()
-    requests = Counter("use_search_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry)
-    latency = Histogram("use_search_http_request_seconds", "HTTP request latency", ["method", "route"], registry=registry)
+    metrics = Metrics(registry)
     g_images = Gauge("use_search_images", "Indexed images in the store", registry=registry)
     g_segments = Gauge("use_search_segments", "Segments in the store", registry=registry)
+    g_jobs = Gauge("use_search_worker_jobs", "Heavy jobs running or waiting", registry=registry)
 
-    # Middleware: auth, upload size, metrics. Errors are JSON {detail}. -----------------------
-    @app.middleware("http")
-    async def guard(request: Request, call_next):  # type: ignore[no-untyped-def]
-        started = time.perf_counter()
-        path = request.url.path
-        response: Response
-        open_path = path in OPEN_PATHS or path in PAGE_PATHS or path.startswith(OPEN_PREFIXES)
-        given = request.headers.get("x-api-key")
-        if key and not open_path and not (given and hmac.compare_digest(given.encode(), key.encode())):
-            response = JSONResponse(
-                {"detail": "missing API key (header X-API-Key)" if not given else "wrong API key"}, status_code=401
-            )
-        elif request.method == "POST" and _too_big(request, limit):
-            response = JSONResponse({"detail": f"upload over the {limit:,}-byte limit"}, status_code=413)
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        label = getattr(route, "path", None) or ("unmatched" if response.status_code == 404 else path if open_path else "other")
-        requests.labels(request.method, label, str(response.status_code)).inc()
-        latency.labels(request.method, label).observe(time.perf_counter() - started)
-        return response
+    if api.allowed_hosts is not None:
+        hosts: frozenset[str] | None = frozenset(h.lower().strip("[]") for h in api.allowed_hosts)
+        if "*" in hosts:
+            hosts = None
+    else:
+        loopback = bind_host is not None and is_loopback(bind_host)
+        hosts = frozenset((*LOOPBACK_HOSTS, bind_host.strip("[]").lower())) if loopback else None
+    policy = Policy(
+        key=key,
+        body_limit=lambda path: limit + MULTIPART_OVERHEAD if path in UPLOAD_ROUTES else api.max_body_bytes,
+        is_open=lambda path: path in OPEN_PATHS or path in PAGE_PATHS or path.startswith(OPEN_PREFIXES),
+        allowed_hosts=hosts,
+        cors_origins=frozenset(api.cors_origins),
+    )
+    app.add_middleware(Guard, policy=policy, metrics=metrics, router=app.router)
+    if api.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
 
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(api.cors_origins), allow_methods=["GET", "POST"],
+            allow_headers=["X-API-Key", "Content-Type"],
+        )
+
+    # Errors: always {"detail": str} (+ "errors" on 422) -------------------------------------------
     @app.exception_handler(StoreError)
     async def store_error(request: Request, exc: StoreError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=503)
 
     @app.exception_handler(ImageReadError)
     async def image_error(request: Request, exc: ImageReadError) -> JSONResponse:
+        if isinstance(exc, PixelBudgetError):
+            return JSONResponse({"detail": f"{exc} (api.max_pixels)"}, status_code=413)
         return JSONResponse({"detail": f"not a usable image: {exc}"}, status_code=400)
+
+    @app.exception_handler(JobInputError)
+    async def job_input_error(request: Request, exc: JobInputError) -> JSONResponse:
+        if exc.kind == "budget":
+            return JSONResponse({"detail": f"{exc} (api.max_pixels)"}, status_code=413)
+        if exc.kind == "image":
+            return JSONResponse({"detail": f"not a usable image: {exc}"}, status_code=400)
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(WorkerBusy)
+    @app.exception_handler(WorkerTimeout)
+    @app.exception_handler(WorkerFailed)
+    async def worker_error(request: Request, exc: Exception) -> JSONResponse:
+        headers = {"Retry-After": "5"} if isinstance(exc, (WorkerBusy, WorkerTimeout)) else None
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errs = exc.errors()
-        first = errs[0] if errs else {}
+        errs = [{k: v for k, v in e.items() if k not in ("ctx", "url")} for e in exc.errors()]
+        safe = _jsonable(errs)
+        first = safe[0] if safe else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return JSONResponse(
-            {"detail": f"{where}: {first.get('msg', 'invalid request')}", "errors": _jsonable(errs)}, status_code=422
-        )
+        return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid request')}", "errors": safe}, status_code=422)
 
     # Routes -------------------------------------------------------------------------------------
-    @app.get("/health")
+    @app.get("/health", response_model=HealthOut, operation_id="health")
     def health(request: Request) -> dict[str, Any]:
         st = _state(request)
         return {"status": "ok", "preset": settings.preset, "untrained": st.runtime.preset.untrained,
-                "store": "open" if st.store is not None else "closed", "auth": bool(key)}
+                "store": "open" if st.store is not None else "closed", "auth": bool(key),
+                "worker": st.worker.state, "worker_jobs": st.worker.load}
 
-    @app.get("/metrics")
-    def metrics(request: Request) -> Response:
+    @app.get(
+        "/metrics", response_class=Response, operation_id="metrics",
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Metrics"},
+                   **_errors(401, 403)},
+        description="Prometheus metrics (text exposition format).",
+    )
+    def get_metrics(request: Request) -> Response:
         st = _state(request)
         with st.store_lock:
             store = st.require_store()
             g_images.set(store.count_images() if store.dim is not None else 0)
             g_segments.set(store.count_segments() if store.dim is not None else 0)
+        g_jobs.set(st.worker.load)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/search")
+    @app.post("/search", response_model=SearchOut, responses=_errors(*DATA, 400, 413), operation_id="search")
     def search(body: SearchRequest, request: Request) -> dict[str, Any]:
         st = _state(request)
         f = body.filters or Filters()
@@ -273,78 +355,77 @@ def create_app(
         if store.dim is None:
             return {"hits": [], "count": 0}
         searcher = st.searcher()
-        with st.model_lock:
+        with st.text_lock:
             vector = searcher.embed(body.text)
         with st.store_lock:
-            try:
-                hits = searcher.search_vector(vector, body.k, None if flt.is_empty() else flt, body.min_score, body.dedup)
-            except ValueError as e:
-                raise HTTPException(422, str(e)) from None
-        return {"hits": [hit_json(h) for h in hits], "count": len(hits)}
+            hits = searcher.search_vector(vector, body.k, None if flt.is_empty() else flt, body.min_score, body.dedup)
+        names = st.filenames({h.path for h in hits})
+        return {"hits": [hit_json(h, names[h.path]) for h in hits], "count": len(hits)}
 
-    def _segment(st: AppState, seg_id: str) -> Hit:
-        sid = _uuid(seg_id, "segment")
-        with st.store_lock:
-            store = st.require_store()
-            found = store.get_segments([sid]) if store.dim is not None else []
-        if not found:
-            raise HTTPException(404, f"no segment with id {sid}")
-        return found[0]
-
-    @app.get("/segments/{seg_id}")
-    def get_segment(seg_id: str, request: Request) -> dict[str, Any]:
-        return hit_json(_segment(_state(request), seg_id))
-
-    @app.get("/segments/{seg_id}/mask.png")
-    def get_mask(seg_id: str, request: Request) -> Response:
-        return Response(mask_png(_segment(_state(request), seg_id).mask()), media_type="image/png")
-
-    def _image_pixels(st: AppState, img_id: str) -> tuple[str, np.ndarray]:
-        path = st.path_of(_uuid(img_id, "image"))
-        with st.store_lock:
-            entry = st.require_store().get_image(path)
-        if entry is None:
-            raise HTTPException(404, f"no indexed image with id {img_id}")
-        try:
-            loaded = read_image(Path(path), settings.max_image_pixels)
-        except ImageReadError as e:
-            raise HTTPException(410, f"indexed image {path} cannot be read any more: {e}") from None
-        if loaded.record.sha256 != entry.sha256:
-            raise HTTPException(409, f"{path} changed since it was indexed; reindex it")
-        return path, loaded.pixels
-
-    @app.get("/images/{img_id}")
-    def get_image(img_id: str, request: Request) -> dict[str, Any]:
+    @app.get("/segments/{seg_id}", response_model=HitOut, responses=_errors(*DATA, 404), operation_id="get_segment")
+    def get_segment(seg_id: uuid.UUID, request: Request) -> dict[str, Any]:
         st = _state(request)
-        iid = _uuid(img_id, "image")
-        path = st.path_of(iid)
+        hit = st.segment(seg_id)
+        return hit_json(hit, st.filenames({hit.path})[hit.path])
+
+    @app.get("/segments/{seg_id}/mask.png", response_class=Response, responses={**PNG, **_errors(*DATA, 404)},
+             operation_id="get_mask")
+    def get_mask(seg_id: uuid.UUID, request: Request) -> Response:
+        return Response(mask_png(_state(request).segment(seg_id).mask()), media_type="image/png")
+
+    @app.get("/images/{img_id}", response_model=ImageOut, responses=_errors(*DATA, 404), operation_id="get_image")
+    def get_image(img_id: uuid.UUID, request: Request) -> dict[str, Any]:
+        st = _state(request)
+        entry = st.image_entry(img_id)
         with st.store_lock:
-            store = st.require_store()
-            entry = store.get_image(path)
-            segs = sorted(store.scroll_segments(SearchFilter(path=path)), key=lambda h: h.segment_index)
-        if entry is None:
-            raise HTTPException(404, f"no indexed image with id {img_id}")
+            segs = sorted(st.require_store().scroll_segments(SearchFilter(path=entry.path)), key=lambda h: h.segment_index)
         return {
-            "id": iid, "path": entry.path, "sha256": entry.sha256, "width": entry.width, "height": entry.height,
+            "id": img_id, "path": entry.path, "filename": entry.filename or PurePosixPath(entry.path).name,
+            "sha256": entry.sha256, "width": entry.width, "height": entry.height,
             "n_segments": entry.n_segments, "model": entry.model, "indexed_at": entry.indexed_at,
-            "overlay_url": f"/images/{iid}/overlay.png",
+            "overlay_url": f"/images/{img_id}/overlay.png",
             "segments": [{"id": h.id, "segment_index": h.segment_index, "bbox": list(h.bbox), "area": h.area} for h in segs],
         }
 
-    @app.get("/images/{img_id}/overlay.png")
-    def image_overlay(request: Request, img_id: str, segment: Optional[str] = Query(None)) -> Response:
+    def _stored_bytes(entry: ImageEntry) -> bytes:
+        try:
+            data = Path(entry.path).read_bytes()
+        except OSError as e:
+            raise HTTPException(410, f"indexed image {entry.path} cannot be read any more: {e.strerror or e}") from None
+        if sha256_bytes(data) != entry.sha256:
+            raise HTTPException(409, f"{entry.path} changed since it was indexed; reindex it")
+        return data
+
+    @app.get("/images/{img_id}/overlay.png", response_class=Response, responses={**PNG, **_errors(*DATA, 404, 409, 410)},
+             operation_id="get_overlay")
+    def image_overlay(request: Request, img_id: uuid.UUID, segment: Optional[uuid.UUID] = Query(None)) -> Response:
+        """The image (long side at most ``api.overlay_side``) with one segment, or all, drawn on it."""
         st = _state(request)
-        path, pixels = _image_pixels(st, img_id)
-        if segment is not None:
-            hit = _segment(st, segment)
-            if hit.path != path:
-                raise HTTPException(404, f"segment {hit.id} is not on image {img_id}")
-            img = overlay(pixels, hit.mask(), hit.bbox)
-        else:
+        entry = st.image_entry(img_id)
+        hit = st.segment(segment) if segment is not None else None
+        if hit is not None and hit.path != entry.path:
+            raise HTTPException(404, f"segment {hit.id} is not on image {img_id}")
+        if hit is None:
             with st.store_lock:
-                segs = list(st.require_store().scroll_segments(SearchFilter(path=path)))
-            img = segments_overlay(pixels, [h.mask() for h in segs])
-        return Response(_png(img), media_type="image/png")
+                hits = list(st.require_store().scroll_segments(SearchFilter(path=entry.path)))
+        with st.render_slots:
+            data = _stored_bytes(entry)
+            try:
+                img = decode_work(data, settings.max_image_pixels, api.overlay_side)
+            except ImageReadError as e:
+                raise HTTPException(410, f"indexed image {entry.path} cannot be decoded any more: {e}") from None
+            h, w = img.pixels.shape[:2]
+
+            def small(m: np.ndarray) -> np.ndarray:
+                return m if m.shape == (h, w) else m[nearest_index(h, m.shape[0])][:, nearest_index(w, m.shape[1])]
+
+            if hit is not None:
+                sx, sy = w / hit.width, h / hit.height
+                x, y, bw, bh = hit.bbox
+                out = segment_overlay(img.pixels, small(hit.mask()), (x * sx, y * sy, bw * sx, bh * sy))
+            else:
+                out = segments_overlay(img.pixels, [small(s.mask()) for s in hits])
+            return Response(_png(out), media_type="image/png")
 
     async def _read_upload(file: UploadFile) -> bytes:
         data = await file.read(limit + 1)
@@ -352,95 +433,111 @@ def create_app(
             raise HTTPException(413, f"upload over the {limit:,}-byte limit")
         return data
 
-    @app.post("/images", status_code=201)
+    @app.post("/images", status_code=201, response_model=UploadOut,
+              responses={200: {"model": UploadOut, "description": "Already indexed (status 'exists')."},
+                         **_errors(*DATA, 400, 409, 413)}, operation_id="upload_image")
     async def upload_image(request: Request, file: UploadFile = File(...)) -> JSONResponse:
+        """Upload an image and index it: segmented at the working size, masks stored at its own size."""
         st = _state(request)
         data = await _read_upload(file)
-        # Decode first: a corrupt upload stores nothing (no file, no points).
-        pixels = decode_image(data, settings.max_image_pixels)
-        fmt = Image.open(io.BytesIO(data)).format or "PNG"
+        body = await run_in_threadpool(_index_upload, st, data, upload_name(file.filename))
+        return JSONResponse(body, status_code=201 if body["status"] == "indexed" else 200)
+
+    def _index_upload(st: AppState, data: bytes, filename: str | None) -> dict[str, Any]:
+        info = probe(data, api.max_pixels)  # not an image / too many pixels: refused before any work
         digest = sha256_bytes(data)
-        uploads.mkdir(parents=True, exist_ok=True)
-        dest = uploads / f"{digest}.{FORMAT_EXT.get(fmt, fmt.lower())}"
-        h, w = pixels.shape[:2]
-        body = {"id": image_id(str(dest)), "path": str(dest), "sha256": digest, "width": w, "height": h,
-                "filename": file.filename}
-        from starlette.concurrency import run_in_threadpool
-
-        status, n = await run_in_threadpool(_index_upload, st, dest, data, pixels, digest)
-        st._ids[body["id"]] = str(dest)
-        return JSONResponse({**body, "status": status, "n_segments": n}, status_code=201 if status == "indexed" else 200)
-
-    def _index_upload(st: AppState, dest: Path, data: bytes, pixels: np.ndarray, digest: str) -> tuple[str, int]:
+        dest = uploads / f"{digest}.{FORMAT_EXT.get(info.format, info.format.lower())}"
+        body = {"id": image_id(str(dest)), "path": str(dest), "sha256": digest, "filename": filename,
+                "width": info.width, "height": info.height}
         with st.store_lock:
             store = st.require_store()
             old = store.get_image(str(dest)) if store.dim is not None else None
             twins = [e for e in store.find_images(digest) if e.path != str(dest)] if store.dim is not None else []
+            someone = next(store.iter_images(), None) if store.dim is not None else None
         if old is not None and old.sha256 == digest and dest.is_file():
-            return "exists", old.n_segments
+            return {**body, "filename": old.filename, "status": "exists", "n_segments": old.n_segments}
         twin = next((e for e in twins if Path(e.path).is_file()), None)
         if twin is not None:  # point ids come from the content hash: indexing it again would steal its points
             raise HTTPException(409, f"the same image is already indexed as {twin.path} (id {image_id(twin.path)})")
-        indexer = st.indexer()
-        h, w = pixels.shape[:2]
-        loaded = LoadedImage(ImageRecord(str(dest), digest, w, h), pixels)
-        with st.model_lock:
-            points = indexer.process(loaded)
+        done: Indexed = st.worker.run("index", data, str(dest), digest)
+        if someone is not None and someone.model != done.model:
+            raise HTTPException(
+                409, f"this store holds segments embedded with '{someone.model}', the server embeds with "
+                f"'{done.model}': serve with the same preset/--model as for indexing"
+            )
+        uploads.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_suffix(dest.suffix + ".part")
         tmp.write_bytes(data)
         try:
-            with st.store_lock:
-                indexer._commit([(loaded, points)])
+            with st.store_lock:  # the record goes last: an image counts as indexed once all its points are in
+                store = st.require_store()
+                store.ensure(done.dim)
+                if done.points:
+                    store.upsert_segments(done.points)
+                store.put_image(ImageEntry(str(dest), digest, done.width, done.height, len(done.points),
+                                           done.model, now_iso(), filename=filename))
             os.replace(tmp, dest)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return "indexed", len(points)
+        return {**body, "width": done.width, "height": done.height, "status": "indexed", "n_segments": len(done.points)}
 
-    @app.post("/segment")
+    @app.post("/segment", response_model=SegmentationOut, responses=_errors(*DATA, 400, 404, 409, 410, 413),
+              operation_id="segment_image")
     async def segment_image(
         request: Request,
-        classes: list[str] = Form(..., description="Class names: repeat the field, or one comma-separated value."),
-        file: Optional[UploadFile] = File(None),
-        image_id_: Optional[str] = Form(None, alias="image_id"),
-        labels_format: str = Form("base64", pattern="^(base64|none)$"),
+        classes: list[ClassNames] = Form(
+            ..., min_length=1, max_length=MAX_CLASSES,
+            description="Class names: repeat the field, or one comma-separated value.",
+        ),
+        file: Optional[UploadFile] = File(None, description="The image (or give image_id)."),
+        image_id_: Optional[uuid.UUID] = Form(None, alias="image_id", description="An indexed image (or send file)."),
+        labels_format: Literal["base64", "none"] = Form("base64"),
     ) -> dict[str, Any]:
-        """Semantic segmentation by voting (paper §4.3) of an upload or an indexed image."""
+        """Semantic segmentation by voting (paper §4.3) of an upload or an indexed image.
+
+        The image is segmented at the working size (long side at most SAM's input, 1024 px for the
+        real models): the label map and masks are at ``width`` × ``height``; ``image_width`` ×
+        ``image_height`` is the image's own size."""
         st = _state(request)
         names = [c.strip() for item in classes for c in item.split(",") if c.strip()]
         if not names:
             raise HTTPException(422, "give at least one class name")
         if len(names) > MAX_CLASSES or len(set(names)) != len(names):
             raise HTTPException(422, f"class names must be distinct and at most {MAX_CLASSES}")
+        for n in names:
+            try:
+                checked_text(n, "class name")
+            except ValueError as e:
+                raise HTTPException(422, str(e)) from None
+            if len(n) > MAX_CLASS_CHARS:
+                raise HTTPException(422, f"class names must be at most {MAX_CLASS_CHARS} characters")
         if (file is None) == (image_id_ is None):
             raise HTTPException(422, "send exactly one of: an image file (field 'file') or 'image_id'")
         if file is not None:
-            pixels = decode_image(await _read_upload(file), settings.max_image_pixels)
-            source: dict[str, Any] = {"filename": file.filename}
+            data = await _read_upload(file)
+            source: dict[str, Any] = {"filename": upload_name(file.filename)}
         else:
-            from starlette.concurrency import run_in_threadpool
+            entry = await run_in_threadpool(st.image_entry, image_id_)
+            data = await run_in_threadpool(_stored_bytes, entry)
+            source = {"image_id": image_id_, "path": entry.path}
+        out = await run_in_threadpool(_segment_job, data, names, labels_format == "base64", st)
+        return {**source, **out, "classes": names, "unlabeled_value": 255}
 
-            path, pixels = await run_in_threadpool(_image_pixels, st, image_id_)
-            source = {"image_id": _uuid(image_id_, "image"), "path": path}
-        from starlette.concurrency import run_in_threadpool
-
-        labels, masks = await run_in_threadpool(_vote, st, pixels, names)
-        h, w = labels.shape
-        out: dict[str, Any] = {
-            **source, "width": w, "height": h, "classes": names, "unlabeled_value": 255,
-            "unlabeled_pixels": int((labels < 0).sum()),
-            "masks": [
-                {"class": n, "index": i, "area": int(m.sum()), "rle": encode_rle(m)} for i, (n, m) in enumerate(masks.items())
-            ],
-        }
-        if labels_format == "base64":
-            out["labels_png"] = base64.b64encode(label_png(labels)).decode()
+    def _segment_job(data: bytes, names: list[str], with_png: bool, st: AppState) -> dict[str, Any]:
+        probe(data, api.max_pixels)  # not an image / too many pixels: refused before it takes a queue slot
+        out = st.worker.run("segment", data, names, with_png)
+        if with_png:
+            out["labels_png"] = base64.b64encode(out["labels_png"]).decode()
         return out
 
-    def _vote(st: AppState, pixels: np.ndarray, names: list[str]):  # type: ignore[no-untyped-def]
-        segmenter, embedder = st.segment_parts()
-        with st.model_lock:
-            return semantic_segmentation(pixels, names, segmenter, embedder)
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = tidy_openapi(get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes), bool(key))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     # Web page -------------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -453,29 +550,31 @@ def create_app(
     return app
 
 
-def _too_big(request: Request, limit: int) -> bool:
-    """Refuse an oversized body from its Content-Length before reading it (multipart overhead allowed)."""
-    try:
-        return int(request.headers.get("content-length", "0")) > limit + 64 * 1024
-    except ValueError:
-        return False
-
-
-def _jsonable(errors: list[Any]) -> list[Any]:
-    out = []
-    for e in errors:
-        e = dict(e)
-        e.pop("ctx", None)
-        if isinstance(e.get("input"), (bytes, bytearray)):
-            e["input"] = None
-        out.append(e)
-    try:
-        import json
-
-        json.dumps(out, default=str)
-        return json.loads(json.dumps(out, default=str))
-    except (TypeError, ValueError):
-        return []
+def tidy_openapi(doc: dict[str, Any], keyed: bool) -> dict[str, Any]:
+    """What FastAPI cannot say from the signatures: a multipart part is absent or present, never
+    "null"; links from the responses that hand out ids to the routes that take them; and, on a
+    server with a key, the X-API-Key scheme on every route that needs it."""
+    for path, method in (("/segment", "post"), ("/images", "post")):
+        ref = doc["paths"][path][method]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+        for prop in doc["components"]["schemas"][ref.rsplit("/", 1)[1]]["properties"].values():
+            options = [o for o in prop.pop("anyOf", []) if o.get("type") != "null"]
+            if options:
+                prop.update(options[0])
+    hit = {"get_segment": {"seg_id": "$response.body#/hits/0/id"}, "get_mask": {"seg_id": "$response.body#/hits/0/id"},
+           "get_image": {"img_id": "$response.body#/hits/0/image_id"},
+           "get_overlay": {"img_id": "$response.body#/hits/0/image_id", "segment": "$response.body#/hits/0/id"}}
+    upload = {"get_image": {"img_id": "$response.body#/id"}, "get_overlay": {"img_id": "$response.body#/id"}}
+    for path, status, links in (("/search", "200", hit), ("/images", "201", upload), ("/images", "200", upload)):
+        response = doc["paths"][path]["post"]["responses"][status]
+        response["links"] = {op: {"operationId": op, "parameters": params} for op, params in links.items()}
+    if keyed:
+        doc.setdefault("components", {})["securitySchemes"] = {
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+        for path, ops in doc["paths"].items():
+            for op in ops.values():
+                if path not in OPEN_PATHS:
+                    op["security"] = [{"apiKey": []}]
+    return doc
 
 
 def app_from_env() -> FastAPI:
@@ -486,4 +585,4 @@ def app_from_env() -> FastAPI:
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info", **kw: Any) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(settings, **kw), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(settings, bind_host=host, **kw), host=host, port=port, log_level=log_level)

@@ -221,8 +221,12 @@ def serve(
 ) -> None:
     """HTTP API + web page over the store. This process owns the embedded store while it runs."""
     from use_search.api import serve as run_server
+    from use_search.api.app import exposure_warning
 
     banner()
+    warning = exposure_warning(host, state.settings)
+    if warning:
+        err.print(Panel(Text(warning, style="bold"), title="no API key", border_style="red"))
     run_server(state.settings, host, port)
 
 

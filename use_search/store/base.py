@@ -48,13 +48,15 @@ class ImageEntry:
     n_segments: int
     model: str
     indexed_at: str  # ISO 8601, UTC
+    filename: str | None = None  # an upload's original file name (the API stores uploads by hash)
 
     def payload(self) -> dict[str, Any]:
-        return {**asdict(self), "dirs": ancestor_dirs(self.path)}
+        fields = {k: v for k, v in asdict(self).items() if not (k == "filename" and v is None)}
+        return {**fields, "dirs": ancestor_dirs(self.path)}
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> "ImageEntry":
-        return cls(**{k: payload[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: payload[k] for k in cls.__dataclass_fields__ if k in payload})
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,10 @@ class VectorStore(ABC):
 
     @abstractmethod
     def get_image(self, path: str) -> ImageEntry | None: ...
+
+    @abstractmethod
+    def get_image_by_id(self, image_id: str) -> ImageEntry | None:
+        """The image record whose id is ``image_id`` (``image_id(path)``): one lookup, no scan."""
 
     @abstractmethod
     def iter_images(self) -> Iterator[ImageEntry]: ...

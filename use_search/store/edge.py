@@ -118,9 +118,12 @@ class EdgeStore(VectorStore):
 
     # Images --------------------------------------------------------------------------------------
     def get_image(self, path: str) -> ImageEntry | None:
+        return self.get_image_by_id(image_id(path))
+
+    def get_image_by_id(self, image_id: str) -> ImageEntry | None:
         if self._images is None:
             return None
-        records = self._images.retrieve([image_id(path)], True, False)
+        records = self._images.retrieve([image_id], True, False)
         return ImageEntry.from_payload(records[0].payload) if records else None
 
     def iter_images(self) -> Iterator[ImageEntry]:

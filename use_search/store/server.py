@@ -147,10 +147,13 @@ class ServerStore(VectorStore):
 
     # Images --------------------------------------------------------------------------------------
     def get_image(self, path: str) -> ImageEntry | None:
+        return self.get_image_by_id(image_id(path))
+
+    def get_image_by_id(self, image_id: str) -> ImageEntry | None:
         with self._errors():
             if not self._has(self.images_collection):
                 return None
-            records = self.client.retrieve(self.images_collection, ids=[image_id(path)], with_payload=True)
+            records = self.client.retrieve(self.images_collection, ids=[image_id], with_payload=True)
         return ImageEntry.from_payload(records[0].payload) if records else None
 
     def iter_images(self) -> Iterator[ImageEntry]:

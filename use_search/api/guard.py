@@ -1,0 +1,191 @@
+"""The API's outer ASGI layer: metrics, Host and Origin checks, the API key, the body size limit.
+
+Each request, in this order: the Host header must be one this server answers to (a DNS-rebinding page
+cannot reach a loopback server); a state-changing request from another browser origin is refused
+(a web page cannot make your browser POST to the local server: CORS is off unless origins are listed);
+data routes need the API key when one is set; the body may not exceed its route's limit, counted
+while it streams in (a chunked body has no Content-Length to check up front).
+Metrics are labelled by route template and a fixed set of methods, so their size stays bounded
+whatever paths and methods clients send.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.routing import Match, Router
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+@dataclass
+class Policy:
+    key: str | None
+    body_limit: Callable[[str], int]  # path → byte limit of its body
+    is_open: Callable[[str], bool]  # path → needs no key
+    allowed_hosts: frozenset[str] | None  # None: any Host header
+    cors_origins: frozenset[str] = field(default_factory=frozenset)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "use_search_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry
+        )
+        self.latency = Histogram(
+            "use_search_http_request_seconds", "HTTP request latency", ["method", "route"], registry=registry
+        )
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
+
+
+def route_label(router: Router, scope: Scope) -> str:
+    """The template of the route that serves ``scope`` ("/segments/{seg_id}", "/static"), else "unmatched"."""
+    partial = None
+    for route in router.routes:
+        match, _ = route.matches(scope)
+        if match == Match.FULL:
+            return getattr(route, "path", "unmatched") or "unmatched"
+        if match == Match.PARTIAL and partial is None:
+            partial = getattr(route, "path", None)
+    return partial or "unmatched"
+
+
+def host_name(host_header: str) -> str:
+    """'[::1]:8000' → '::1', 'Example.com:80' → 'example.com'."""
+    h = host_header.strip().lower()
+    if h.startswith("["):
+        return h[1 : h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+async def send_json(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
+    data = json.dumps(body).encode()
+    await send({
+        "type": "http.response.start", "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *headers],
+    })
+    await send({"type": "http.response.body", "body": data})
+
+
+class Guard:
+    def __init__(self, app: ASGIApp, *, policy: Policy, metrics: Metrics, router: Router) -> None:
+        self.app = app
+        self.policy = policy
+        self.metrics = metrics
+        self.router = router
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+        method = scope["method"] if scope["method"] in METHODS else "other"
+        route = route_label(self.router, scope)  # before routing, which rewrites the scope (mounts)
+
+        async def send_counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            refusal = self.refusal(scope)
+            if refusal is not None:
+                await send_json(send_counted, refusal[0], {"detail": refusal[1]})
+            else:
+                await self.limited(scope, receive, send_counted)
+        finally:
+            self.metrics.observe(method, route, status, time.perf_counter() - started)
+
+    def refusal(self, scope: Scope) -> tuple[int, str] | None:
+        headers = _headers(scope)
+        p = self.policy
+        host = headers.get("host", "")
+        if p.allowed_hosts is not None and host_name(host) not in p.allowed_hosts:
+            return 400, (
+                f"Host {host[:100]!r} is not served here (api.allowed_hosts: {', '.join(sorted(p.allowed_hosts))})"
+            )
+        if scope["method"] not in SAFE_METHODS:
+            origin = headers.get("origin")
+            if origin is not None:
+                same = origin != "null" and urlsplit(origin).netloc.lower() == host.lower()
+                if not same and origin not in p.cors_origins:
+                    return 403, (
+                        f"cross-origin request refused: origin {origin[:100]!r} is not this server; "
+                        "list it in api.cors_origins (USE_SEARCH_API__CORS_ORIGINS) to allow it"
+                    )
+            elif headers.get("sec-fetch-site") in ("cross-site", "same-site"):
+                return 403, "cross-origin request refused (Sec-Fetch-Site: cross-site)"
+        path = scope["path"]
+        if p.key and not p.is_open(path):
+            given = headers.get("x-api-key")
+            if not given:
+                return 401, "missing API key (header X-API-Key)"
+            if not hmac.compare_digest(given.encode("latin-1"), p.key.encode()):
+                return 401, "wrong API key"
+        return None
+
+    async def limited(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app with the body capped at the route's limit: up front from Content-Length, and
+        while the body streams in (chunked uploads); past the limit the request ends with 413."""
+        limit = self.policy.body_limit(scope["path"])
+        detail = {"detail": f"request body over the {limit:,}-byte limit for {scope['path'][:100]}"}
+        declared = _headers(scope).get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await send_json(send, 400, {"detail": "malformed Content-Length header"})
+                return
+            if int(declared) > limit:
+                await send_json(send, 413, detail, [(b"connection", b"close")])
+                return
+        received = 0
+        over = False
+        response_started = False
+
+        async def receive_counted() -> Message:
+            nonlocal received, over
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    over = True
+                    raise BodyTooLarge()
+            return message
+
+        async def send_unless_over(message: Message) -> None:
+            nonlocal response_started
+            if over and not response_started:
+                return  # whatever the app made of the cut body, the answer is 413 (sent below)
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive_counted, send_unless_over)
+        except Exception:
+            if not over:
+                raise
+        if over and not response_started:
+            await send_json(send, 413, detail, [(b"connection", b"close")])
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+

@@ -1,0 +1,185 @@
+"""Request and response bodies of the HTTP API: what /openapi.json documents is what the routes send.
+
+Requests are strict: no coercion (``"k": "5"`` and ``"dedup": 0`` are 422), no unknown fields, only
+finite numbers, and text that is real Unicode with something visible in it.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import uuid
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_CLASSES = 255  # label PNGs are 8-bit with 255 = unlabeled
+MAX_CLASS_CHARS = 200
+
+
+def checked_text(value: str, what: str) -> str:
+    """Text that can be encoded (no lone surrogates) and has a visible character."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid Unicode (it holds a lone surrogate)") from None
+    if not value.strip():
+        raise ValueError(f"{what} must contain a visible character, not only whitespace")
+    return value
+
+
+def checked_path(value: str, what: str) -> str:
+    """An absolute path as the store holds them: '/photos/../photos/' → '/photos'."""
+    checked_text(value, what)
+    if "\x00" in value:
+        raise ValueError(f"{what} must not contain NUL characters")
+    if not value.startswith("/"):
+        raise ValueError(f"{what} must be an absolute path (stored paths look like /photos/2024/a.jpg)")
+    norm = posixpath.normpath(value)
+    return "/" + norm.lstrip("/")  # normpath keeps a leading '//'
+
+
+# Documented patterns (the validators below say what is wrong in words): an absolute path; some
+# non-whitespace character.
+ABSOLUTE = {"pattern": "^/"}
+VISIBLE = {"pattern": r"\S"}
+
+
+# One /segment "classes" form value: a name, or several separated by commas.
+ClassNames = Annotated[str, Field(min_length=1, max_length=MAX_CLASSES * (MAX_CLASS_CHARS + 1), json_schema_extra=VISIBLE)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class Filters(Strict):
+    path: Optional[str] = Field(None, min_length=1, max_length=4096, json_schema_extra=ABSOLUTE,
+                                description="Only segments of this image (absolute path).")
+    under: Optional[str] = Field(None, min_length=1, max_length=4096, json_schema_extra=ABSOLUTE,
+                                 description="Only images under this folder (absolute path).")
+
+    @field_validator("path", "under")
+    @classmethod
+    def _path(cls, v: Optional[str], info: Any) -> Optional[str]:
+        return None if v is None else checked_path(v, f"filters.{info.field_name}")
+
+
+class SearchRequest(Strict):
+    text: str = Field(..., min_length=1, max_length=1000, json_schema_extra=VISIBLE,
+                      description="What to look for, e.g. \"car's license plate\".")
+    k: int = Field(10, ge=1, le=200, description="Number of hits.")
+    filters: Optional[Filters] = None
+    min_score: Optional[float] = Field(
+        None, ge=-1.0, le=1.0, allow_inf_nan=False, description="Drop hits below this cosine score."
+    )
+    dedup: bool = Field(False, description="One hit per group of overlapping masks on an image.")
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, v: str) -> str:
+        return checked_text(v, "text")
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def _whole(cls, v: Any) -> Any:
+        """JSON Schema's integer includes 5.0; strings and booleans stay refused."""
+        return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+# Responses ---------------------------------------------------------------------------------------
+class ErrorOut(BaseModel):
+    detail: str = Field(..., description="What went wrong, for a person to read.")
+    errors: Optional[list[dict[str, Any]]] = Field(None, description="422 only: every failed field (pydantic's list).")
+
+
+class RLE(BaseModel):
+    size: list[int] = Field(..., min_length=2, max_length=2, description="[height, width]")
+    counts: str = Field(..., description="COCO compressed RLE counts")
+
+
+class HitOut(BaseModel):
+    id: uuid.UUID
+    score: float
+    path: str
+    filename: str = Field(..., description="The upload's original file name, else the file's name.")
+    image_id: uuid.UUID
+    sha256: str
+    segment_index: int
+    bbox: list[int] = Field(..., min_length=4, max_length=4, description="x, y, width, height (pixels)")
+    area: int
+    width: int
+    height: int
+    rle: RLE
+    model: str
+    mask_url: str
+    overlay_url: str
+
+
+class SearchOut(BaseModel):
+    hits: list[HitOut]
+    count: int
+
+
+class ImageSegmentOut(BaseModel):
+    id: uuid.UUID
+    segment_index: int
+    bbox: list[int] = Field(..., min_length=4, max_length=4)
+    area: int
+
+
+class ImageOut(BaseModel):
+    id: uuid.UUID
+    path: str
+    filename: str
+    sha256: str
+    width: int
+    height: int
+    n_segments: int
+    model: str
+    indexed_at: str
+    overlay_url: str
+    segments: list[ImageSegmentOut]
+
+
+class UploadOut(BaseModel):
+    id: uuid.UUID
+    path: str = Field(..., description="Where the server keeps the upload (named by its sha256).")
+    filename: Optional[str] = Field(None, description="The name it was uploaded under.")
+    sha256: str
+    width: int
+    height: int
+    status: Literal["indexed", "exists"]
+    n_segments: int
+
+
+class ClassMaskOut(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    class_: str = Field(..., alias="class")
+    index: int
+    area: int
+    rle: RLE
+
+
+class SegmentationOut(BaseModel):
+    filename: Optional[str] = None
+    image_id: Optional[uuid.UUID] = None
+    path: Optional[str] = None
+    width: int = Field(..., description="Label map width: the image at the working size (long side ≤ SAM's input).")
+    height: int
+    image_width: int = Field(..., description="The image's own size; masks are at width × height.")
+    image_height: int
+    classes: list[str]
+    unlabeled_value: int = Field(255, description="Label PNG value of pixels no segment covers.")
+    unlabeled_pixels: int
+    masks: list[ClassMaskOut]
+    labels_png: Optional[str] = Field(None, description="Base64 PNG: pixel = class index, 255 = unlabeled.")
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+    preset: str
+    untrained: bool = Field(..., description="True when the models are random-init (tiny preset): results are meaningless.")
+    store: Literal["open", "closed"]
+    auth: bool
+    worker: Literal["running", "stopped"]
+    worker_jobs: int = Field(..., description="Heavy jobs running or waiting.")
