@@ -81,6 +81,7 @@ class CountingEmbedder:
         return self.inner.embed_segments(image, segments)
 
     def embed_texts(self, texts, templates=None):  # type: ignore[no-untyped-def]
+        self.text_calls = getattr(self, "text_calls", 0) + 1
         return self.inner.embed_texts(texts, templates)
 
 
@@ -333,3 +334,47 @@ def test_cli_segment_with_an_ensemble_and_the_image_fallback(ckpts, tmp_path):
 
     r = cli(["--preset", "tiny", "segment", str(image), "--classes", " , "], tmp_path / "data")
     assert r.returncode == 2 and "at least one non-empty class name" in r.stderr
+
+
+def test_http_segment_uses_the_configured_ensemble(ckpts, tmp_path):
+    """`POST /segment` on a real server with `voting.models` set gives the library's ensemble vote on
+    the image the worker sees (the upload at the segmenter's working size)."""
+    import httpx
+
+    from servers import api_server
+    from use_search.api.imaging import decode_work
+    from use_search.factory import Runtime
+    from use_search.query.voting import segment_by_voting
+
+    models = [f"{ckpts['a']}:1", f"{ckpts['b']}:0.25"]
+    png = (ckpts["root"] / "images" / "chelsea.png").read_bytes()
+    with api_server(tmp_path, USE_SEARCH_VOTING__MODELS=json.dumps(models), USE_SEARCH_VOTING__TEMPLATES="train4") as url:
+        r = httpx.post(url + "/segment", data={"classes": ",".join(CLASSES)},
+                       files={"file": ("chelsea.png", png, "image/png")}, timeout=600)
+    assert r.status_code == 200, r.text
+    got = read_label_png(__import__("base64").b64decode(r.json()["labels_png"]))
+
+    settings = ckpts["settings"].model_copy(update={"voting": VotingSettings(models=models, templates="train4")})
+    segmenter = Runtime.from_settings(settings).segmenter()
+    work = decode_work(png, settings.api.max_pixels, segmenter.img_size)
+    expected = segment_by_voting(work.pixels, CLASSES, segmenter, load_ensemble(settings), settings.voting).labels
+    np.testing.assert_array_equal(got, expected)
+    # Without the ensemble the server votes with its one embedder (crop-CLIP here): a different map,
+    # so the equality above can tell the two apart.
+    plain = segment_by_voting(work.pixels, CLASSES, segmenter, load_ensemble(ckpts["settings"]), settings.voting).labels
+    assert (plain != expected).any()
+
+
+def test_class_vectors_are_cached_per_class_list(ckpts):
+    """A server answers the same class list again and again: the text towers run once per list."""
+    from use_search.model.use import load_use_embedder
+
+    counted = CountingEmbedder(load_use_embedder(ckpts["a"], ckpts["settings"], "cpu"))
+    ens = Ensemble([EnsembleMember(counted)])
+    first = ens.class_vectors(CLASSES, ["a photo of {}"])
+    again = ens.with_logit_scale(50.0).class_vectors(CLASSES, ["a photo of {}"])
+    assert counted.text_calls == 1
+    np.testing.assert_array_equal(first[0], again[0])
+    ens.class_vectors(CLASSES[:2], ["a photo of {}"])
+    ens.class_vectors(CLASSES, None)
+    assert counted.text_calls == 3  # another list, other templates: computed

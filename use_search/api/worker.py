@@ -72,6 +72,17 @@ class Parts:
         self.segmenter = runtime.segmenter()
         self.embedder = runtime.embedder()
         self.side = settings.api.work_side or segmenter_side(self.segmenter)
+        self._ensemble: Any = None
+
+    @property
+    def ensemble(self) -> Any:
+        """The voting models (``settings.voting.models``, paper A.2), loaded on the first /segment;
+        with none listed, the one embedder that also indexes uploads."""
+        if self._ensemble is None:
+            from use_search.query.voting import load_ensemble
+
+            self._ensemble = load_ensemble(self.settings, default=self.embedder)
+        return self._ensemble
 
 
 def segmenter_side(segmenter: Any) -> int:
@@ -89,10 +100,9 @@ def segmenter_side(segmenter: Any) -> int:
 
 def classify(pixels: np.ndarray, names: Sequence[str], parts: Parts) -> np.ndarray:
     """Semantic segmentation by voting (paper §4.3): the one call into the voting library."""
-    from use_search.query.voting import semantic_segmentation
+    from use_search.query.voting import segment_by_voting
 
-    labels, _ = semantic_segmentation(pixels, names, parts.segmenter, parts.embedder)
-    return labels
+    return segment_by_voting(pixels, names, parts.segmenter, parts.ensemble, parts.settings.voting).labels
 
 
 def job_segment(parts: Parts, data: bytes, names: list[str], with_png: bool) -> dict[str, Any]:

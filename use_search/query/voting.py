@@ -150,6 +150,9 @@ def training_logit_scale(embedder: Embedder) -> float:
     return float(scale) if scale else CLIP_LOGIT_SCALE
 
 
+TEXT_CACHE_SIZE = 32  # class lists whose embeddings an ensemble keeps
+
+
 @dataclass(frozen=True)
 class EnsembleMember:
     embedder: Embedder
@@ -178,6 +181,9 @@ class Ensemble:
                 raise ValueError(f"logit scale must be a positive number, got {m.scale}")
         self.members = list(members)
         self.combine = combine
+        # Class-name embeddings per (classes, templates): a server answers the same class list many
+        # times, and 80 templates per class (``imagenet80``) cost far more than a segment's vote.
+        self._text_cache: dict[tuple[tuple[str, ...], tuple[str, ...] | None], list[np.ndarray]] = {}
 
     @classmethod
     def of(cls, models: "Embedder | Ensemble") -> "Ensemble":
@@ -187,7 +193,9 @@ class Ensemble:
         """The same models with every softmax scale set to ``logit_scale`` (None: unchanged)."""
         if logit_scale is None:
             return self
-        return Ensemble([replace(m, logit_scale=logit_scale) for m in self.members], self.combine)
+        out = Ensemble([replace(m, logit_scale=logit_scale) for m in self.members], self.combine)
+        out._text_cache = self._text_cache  # same text towers, same class vectors
+        return out
 
     @property
     def untrained(self) -> bool:
@@ -201,7 +209,14 @@ class Ensemble:
 
     def class_vectors(self, classes: Sequence[str], templates: Sequence[str] | None = None) -> list[np.ndarray]:
         """Each model's (C, D) class text embeddings (models may differ in text tower)."""
-        return [m.embedder.embed_texts(list(classes), templates) for m in self.members]
+        key = (tuple(classes), tuple(templates) if templates is not None else None)
+        cached = self._text_cache.get(key)
+        if cached is None:
+            cached = [m.embedder.embed_texts(list(classes), templates) for m in self.members]
+            if len(self._text_cache) >= TEXT_CACHE_SIZE:
+                self._text_cache.pop(next(iter(self._text_cache)))  # oldest first
+            self._text_cache[key] = cached
+        return cached
 
     def probabilities(
         self, image: np.ndarray, segments: Sequence[Segment], class_vectors: Sequence[np.ndarray],
