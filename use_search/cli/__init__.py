@@ -17,7 +17,7 @@ from rich.text import Text
 
 from use_search.config import Settings
 from use_search.presets import PRESETS, UNTRAINED_BANNER, get_preset
-from use_search.store.base import SearchFilter, StoreError
+from use_search.store.base import SearchFilter, StoreError, StoreFullError
 from use_search.weights import REGISTRY, ChecksumError, MissingWeightsError, fetch, verify
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Search the segments of your photos by text (USE).")
@@ -156,7 +156,10 @@ def index(
                 bar.update(task, advance=1, segments=segs)
 
             report = run(prune=prune, force=force, verify=verify, on_image=on_image, on_total=on_total)
-        store.optimize()  # incremental: indexes what this run added (see store/edge.py)
+        try:
+            store.optimize()  # incremental: indexes what this run added (see store/edge.py)
+        except StoreFullError as e:  # everything is committed; new points are searched by exact scan
+            err.print(f"[yellow]warning[/]: the search index was not updated: {escape(str(e))}", highlight=False)
     t = Table(title="index summary", show_header=False)
     for k, v in [
         ("indexed images", report.indexed), ("segments added", report.segments),

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from use_search.config import Settings
-from use_search.store.base import ImageEntry, SearchFilter, StoreError, VectorStore, segment_payload
-from use_search.store.edge import EdgeStore, StoreFullError
+from use_search.store.base import ImageEntry, SearchFilter, StoreError, StoreFullError, VectorStore, segment_payload
+from use_search.store.edge import EdgeStore
 from use_search.store.server import ServerStore
 
 __all__ = [

@@ -39,6 +39,10 @@ class StoreError(RuntimeError):
     """The store cannot be used (unreachable server, locked embedded store, wrong dimension...)."""
 
 
+class StoreFullError(StoreError):
+    """The embedded store's disk has less free space than a write needs plus the safety margin."""
+
+
 @dataclass(frozen=True)
 class ImageEntry:
     path: str

@@ -40,6 +40,7 @@ from use_search.store.base import (
     ImageEntry,
     SearchFilter,
     StoreError,
+    StoreFullError,
     VectorStore,
     image_id,
 )
@@ -53,9 +54,11 @@ UPSERT_BATCH = 512  # points per WAL record
 SCROLL_PAGE = 256
 IMAGE_VECTOR = [1.0]
 MB = 1024 * 1024
-# What creating a store touches on disk before its first point (two shards: WAL pages, segment
-# files, payload indexes), measured on tmpfs; its sparse files span ~240 MB but are filled lazily.
-NEW_STORE_BYTES = 16 * MB
+# What creating a store fills on disk before its first point (two shards: WAL pages, segment files),
+# measured on tmpfs; its sparse files span ~240 MB but are filled lazily. Loading a store later fills
+# its payload-index and vector files (~100 MB for a new store on tmpfs): checked when it is opened.
+NEW_STORE_BYTES = 15 * MB
+FILLED_ON_LOAD = ("payload_index", "vector_storage")
 RECORD_BYTES = 4096  # an image record, its WAL entry and index entries
 SEGMENT_OVERHEAD_BYTES = 1024  # per segment point beyond its vector and mask: payload fields, ids, indexes
 WRITE_AMPLIFICATION = 3  # a point lands in the WAL, the segment's storage and the payload indexes
@@ -68,10 +71,6 @@ def free_bytes(path: Path) -> int:
     while not p.exists() and p != p.parent:
         p = p.parent
     return shutil.disk_usage(p).free
-
-
-class StoreFullError(StoreError):
-    """The store's disk has less free space than a write needs plus the safety margin."""
 
 
 class EdgeStore(VectorStore):
@@ -94,6 +93,14 @@ class EdgeStore(VectorStore):
         )
         if not _shard_exists(self.root / SEGMENTS_DIR):
             self._check_space(NEW_STORE_BYTES, "a new store")
+        else:  # loading fills sparse index and vector files: that much must fit, margin or not
+            need = _unfilled_bytes(self.root, FILLED_ON_LOAD)
+            if need and self.free_space(self.root) < need:
+                raise StoreFullError(
+                    f"not enough free disk space to open the store at {self.root}: loading it fills "
+                    f"{_mb(need)} of index and vector files and {_mb(self.free_space(self.root))} are free. "
+                    "Free some space."
+                )
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock_fd: int | None = _lock(self.root / LOCK_FILE, self.root)
         self._segments: qe.EdgeShard | None = None
@@ -258,7 +265,7 @@ class EdgeStore(VectorStore):
             pending = info.points_count - info.indexed_vectors_count
             if shard is self._segments and pending > 0:
                 # A build writes a new copy of the segments it rebuilds before dropping the old ones.
-                self._check_space(2 * pending * (4 * (self._dim or 1) + 4096), "building the search index")
+                self._check_space(2 * pending * (4 * (self._dim or 1) + 1024), "building the search index")
             shard.optimize()
             shard.flush()
 
@@ -319,6 +326,20 @@ def _persisted_dim(path: Path) -> int:
         return int(json.loads((path / EDGE_CONFIG_FILE).read_text())["vectors"][""]["size"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise StoreError(f"cannot read the vector size of the shard at {path}: {e}") from None
+
+
+def _unfilled_bytes(root: Path, folders: Sequence[str]) -> int:
+    """Bytes not yet allocated in the sparse files below ``root`` inside folders named ``folders``."""
+    total = 0
+    for dirpath, _, filenames in os.walk(root):
+        if any(f in Path(dirpath).parts for f in folders):
+            for name in filenames:
+                try:
+                    st = os.stat(os.path.join(dirpath, name))
+                except OSError:
+                    continue
+                total += max(0, st.st_size - st.st_blocks * 512)
+    return total
 
 
 def _mb(n: int) -> str:
