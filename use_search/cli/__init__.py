@@ -97,7 +97,9 @@ EXIT_SOME_FAILED = 3  # `index`: some files failed (reported), every other file 
 )
 def index(
     folder: Path = typer.Argument(..., help="Folder of images (searched recursively) or one image."),
-    prune: bool = typer.Option(False, "--prune", help="Remove points of files under FOLDER that are gone."),
+    prune: bool = typer.Option(
+        False, "--prune", help="Remove points of files under FOLDER that are gone (also segments an interrupted run left for them)."
+    ),
     force: bool = typer.Option(False, "--force", help="Re-index images even if already indexed."),
     verify: bool = typer.Option(
         False, "--verify", help="Hash every file, even those whose size and mtime match their record (a file "

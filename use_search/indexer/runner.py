@@ -171,11 +171,18 @@ def commit(store: VectorStore, writes: Sequence[Write]) -> None:
 class _RunState:
     force: bool
     verify: bool
-    by_sha: dict[str, str] = field(default_factory=dict)  # content indexed in this run → its path
-    replaced: set[str] = field(default_factory=set)  # paths whose old record this run drops
+    # What this run decided but the store may not show yet; an entry goes once its write is committed,
+    # so these hold the images in flight, not every image of the run.
+    by_sha: dict[str, str] = field(default_factory=dict)  # content being indexed → its path
+    replaced: set[str] = field(default_factory=set)  # paths whose old record is being dropped
     hashed: int = 0
     decoded: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def committed(self, w: Write) -> None:
+        if w.entry is not None and self.by_sha.get(w.entry.sha256) == w.event.path:
+            del self.by_sha[w.entry.sha256]
+        self.replaced.discard(w.event.path)
 
 
 class Indexer:
@@ -408,6 +415,7 @@ class Indexer:
         def flush() -> None:
             commit(self.store, pending)
             for w in pending:
+                run.committed(w)
                 emit(w.event)
             pending.clear()
 
@@ -453,8 +461,9 @@ class Indexer:
                         pending.clear()
 
                 for item in decoded:
-                    for ev in writer.committed():
-                        emit(ev)
+                    for w in writer.committed():
+                        run.committed(w)
+                        emit(w.event)
                     if isinstance(item, _Decoded):
                         group.append(item)
                         if len(group) >= self.image_batch:
@@ -468,8 +477,9 @@ class Indexer:
                     writer.submit(list(pending))
             finally:
                 writer.close()
-                for ev in writer.committed():
-                    emit(ev)
+                for w in writer.committed():
+                    run.committed(w)
+                    emit(w.event)
             writer.raise_error()
 
     def prune(self, root: Path) -> tuple[int, int, int]:
@@ -518,14 +528,14 @@ _STOP = object()
 class _Writer:
     """A thread that commits batches in order from a bounded queue (``submit`` blocks when it is full).
 
-    The events of committed batches are collected for the calling thread (``committed``). After a
+    The committed writes are handed back to the calling thread (``committed``). After a
     failed commit (e.g. the disk is full) it writes nothing more, and ``submit``/``raise_error``
     re-raise the error on the calling thread."""
 
     def __init__(self, store: VectorStore, depth: int) -> None:
         self.store = store
         self.jobs: queue.Queue[Any] = queue.Queue(maxsize=depth)
-        self.done: queue.SimpleQueue[ImageEvent] = queue.SimpleQueue()
+        self.done: queue.SimpleQueue[Write] = queue.SimpleQueue()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name="use-search-writer", daemon=True)
         self.thread.start()
@@ -543,7 +553,7 @@ class _Writer:
                 self.error = e
                 continue
             for w in job:
-                self.done.put(w.event)
+                self.done.put(w)
 
     def submit(self, job: list[Write]) -> None:
         while True:
@@ -554,7 +564,7 @@ class _Writer:
             except queue.Full:
                 continue
 
-    def committed(self) -> Iterator[ImageEvent]:
+    def committed(self) -> Iterator[Write]:
         while True:
             try:
                 yield self.done.get_nowait()
