@@ -334,7 +334,7 @@ def test_pipeline_keeps_a_bounded_number_of_images_in_flight(tmp_path, parts, mo
     assert max(ahead) < 14 - 3
 
 
-def test_unreachable_disk_space_stops_the_run_cleanly_and_the_rerun_completes(tmp_path, photos, parts):
+def test_a_full_disk_stops_the_run_cleanly_and_the_rerun_completes(tmp_path, photos, parts):
     """A fake free-space probe: the disk "fills" after a few commits. The run stops with StoreFullError
     naming the store folder; every recorded image has all its segments; the rerun finishes the job."""
     root = photos["voc"].parent
