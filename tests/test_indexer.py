@@ -245,8 +245,30 @@ def _mixed_corpus(root: Path) -> None:
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
     (root / "empty.png").write_bytes(b"")
     (root / "sub" / "astronaut-copy.png").write_bytes((root / "sub" / "astronaut.png").read_bytes())
-    Image.new("RGB", (1, 3000), (200, 30, 30)).save(root / "thin.png")  # the segmenter refuses it
+    Image.new("RGB", (1, 3000), (200, 30, 30)).save(root / "thin.png")  # FailsOn refuses it
     os.mkfifo(root / "pipe.jpg")
+
+
+class FailsOn:
+    """The real segmenter, except that it raises for images of one shape, the way a segmenter reports
+    an image it cannot cut: a batch holding one fails as a whole (the runner must then isolate it)."""
+
+    def __init__(self, segmenter, shape: tuple[int, int]) -> None:
+        self.segmenter, self.shape = segmenter, shape
+        self.image_batch = getattr(segmenter, "image_batch", 1)
+
+    def _check(self, image) -> None:
+        if image.shape[:2] == self.shape:
+            raise ValueError(f"image is {self.shape[1]}×{self.shape[0]}: too thin to segment")
+
+    def segment(self, image):
+        self._check(image)
+        return self.segmenter.segment(image)
+
+    def segment_batch(self, images):
+        for image in images:
+            self._check(image)
+        return self.segmenter.segment_batch(images)
 
 
 def test_pipelined_runner_writes_the_points_of_the_sequential_one(tmp_path, photos, parts):
@@ -254,6 +276,7 @@ def test_pipelined_runner_writes_the_points_of_the_sequential_one(tmp_path, phot
     extra = root / "extra.png"
     Image.open(photos["voc"]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(extra)
     segmenter, embedder = parts
+    segmenter = FailsOn(segmenter, (3000, 1))
 
     def run(store_dir: Path, pipeline: bool):
         with EdgeStore(store_dir, "segments") as store:
@@ -280,6 +303,7 @@ def test_pipelined_runner_writes_the_points_of_the_sequential_one(tmp_path, phot
     assert statuses[str(photos["chelsea"])] == "indexed"
     assert statuses[str(root / "sub" / "astronaut-copy.png")] == "duplicate"
     assert {statuses[str(root / n)] for n in ("broken.jpg", "empty.png", "pipe.jpg", "thin.png")} == {"failed"}
+    assert dict(seq_report.failed)[str(root / "thin.png")] == "ValueError: image is 1×3000: too thin to segment"
     assert sorted((e.path, e.status, e.segments, e.reason) for e in pipe_events) == sorted(
         (e.path, e.status, e.segments, e.reason) for e in seq_events
     )
