@@ -3,12 +3,15 @@ single-process ``Indexer`` run on the same photos (tiny preset); the stages also
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from use_search.config import AutoMaskSettings, Settings, StoreSettings
 from use_search.indexer import Indexer
+from use_search.indexer.runner import commit
 from use_search.indexer.ray_runner import (
     RESULT_KEYS,
     RayOptions,
@@ -19,6 +22,7 @@ from use_search.indexer.ray_runner import (
     hash_row,
     index_with_ray,
     plan,
+    plan_stat,
     read_row,
 )
 from use_search.store import EdgeStore, ServerStore, StoreError
@@ -98,9 +102,10 @@ def test_ray_run_gives_the_points_of_a_single_process_run(tmp_path, photos, sett
                     best = store.search(vec, k=1)[0]
                     assert best.id == hit.id and best.score == pytest.approx(1.0, abs=1e-5)
 
-            # A rerun finds everything indexed.
+            # A rerun finds everything indexed, without reading a file it has a record for.
             again = index_with_ray(settings, store, root, options=opts)
             assert (again.indexed, again.skipped, len(again.failed)) == (0, 4, 2)
+            assert again.hashed == 2  # the two bad files only
             assert snapshot(store)[0].keys() == want_points.keys()
     finally:
         ray.shutdown()
@@ -137,9 +142,24 @@ def test_stages_without_ray_and_server_writer(tmp_path, photos, settings, parts,
     writer = WriterActor(settings, store_factory=lambda s: server)
     events = writer(results)
     assert [(p, s) for p, s in zip(events["path"], events["status"])] == [
-        (paths[2], "failed"), (paths[0], "indexed"), (paths[1], "indexed")
+        (paths[0], "indexed"), (paths[1], "indexed"), (paths[2], "failed")
     ]
     assert server.count_images() == 2 and server.count_segments() == sum(events["segments"]) > 0
+    voc = server.get_image(paths[0])
+    assert (voc.size, voc.mtime_ns) == (photos["voc"].stat().st_size, photos["voc"].stat().st_mtime_ns)
+
+    # The fast path: files whose size and mtime match their record are skipped unread; a touched file
+    # is hashed again, found unchanged, and its record refreshed.
+    st = photos["chelsea"].stat()
+    os.utime(photos["chelsea"], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    to_hash, fast = plan_stat(server, paths)
+    assert to_hash == [paths[1]] and [(e.path, e.status) for e in fast] == [(paths[0], "skipped"), (paths[2], "failed")]
+    assert plan_stat(server, paths, verify=True)[0] == paths[:2]
+    touched = plan(server, [hash_row({"path": paths[1]})])
+    assert touched.todo == [] and [w.event.status for w in touched.writes] == ["skipped"]
+    assert touched.writes[0].entry.mtime_ns == st.st_mtime_ns + 10**9
+    commit(server, touched.writes)
+    assert plan_stat(server, paths)[0] == []
 
     # Planned again: both skipped; a copy of one of them is a duplicate, also within one run.
     copy = tmp_path / "copy.png"

@@ -1,10 +1,15 @@
 import io
+import os
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from use_search.indexer.read import ImageReadError, decode_image, find_images, read_image
+from use_search.indexer.read import (
+    ImageReadError, decode_image, find_images, read_file, read_image, route_warnings, stat_file,
+)
 
 
 def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -67,3 +72,51 @@ def test_find_images_recursive_by_extension_and_no_dir_symlink_loops(tmp_path, p
     (root / "sub" / "loop").symlink_to(root, target_is_directory=True)
     found = list(find_images(root, (".jpg", ".png")))
     assert [p.name for p in found] == ["voc.jpg", "astronaut.png", "chelsea.png", "coffee.png"]
+
+
+def test_only_regular_files_are_read(tmp_path):
+    fifo = tmp_path / "b.jpg"
+    os.mkfifo(fifo)  # read_bytes() on it would block forever
+    with pytest.raises(ImageReadError, match="not a regular file: it is a FIFO"):
+        stat_file(fifo)
+    with pytest.raises(ImageReadError, match="not a regular file: it is a FIFO"):
+        read_file(fifo)
+    with pytest.raises(ImageReadError, match="not a regular file: it is a character device"):
+        read_file(Path("/dev/zero"))  # would never end
+    (tmp_path / "link.jpg").symlink_to("/dev/zero")
+    with pytest.raises(ImageReadError, match="character device"):
+        read_image(tmp_path / "link.jpg", 10**8)
+
+
+def test_decoder_warnings_are_collected_per_file_while_routed(voc, tmp_path):
+    from test_reliability import corrupt_exif_jpeg
+
+    data = corrupt_exif_jpeg(voc["rgb"][:64, :64].copy())
+    path = tmp_path / "c.jpg"
+    path.write_bytes(data)
+    with route_warnings():
+        first = read_image(path, 10**8)
+        second = read_image(path, 10**8)  # the same warning again: reported again, for this file too
+    assert first.pixels.shape == (64, 64, 3)
+    assert first.warnings == second.warnings == ["Corrupt EXIF data.  Expecting to read 12 bytes but only got 5."]
+    # Outside a run nothing is swallowed: the warning goes where Python sends warnings.
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert read_image(path, 10**8).warnings == []
+    assert any("Corrupt EXIF" in str(w.message) for w in seen)
+
+
+def test_find_images_reports_folders_it_cannot_list(tmp_path, photos, monkeypatch):
+    root = photos["voc"].parent
+    errors = []
+    real_scandir = os.scandir
+
+    def scandir(path):  # an unreadable folder, as os.walk sees it (root bypasses chmod here)
+        if str(path).endswith("/sub"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    found = list(find_images(root, (".jpg", ".png"), on_error=lambda folder, reason: errors.append((folder, reason))))
+    assert [p.name for p in found] == ["voc.jpg"]
+    assert errors == [(root / "sub", "cannot list folder: Permission denied")]

@@ -15,12 +15,16 @@ import pytest
 from PIL import Image
 
 from use_search.indexer.read import read_image
-from use_search.store import EdgeStore
+from use_search.store import EdgeStore, SearchFilter
+
+EXIT_SOME_FAILED = 3
 
 
-
-def cli(args, data_dir, **kw):
-    env = {**os.environ, "USE_SEARCH_DATA_DIR": str(data_dir), "COLUMNS": "200", "USE_SEARCH_CONFIG": "/nonexistent"}
+def cli(args, data_dir, extra_env=None, **kw):
+    env = {
+        **os.environ, "USE_SEARCH_DATA_DIR": str(data_dir), "COLUMNS": "200", "USE_SEARCH_CONFIG": "/nonexistent",
+        **(extra_env or {}),
+    }
     return subprocess.Popen(
         [sys.executable, "-m", "use_search", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw
     )
@@ -46,10 +50,27 @@ def write_bad_corpus(root: Path, good: Path) -> dict[str, str]:
     (bad / "dangling.jpg").symlink_to(bad / "does-not-exist.jpg")
     os.close(os.open(os.fsencode(bad) + b"/caf\xe9-latin1.png", os.O_CREAT | os.O_WRONLY))
     Path(os.fsdecode(os.fsencode(bad) + b"/caf\xe9-latin1.png")).write_bytes(good.read_bytes())
+    os.mkfifo(bad / "b.jpg")  # reading it would block forever
     return {
         "truncated.jpg": "cannot decode", "zero.jpg": "empty file", "text.jpg": "not an image",
         "bomb.png": "pixels", "dangling.jpg": "cannot read", "latin1.png": "not valid UTF-8",
+        "b.jpg": "not a regular file: it is a FIFO",
     }
+
+
+def corrupt_exif_jpeg(rgb: np.ndarray) -> bytes:
+    """A JPEG whose EXIF block is cut inside its first IFD entry: Pillow decodes it and warns
+    "Corrupt EXIF data. Expecting to read 12 bytes but only got 5." """
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    exif[0x010E] = "a description long enough to sit outside the entry"
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", exif=exif)
+    data = buf.getvalue()
+    at = data.find(b"Exif\x00\x00")
+    length = int.from_bytes(data[at - 2 : at], "big")
+    keep = 6 + 8 + 2 + 5  # "Exif\0\0", TIFF header, entry count, 5 of the entry's 12 bytes
+    return data[: at - 2] + (2 + keep).to_bytes(2, "big") + data[at : at + keep] + data[at - 2 + length :]
 
 
 def write_odd_but_good(root: Path, voc: dict) -> list[Path]:
@@ -69,6 +90,7 @@ def write_odd_but_good(root: Path, voc: dict) -> list[Path]:
     exif = Image.Exif()
     exif[0x0112] = 8  # rotate 90° counter-clockwise to display
     img.save(odd / "exif-rotated.jpg", exif=exif)
+    (odd / "corrupt-exif.jpg").write_bytes(corrupt_exif_jpeg(rgb))
     return sorted(odd.iterdir())
 
 
@@ -77,10 +99,15 @@ def test_bad_files_are_reported_and_every_good_one_is_indexed(tmp_path, voc, pho
     expected_bad = write_bad_corpus(root, root / "voc.jpg")
     odd = write_odd_but_good(root, voc)
     rc, out, err = finish(cli(["--preset", "tiny", "index", str(root)], tmp_path / "data"))
-    assert rc == 0, err
+    assert rc == EXIT_SOME_FAILED, err  # some files failed, every other one is indexed
+    assert f"{len(expected_bad)} file(s) failed" in err
     for name, reason in expected_bad.items():
         line = next((ln for ln in err.splitlines() if name in ln), "")
         assert "failed" in line and reason in line, (name, reason, err)
+    # Pillow's warning comes in the file's report, with its name, not raw on stderr.
+    warned = [ln for ln in err.splitlines() if "Corrupt EXIF data" in ln]
+    assert len(warned) == 1 and warned[0].startswith("warning ") and "corrupt-exif.jpg" in warned[0], err
+    assert "UserWarning" not in err and "warnings.warn" not in err
     with EdgeStore(tmp_path / "data" / "store", "segments") as store:
         indexed = {Path(e.path).name: e for e in store.iter_images()}
     assert set(indexed) == {"voc.jpg", "astronaut.png", "chelsea.png", "coffee.png", *(p.name for p in odd)}
@@ -92,6 +119,10 @@ def test_bad_files_are_reported_and_every_good_one_is_indexed(tmp_path, voc, pho
 
 
 def _snapshot(store_dir: Path) -> dict[str, tuple]:
+    return _snapshot_at(store_dir)
+
+
+def _snapshot_at(store_dir: Path) -> dict[str, tuple]:
     with EdgeStore(store_dir, "segments") as store:
         return {
             h.id: (h.path, h.sha256, h.segment_index, h.bbox, h.area, h.rle["counts"], h.model)
@@ -138,3 +169,118 @@ def test_unreachable_server_and_locked_store_are_clear_errors(tmp_path, photos):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_index_help_documents_the_exit_codes(tmp_path):
+    rc, out, _ = finish(cli(["index", "--help"], tmp_path / "d"))
+    assert rc == 0
+    text = " ".join(out.split())
+    assert "Exit codes: 0" in text and f"{EXIT_SOME_FAILED} some files failed" in text and "--verify" in text
+
+
+def _drop_dac_capabilities() -> None:
+    """preexec_fn: remove root's permission bypass (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) from the
+    bounding set, so the program exec'd next honours file modes as any user would."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_an_unreadable_folder_is_reported_and_the_rest_indexed(tmp_path, photos):
+    root = photos["voc"].parent
+    locked = root / "locked"
+    locked.mkdir()
+    (locked / "hidden.jpg").write_bytes(photos["voc"].read_bytes())
+    locked.chmod(0)
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", f"import os; os.listdir({str(locked)!r})"], capture_output=True,
+            preexec_fn=_drop_dac_capabilities if os.geteuid() == 0 else None,
+        )
+        if probe.returncode == 0:
+            pytest.skip("a chmod-000 folder stays readable here (privileges that cannot be dropped)")
+        rc, _, err = finish(cli(
+            ["--preset", "tiny", "index", str(root)], tmp_path / "data",
+            preexec_fn=_drop_dac_capabilities if os.geteuid() == 0 else None,
+        ))
+    finally:
+        locked.chmod(0o755)
+    assert rc == EXIT_SOME_FAILED, err
+    line = next((ln for ln in err.splitlines() if str(locked) in ln), "")
+    assert line.startswith("failed ") and "cannot list folder: Permission denied" in line, err
+    with EdgeStore(tmp_path / "data" / "store", "segments") as store:
+        assert {Path(e.path).name for e in store.iter_images()} == {"voc.jpg", "astronaut.png", "chelsea.png", "coffee.png"}
+
+
+# A full disk (issue 15): qdrant-edge writes through mmap, so running out of space is a SIGBUS (exit 135)
+# unless the store stops first. Real small tmpfs mounts where this sandbox allows them.
+@pytest.fixture
+def tmpfs(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+
+    def mount(*opts: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(opts), "tmpfs", str(mnt)], capture_output=True, text=True)
+
+    r = mount("size=16m")
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip() or r.returncode}")
+    try:
+        yield mnt, mount
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _free_kb(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize // 1024
+
+
+def test_full_disk_at_creation_is_a_clear_error_naming_the_folder(tmp_path, photos, tmpfs):
+    mnt, _ = tmpfs
+    rc, _, err = finish(cli(["--preset", "tiny", "--store", str(mnt / "store"), "index", str(photos["voc"])], tmp_path / "d"))
+    assert rc == 2, err
+    msg = " ".join(err.split())
+    assert f"not enough free disk space for the store at {mnt / 'store' / 'segments'}: 16.0 MB free" in msg
+    assert "store.min_free_mb" in msg and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_disk_full_mid_run_stops_cleanly_and_the_rerun_after_freeing_space_completes(tmp_path, photos, tmpfs):
+    mnt, mount = tmpfs
+    root = photos["voc"].parent
+    env = {  # ~48 segments per image, one image per commit, a 1 MB margin
+        "USE_SEARCH_AMG__POINTS_PER_SIDE": "4", "USE_SEARCH_AMG__BOX_NMS_THRESH": "1.0",
+        "USE_SEARCH_BATCH_IMAGES": "1", "USE_SEARCH_STORE__MIN_FREE_MB": "1",
+    }
+    assert mount("remount", "size=24m").returncode == 0
+    store = mnt / "store"
+    # Room for the new store (15 MB) and the margin, plus about one image's commit (~0.6 MB).
+    filler = mnt / "filler"
+    subprocess.run(["fallocate", "-l", f"{(_free_kb(mnt) - 17 * 1024)}K", str(filler)], check=True)
+    rc, _, err = finish(cli(["--preset", "tiny", "--store", str(store), "index", str(root)], tmp_path / "d", extra_env=env))
+    assert rc == 2, err  # a clean stop, not 135 (SIGBUS)
+    assert f"not enough free disk space for the store at {store / 'segments'}" in " ".join(err.split())
+
+    # More space (as after cleaning up): what was committed is there, whole; the rerun completes it.
+    filler.unlink()
+    assert mount("remount", "size=256m").returncode == 0
+    before_points, before_images = _snapshot_at(store)
+    assert len(before_images) < 4  # it stopped mid-run
+    with EdgeStore(store, "segments") as s:
+        for path, _, n in before_images:
+            assert s.count_segments(SearchFilter(path=path)) == n
+    rc, _, err = finish(cli(["--preset", "tiny", "--store", str(store), "index", str(root)], tmp_path / "d", extra_env=env))
+    assert rc == 0, err
+    after_points, after_images = _snapshot_at(store)
+    assert {Path(p).name for p, _, _ in after_images} == {"voc.jpg", "astronaut.png", "chelsea.png", "coffee.png"}
+    assert set(before_images) <= set(after_images)
+    committed = {p for p, _, _ in before_images}
+    assert {i: v for i, v in after_points.items() if v[0] in committed} == {
+        i: v for i, v in before_points.items() if v[0] in committed
+    }
+    with EdgeStore(store, "segments") as s:
+        assert s.count_segments() == sum(n for _, _, n in after_images)

@@ -3,6 +3,7 @@ in-memory mode, and ServerStore on a live server when ``QDRANT_URL`` is set."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import textwrap
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -257,6 +259,30 @@ def test_images(loaded) -> None:
     assert store.count_images() == 4
 
 
+def test_image_records_keep_size_and_mtime_and_read_records_without_them(loaded) -> None:
+    store, _ = loaded
+    # mtime in ns is past 2**53: it must come back exact, not through a float.
+    stamped = replace(entry("/photos/2024/a.jpg"), size=1_234_567, mtime_ns=1_733_000_000_123_456_789)
+    store.put_images([stamped, entry("/other/c.jpg", n=5)])
+    assert store.get_image(stamped.path) == stamped
+    assert stamped.matches_stat(1_234_567, 1_733_000_000_123_456_789)
+    assert not stamped.matches_stat(1_234_567, 1_733_000_000_123_456_788)
+    assert store.get_image("/other/c.jpg").n_segments == 5
+    # A record as written before size/mtime existed: the fields are absent, read as unknown.
+    legacy = entry("/photos/2023/b.jpg")
+    assert set(legacy.payload()) == {"path", "sha256", "width", "height", "n_segments", "model", "indexed_at", "dirs"}
+    store.put_image(legacy)
+    got = store.get_image(legacy.path)
+    assert got == legacy and got.size is None and not got.matches_stat(0, 0)
+
+
+def test_segment_paths_are_distinct_and_filtered(loaded) -> None:
+    store, _ = loaded
+    assert sorted(store.segment_paths()) == sorted(IMAGES)
+    assert sorted(store.segment_paths(SearchFilter(under="/photos"))) == ["/photos/2023/b.jpg", "/photos/2024/a.jpg"]
+    assert list(store.segment_paths(SearchFilter(path="/other/c.jpg"))) == ["/other/c.jpg"]
+
+
 def test_delete_image_removes_exactly_its_segments_and_record(loaded) -> None:
     store, points = loaded
     assert store.delete_image("/photos/2024/a.jpg") == 3
@@ -320,6 +346,76 @@ def test_edge_optimize_keeps_results(tmp_path: Path) -> None:
         store.optimize()
         assert store.count_segments() == len(points)
         assert store.search(points[4].vector, k=1)[0].id == points[4].id
+
+
+def _bulk(n: int, dim: int, seed: int, prefix: str) -> list[SegmentPoint]:
+    vectors = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    sha = (prefix * 64)[:64]
+    return [make_point(f"/{prefix}/{i // 10}.jpg", sha, i, n, vectors[i]) for i in range(n)]
+
+
+def _segment_dirs(tmp_path: Path) -> set[str]:
+    return {p.name for p in (tmp_path / "segments" / "segments" / "segments").iterdir()}
+
+
+@pytest.mark.parametrize("max_segment_mb", [1, None])
+def test_edge_index_build_after_a_run_covers_only_the_new_points(tmp_path: Path, max_segment_mb) -> None:
+    """10,000 points (1.25 MB) built into one HNSW segment, then 1,000 more. With a 1 MB segment cap the
+    second optimize builds a graph for the 1,000 new points only: the first graph's segment stays as it
+    is. Without a cap (qdrant's default), the engine merges them and rebuilds all 11,000. Points added
+    after the last build are found either way, before and after the next build."""
+    dim = 32
+    first, added = _bulk(10_000, dim, 0, "first"), _bulk(1_000, dim, 1, "added")
+    with EdgeStore(tmp_path, "segments", max_segment_mb=max_segment_mb, indexing_threshold_kb=64) as store:
+        store.ensure(dim)
+        store.upsert_segments(first)
+        store.optimize()
+        assert store.index_info()["indexed"] == 10_000
+        built = _segment_dirs(tmp_path)
+        store.upsert_segments(added)
+        assert store.index_info() == {**store.index_info(), "points": 11_000, "indexed": 10_000}
+        for p in added[::97] + first[::997]:  # unindexed points are scanned exactly
+            assert store.search(p.vector, k=1)[0].id == p.id
+        store.optimize()
+        info = store.index_info()
+        assert (info["points"], info["indexed"]) == (11_000, 11_000)
+        kept = built & _segment_dirs(tmp_path)
+        if max_segment_mb:
+            assert len(kept) == 1 and info["segments"] == 3  # the first graph, the new one, an empty appendable
+        else:
+            assert not kept and info["segments"] == 2  # everything rebuilt into one segment
+        for p in added[::97] + first[::997]:
+            assert store.search(p.vector, k=1)[0].id == p.id
+
+
+def test_edge_applies_segment_settings_to_an_existing_store(tmp_path: Path) -> None:
+    with EdgeStore(tmp_path, "segments", max_segment_mb=None) as store:
+        store.ensure(DIM)
+    with EdgeStore(tmp_path, "segments", max_segment_mb=7) as store:
+        assert store.dim == DIM
+    config = json.loads((tmp_path / "segments" / "segments" / "edge_config.json").read_text())
+    assert config["optimizers"]["max_segment_size"] == 7 * 1024
+
+
+def test_edge_refuses_to_create_or_write_without_free_space(tmp_path: Path) -> None:
+    free = {"bytes": 200 * 1024**2}
+    probe = lambda path: free["bytes"]  # noqa: E731
+    with pytest.raises(StoreError, match=r"not enough free disk space for the store at .*segments: 200\.0 MB free, a new store"):
+        EdgeStore(tmp_path / "s", "segments", free_space=probe)
+    assert not (tmp_path / "s").exists()  # nothing created
+    free["bytes"] = 10**12
+    points = make_points()
+    with EdgeStore(tmp_path / "s", "segments", free_space=probe, min_free_bytes=64 * 1024**2) as store:
+        store.ensure(DIM)
+        store.upsert_segments(points[:3])
+        free["bytes"] = 60 * 1024**2
+        with pytest.raises(StoreError, match=r"60\.0 MB free, writing 4 segments needs about .* plus the 64\.0 MB safety margin \(setting store\.min_free_mb\)"):
+            store.upsert_segments(points[3:])
+        with pytest.raises(StoreError, match="image records"):
+            store.put_image(entry("/other/c.jpg"))
+        assert store.count_segments() == 3  # what was written before stays
+    with EdgeStore(tmp_path / "s", "segments") as store:
+        assert store.count_segments() == 3
 
 
 def test_edge_second_opener_in_process_is_refused(tmp_path: Path) -> None:

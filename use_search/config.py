@@ -132,6 +132,15 @@ class StoreSettings(BaseModel):
     shard_number: int | None = Field(default=None, ge=1)  # segments collection (image records: 1 shard)
     replication_factor: int | None = Field(default=None, ge=1)  # copies of every shard, both collections
     write_consistency_factor: int | None = Field(default=None, ge=1)  # replicas that must ack a write
+    # Embedded store. A write (or creating the store) stops with a clear error while the disk still has
+    # this much free: qdrant-edge writes through mmap, so running out of space would kill the process.
+    min_free_mb: int = Field(default=256, ge=0)
+    # Largest engine segment: a run's new points get their own HNSW graph (or join the smallest one
+    # under the cap) instead of rebuilding the whole collection's. Larger: fewer segments to search,
+    # costlier builds after a run. None: leave the store's setting (qdrant's default, CPUs × 256 MB).
+    max_segment_mb: int | None = Field(default=128, ge=1)
+    # Below this many KB of new vectors the engine leaves them unindexed (scanned exactly). None: qdrant's default.
+    indexing_threshold_kb: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _consistency_within_replicas(self) -> "StoreSettings":
@@ -170,6 +179,8 @@ class Settings(BaseSettings):
     offline: bool = False  # never try a download (also implied by HF_HUB_OFFLINE=1)
 
     batch_images: int = 4  # images per upsert batch
+    decode_threads: int = Field(default=4, ge=1)  # indexer: threads reading, hashing and decoding files
+    index_pipeline: bool = True  # indexer: decode ‖ segment+embed ‖ write; False: the sequential reference
     embed_batch: int = 64  # segment crops per CLIP forward (crop-CLIP baseline)
     max_image_pixels: int = 50_000_000  # decompression-bomb guard
     image_extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")

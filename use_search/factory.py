@@ -72,6 +72,7 @@ class Runtime:
         return Indexer(
             store, self.segmenter(), self.embedder(),
             max_image_pixels=s.max_image_pixels, batch_images=s.batch_images, extensions=s.image_extensions,
+            pipeline=s.index_pipeline, decode_threads=s.decode_threads,
         )
 
     def searcher(self, store: VectorStore) -> Searcher:

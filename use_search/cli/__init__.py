@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -16,7 +17,7 @@ from rich.text import Text
 
 from use_search.config import Settings
 from use_search.presets import PRESETS, UNTRAINED_BANNER, get_preset
-from use_search.store.base import SearchFilter, StoreError
+from use_search.store.base import SearchFilter, StoreError, StoreFullError
 from use_search.weights import REGISTRY, ChecksumError, MissingWeightsError, fetch, verify
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Search the segments of your photos by text (USE).")
@@ -86,11 +87,24 @@ class RateColumn(ProgressColumn):
         return Text(f"{task.completed / elapsed:.2f} img/s", style="cyan")
 
 
-@app.command()
+EXIT_SOME_FAILED = 3  # `index`: some files failed (reported), every other file is indexed
+
+
+@app.command(
+    epilog=f"Exit codes: 0 every file indexed or skipped; {EXIT_SOME_FAILED} some files failed (each is "
+    "reported with its reason) and the rest were indexed; 2 a usage or setup error (nothing indexed, "
+    "or the run stopped, e.g. the disk is full: what was written is kept)."
+)
 def index(
     folder: Path = typer.Argument(..., help="Folder of images (searched recursively) or one image."),
-    prune: bool = typer.Option(False, "--prune", help="Remove points of files under FOLDER that are gone."),
+    prune: bool = typer.Option(
+        False, "--prune", help="Remove points of files under FOLDER that are gone (also segments an interrupted run left for them)."
+    ),
     force: bool = typer.Option(False, "--force", help="Re-index images even if already indexed."),
+    verify: bool = typer.Option(
+        False, "--verify", help="Hash every file, even those whose size and mtime match their record (a file "
+        "rewritten with the same size and mtime is otherwise taken as unchanged)."
+    ),
     ray: Optional[str] = typer.Option(
         None, "--ray", metavar="ADDRESS",
         help="Index on Ray: 'local' starts Ray on this machine (all its GPUs), 'auto' joins the running "
@@ -98,7 +112,8 @@ def index(
     ),
     ray_actors: Optional[int] = typer.Option(None, "--ray-actors", help="With --ray: segment+embed actors (default: one per GPU)."),
 ) -> None:
-    """Segment every image with SAM, embed every segment, upsert into the store. Incremental."""
+    """Segment every image with SAM, embed every segment, upsert into the store. Incremental: a file
+    whose size and mtime match its record is skipped without being read."""
     from use_search.factory import Runtime
 
     rt = Runtime.from_settings(state.settings)
@@ -137,20 +152,30 @@ def index(
                 if ev.status == "indexed":
                     segs += ev.segments
                 elif ev.status in ("failed", "duplicate"):
-                    bar.console.print(f"[yellow]{ev.status}[/] {ev.path}: {ev.reason}")
+                    bar.console.print(f"[yellow]{ev.status}[/] {escape(ev.path)}: {escape(ev.reason)}", highlight=False)
+                for w in ev.warnings:
+                    bar.console.print(f"[yellow]warning[/] {escape(ev.path)}: {escape(w)}", highlight=False)
                 bar.update(task, advance=1, segments=segs)
 
-            report = run(prune=prune, force=force, on_image=on_image, on_total=on_total)
-        store.optimize()
+            report = run(prune=prune, force=force, verify=verify, on_image=on_image, on_total=on_total)
+        try:
+            store.optimize()  # incremental: indexes what this run added (see store/edge.py)
+        except StoreFullError as e:  # everything is committed; new points are searched by exact scan
+            err.print(f"[yellow]warning[/]: the search index was not updated: {escape(str(e))}", highlight=False)
     t = Table(title="index summary", show_header=False)
     for k, v in [
         ("indexed images", report.indexed), ("segments added", report.segments),
         ("already indexed (skipped)", report.skipped), ("duplicates (skipped)", report.duplicates),
-        ("failed", len(report.failed)), ("pruned images / segments", f"{report.pruned_images} / {report.pruned_segments}"),
+        ("files hashed / decoded", f"{report.hashed} / {report.decoded}"),
+        ("failed", len(report.failed)), ("warnings", len(report.warnings)),
+        ("pruned images / segments / orphans", f"{report.pruned_images} / {report.pruned_segments} / {report.pruned_orphans}"),
         ("time", f"{report.seconds:.1f} s"), ("speed", f"{report.images_per_s:.2f} images/s"),
     ]:
         t.add_row(k, str(v))
     err.print(t)
+    if report.failed:
+        err.print(f"[yellow]{len(report.failed)} file(s) failed[/] (listed above); the rest is indexed. Exit code {EXIT_SOME_FAILED}.")
+        raise typer.Exit(EXIT_SOME_FAILED)
 
 
 def _store_label() -> str:

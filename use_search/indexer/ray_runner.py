@@ -3,10 +3,13 @@ commit rule as ``Indexer``, spread over a Ray cluster.
 
 Two passes over the files:
 
-1. **Plan** (Ray tasks): read and hash every file. The driver then decides, in sorted file order and
-   with the store's image records, exactly as ``Indexer`` does, which files are unreadable (failed),
-   unchanged (skipped), copies of an image already indexed (duplicate), changed (re-index; the old
-   segments are deleted just before the new ones are written) or new.
+1. **Plan**: the driver stats every file and skips, without opening it, a file whose size and mtime
+   match its image record (``verify``/``force`` turn this off), as ``Indexer`` does; Ray tasks read
+   and hash the others. The driver then decides, in sorted file order and with the store's image
+   records, exactly as ``Indexer`` does, which files are unreadable or not regular files (failed),
+   unchanged (skipped; a record with another size/mtime is refreshed), copies of an image already
+   indexed (duplicate), changed (re-index; the old segments are deleted just before the new ones are
+   written) or new.
 2. **Index** (one streaming Ray Data pipeline): read + decode in CPU tasks → segment + embed in an
    actor pool (one GPU per actor when the cluster has GPUs; ``segment_batch`` when the segmenter has
    it) → batched writes. Writes: to the embedded store from the driver (it owns the store's
@@ -28,15 +31,17 @@ import base64
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from use_search.config import Settings
-from use_search.indexer.read import ImageReadError, find_images, read_image, sha256_bytes
-from use_search.indexer.runner import ImageEvent, IndexReport, now_iso, segment_points
+from use_search.indexer.read import (
+    ImageReadError, find_images, load_image, read_file, route_warnings, sha256_bytes, stat_file,
+)
+from use_search.indexer.runner import ImageEvent, IndexReport, Write, commit, now_iso, prune_store, segment_points
 from use_search.model.base import Embedder
 from use_search.store.base import ImageEntry, StoreError, VectorStore
 from use_search.types import SegmentPoint
@@ -84,32 +89,38 @@ def default_parts(settings: Settings) -> tuple[Any, Embedder]:
 # Stage functions (run in Ray tasks and actors; plain functions so they are tested without Ray)
 # ---------------------------------------------------------------------------------------------------
 def hash_row(row: dict[str, Any]) -> dict[str, Any]:
-    """Plan pass: {path} → {path, sha256, error}."""
+    """Plan pass: {path} → {path, sha256, error, size, mtime_ns} (regular files only)."""
     path = row["path"]
     try:
-        str(path).encode("utf-8")
-        data = Path(path).read_bytes()
-    except UnicodeEncodeError:
-        return {"path": path, "sha256": "", "error": "file name is not valid UTF-8; rename the file to index it"}
-    except OSError as e:
-        return {"path": path, "sha256": "", "error": f"cannot read: {e.strerror or e}"}
+        data, st = read_file(Path(path))
+    except ImageReadError as e:
+        return {"path": path, "sha256": "", "error": str(e), "size": -1, "mtime_ns": -1}
     if not data:
-        return {"path": path, "sha256": "", "error": "empty file"}
-    return {"path": path, "sha256": sha256_bytes(data), "error": ""}
+        return {"path": path, "sha256": "", "error": "empty file", "size": -1, "mtime_ns": -1}
+    return {"path": path, "sha256": sha256_bytes(data), "error": "", "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 _NO_PIXELS = np.zeros((1, 1, 3), np.uint8)
 
 
 def read_row(row: dict[str, Any], max_pixels: int) -> dict[str, Any]:
-    """Index pass, read stage: {path, replace} → the decoded image and its record, or an error."""
-    out = {"path": row["path"], "replace": bool(row["replace"]), "sha256": "", "width": 0, "height": 0}
+    """Index pass, read stage: {path, replace} → the decoded image, its record, size/mtime and the
+    decoder's warnings, or an error."""
+    out = {
+        "path": row["path"], "replace": bool(row["replace"]), "sha256": "", "width": 0, "height": 0,
+        "size": -1, "mtime_ns": -1, "warnings": "",
+    }
     try:
-        loaded = read_image(Path(row["path"]), max_pixels)
+        data, st = read_file(Path(row["path"]))
+        with route_warnings():  # a Ray task runs alone in its worker's thread
+            loaded = load_image(Path(row["path"]), data, max_pixels)
     except ImageReadError as e:
         return {**out, "pixels": _NO_PIXELS, "error": str(e)}
     r = loaded.record
-    return {**out, "sha256": r.sha256, "width": r.width, "height": r.height, "pixels": loaded.pixels, "error": ""}
+    return {
+        **out, "sha256": r.sha256, "width": r.width, "height": r.height, "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns, "warnings": "\n".join(loaded.warnings), "pixels": loaded.pixels, "error": "",
+    }
 
 
 def _rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
@@ -122,7 +133,10 @@ def _columns(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, l
     return {k: [r[k] for r in rows] for k in keys}
 
 
-RESULT_KEYS = ("path", "replace", "sha256", "width", "height", "error", "model", "dim", "points", "vectors")
+RESULT_KEYS = (
+    "path", "replace", "sha256", "width", "height", "size", "mtime_ns", "warnings", "error", "model", "dim",
+    "points", "vectors",
+)
 
 
 class SegmentEmbed:
@@ -175,7 +189,8 @@ class SegmentEmbed:
         for i, r in enumerate(rows):
             res = {
                 "path": str(r["path"]), "replace": bool(r["replace"]), "sha256": str(r["sha256"]),
-                "width": int(r["width"]), "height": int(r["height"]), "error": str(r["error"]),
+                "width": int(r["width"]), "height": int(r["height"]), "size": int(r["size"]),
+                "mtime_ns": int(r["mtime_ns"]), "warnings": str(r["warnings"]), "error": str(r["error"]),
                 "model": self.embedder.model_id, "dim": int(self.embedder.dim), "points": "[]", "vectors": "",
             }
             res.update(results.get(i, {}))
@@ -192,7 +207,7 @@ def decode_points(row: dict[str, Any]) -> list[SegmentPoint]:
     return [SegmentPoint(id=pid, vector=vectors[k], payload=payload) for k, (pid, payload) in enumerate(pairs)]
 
 
-EVENT_KEYS = ("path", "status", "segments", "reason")
+EVENT_KEYS = ("path", "status", "segments", "reason", "warnings")
 
 
 class StoreWriter:
@@ -224,31 +239,32 @@ class StoreWriter:
         self._ready = True
 
     def write(self, rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = []
-        done: list[tuple[dict[str, Any], list[SegmentPoint]]] = []
+        writes: list[Write] = []
+        model_dim: tuple[str, int] | None = None
         for row in rows:
-            if row["error"]:
-                events.append({"path": str(row["path"]), "status": "failed", "segments": 0, "reason": str(row["error"])})
-            else:
-                done.append((row, decode_points(row)))
-        if not done:
-            return events
-        self._prepare(str(done[0][0]["model"]), int(done[0][0]["dim"]))
-        for row, _ in done:
-            if row["replace"]:
-                self.store.delete_image(str(row["path"]))
-        points = [p for _, pts in done for p in pts]
-        if points:
-            self.store.upsert_segments(points)
-        for row, pts in done:  # records only after every segment of the batch is in
-            self.store.put_image(
-                ImageEntry(
-                    str(row["path"]), str(row["sha256"]), int(row["width"]), int(row["height"]), len(pts),
-                    str(row["model"]), now_iso(),
-                )
+            path, warnings = str(row["path"]), [w for w in str(row["warnings"]).split("\n") if w]
+            if row["error"]:  # as Indexer: a changed file that fails loses its outdated record
+                event = ImageEvent(path, "failed", reason=str(row["error"]), warnings=warnings)
+                writes.append(Write(event, drop=bool(row["replace"])))
+                continue
+            points = decode_points(row)
+            model_dim = model_dim or (str(row["model"]), int(row["dim"]))
+            size, mtime = int(row["size"]), int(row["mtime_ns"])
+            entry = ImageEntry(
+                path, str(row["sha256"]), int(row["width"]), int(row["height"]), len(points), str(row["model"]),
+                now_iso(), size=size if size >= 0 else None, mtime_ns=mtime if size >= 0 else None,
             )
-            events.append({"path": str(row["path"]), "status": "indexed", "segments": len(pts), "reason": ""})
-        return events
+            event = ImageEvent(path, "indexed", len(points), warnings=warnings)
+            replace = bool(row["replace"])
+            writes.append(Write(event, drop=replace, entry=entry, points=points, fresh=not replace))
+        if model_dim is not None:
+            self._prepare(*model_dim)
+        commit(self.store, writes)
+        return [
+            {"path": w.event.path, "status": w.event.status, "segments": w.event.segments, "reason": w.event.reason,
+             "warnings": "\n".join(w.event.warnings)}
+            for w in writes
+        ]
 
 
 class WriterActor:
@@ -271,16 +287,36 @@ class WriterActor:
 class Plan:
     todo: list[tuple[str, bool]] = field(default_factory=list)  # (path, replace: an old version is indexed)
     events: list[ImageEvent] = field(default_factory=list)  # failed / skipped / duplicate, in file order
+    writes: list[Write] = field(default_factory=list)  # refreshed records, dropped outdated ones (with their events)
+
+
+def plan_stat(store: VectorStore, paths: Iterable[str], *, force: bool = False, verify: bool = False) -> tuple[list[str], list[ImageEvent]]:
+    """The fast path, as ``Indexer``: (paths to hash, events of files failed or skipped on size and mtime)."""
+    todo: list[str] = []
+    events: list[ImageEvent] = []
+    for path in paths:
+        try:
+            st = stat_file(Path(path))
+        except ImageReadError as e:
+            events.append(ImageEvent(path, "failed", reason=str(e)))
+            continue
+        old = store.get_image(path)
+        if old is not None and not (force or verify) and old.matches_stat(st.st_size, st.st_mtime_ns):
+            events.append(ImageEvent(path, "skipped", old.n_segments))
+        else:
+            todo.append(path)
+    return todo, events
 
 
 def plan(store: VectorStore, hashed: Iterable[dict[str, Any]], *, force: bool = False) -> Plan:
-    """``Indexer.index``'s per-file decisions, from (path, sha256, error) rows in file order.
+    """``Indexer.index``'s per-file decisions, from (path, sha256, error, size, mtime_ns) rows in file order.
 
     Unlike the single-process loop, which sees a twin only once its batch is committed, two files with
     the same content in one run are caught here too: the first (in file order) is indexed.
     """
     out = Plan()
     first_of: dict[str, str] = {}
+    replaced: set[str] = set()
     for row in hashed:
         path, sha = str(row["path"]), str(row["sha256"])
         if row["error"]:
@@ -288,49 +324,44 @@ def plan(store: VectorStore, hashed: Iterable[dict[str, Any]], *, force: bool = 
             continue
         old = store.get_image(path)
         if old is not None and old.sha256 == sha and not force:
-            out.events.append(ImageEvent(path, "skipped", old.n_segments))
+            skipped = ImageEvent(path, "skipped", old.n_segments)
+            size, mtime = int(row.get("size", -1)), int(row.get("mtime_ns", -1))
+            if size >= 0 and not old.matches_stat(size, mtime):
+                out.writes.append(Write(skipped, entry=replace(old, size=size, mtime_ns=mtime)))
+            else:
+                out.events.append(skipped)
             continue
-        twin = next((e.path for e in store.find_images(sha) if e.path != path and Path(e.path).exists()), None)
-        twin = twin or first_of.get(sha)
+        twin = first_of.get(sha) or next(
+            (e.path for e in store.find_images(sha) if e.path != path and e.path not in replaced and Path(e.path).exists()),
+            None,
+        )
+        if old is not None:
+            replaced.add(path)
         if twin is not None:
-            out.events.append(ImageEvent(path, "duplicate", reason=f"same content as {twin}"))
+            event = ImageEvent(path, "duplicate", reason=f"same content as {twin}")
+            if old is not None:
+                out.writes.append(Write(event, drop=True))
+            else:
+                out.events.append(event)
             continue
         first_of[sha] = path
         out.todo.append((path, old is not None))
     return out
 
 
-def prune_store(store: VectorStore, root: Path) -> tuple[int, int]:
-    """``Indexer.prune``: remove the images (and their segments) under ``root`` whose files are gone."""
-    root_s = str(Path(root).absolute())
-    gone = [
-        e.path
-        for e in store.iter_images()
-        if (e.path == root_s or e.path.startswith(root_s.rstrip("/") + "/")) and not Path(e.path).exists()
-    ]
-    return len(gone), sum(store.delete_image(p) for p in gone)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------------
 def _apply(report: IndexReport, ev: ImageEvent, on_image: Callable[[ImageEvent], None] | None) -> None:
-    if ev.status == "failed":
-        report.failed.append((ev.path, ev.reason))
-    elif ev.status == "skipped":
-        report.skipped += 1
-    elif ev.status == "duplicate":
-        report.duplicates += 1
-    elif ev.status == "indexed":
-        report.indexed += 1
-        report.segments += ev.segments
+    report.add(ev)
     if on_image:
         on_image(ev)
 
 
 def _events(batch: dict[str, Any]) -> Iterator[ImageEvent]:
     for r in _rows(batch):
-        yield ImageEvent(str(r["path"]), str(r["status"]), int(r["segments"]), str(r["reason"]))  # type: ignore[arg-type]
+        warnings = [w for w in str(r["warnings"]).split("\n") if w]
+        yield ImageEvent(str(r["path"]), str(r["status"]), int(r["segments"]), str(r["reason"]), warnings)  # type: ignore[arg-type]
 
 
 def index_with_ray(
@@ -342,6 +373,7 @@ def index_with_ray(
     build_parts: PartsBuilder = default_parts,
     prune: bool = False,
     force: bool = False,
+    verify: bool = False,
     on_image: Callable[[ImageEvent], None] | None = None,
     on_total: Callable[[int], None] | None = None,
 ) -> IndexReport:
@@ -365,23 +397,39 @@ def index_with_ray(
         ray.data.DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
-        files = [str(p) for p in find_images(root, settings.image_extensions)]
+        unlisted: list[ImageEvent] = []
+        files = [
+            str(p) for p in find_images(
+                root, settings.image_extensions,
+                on_error=lambda folder, reason: unlisted.append(ImageEvent(str(folder), "failed", reason=reason)),
+            )
+        ]
         if on_total:
             on_total(len(files))
-        if files:
-            if len(files) < opts.driver_plan_below:
-                by_path = {p: hash_row({"path": p}) for p in files}
+        for ev in unlisted:
+            _apply(report, ev, on_image)
+        to_hash, fast = plan_stat(store, files, force=force, verify=verify)
+        for ev in fast:
+            _apply(report, ev, on_image)
+        report.hashed = len(to_hash)
+        if to_hash:
+            if len(to_hash) < opts.driver_plan_below:
+                by_path = {p: hash_row({"path": p}) for p in to_hash}
             else:
-                hashed = ray.data.from_items([{"path": p} for p in files]).map(hash_row, num_cpus=opts.cpus_per_read)
+                hashed = ray.data.from_items([{"path": p} for p in to_hash]).map(hash_row, num_cpus=opts.cpus_per_read)
                 by_path = {str(r["path"]): r for r in hashed.iter_rows()}
-            decided = plan(store, (by_path[p] for p in files), force=force)
+            decided = plan(store, (by_path[p] for p in to_hash), force=force)
             for ev in decided.events:
                 _apply(report, ev, on_image)
+            commit(store, decided.writes)
+            for w in decided.writes:
+                _apply(report, w.event, on_image)
+            report.decoded = len(decided.todo)
             if decided.todo:
                 for ev in _run_pipeline(ray, settings, store, decided.todo, opts, build_parts, force):
                     _apply(report, ev, on_image)
         if prune:
-            report.pruned_images, report.pruned_segments = prune_store(store, root)
+            report.pruned_images, report.pruned_segments, report.pruned_orphans = prune_store(store, root)
     finally:
         report.seconds = time.perf_counter() - started
         if own_ray:
@@ -428,5 +476,4 @@ def _run_pipeline(
         return
     writer = StoreWriter(store, force)
     for batch in ds.iter_batches(batch_size=write_batch, batch_format="numpy"):
-        for ev in writer.write(_rows(batch)):
-            yield ImageEvent(ev["path"], ev["status"], ev["segments"], ev["reason"])
+        yield from _events(_columns(writer.write(_rows(batch)), EVENT_KEYS))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from use_search.config import Settings
-from use_search.store.base import ImageEntry, SearchFilter, StoreError, VectorStore, segment_payload
+from use_search.store.base import ImageEntry, SearchFilter, StoreError, StoreFullError, VectorStore, segment_payload
 from use_search.store.edge import EdgeStore
 from use_search.store.server import ServerStore
 
@@ -14,6 +14,7 @@ __all__ = [
     "ImageEntry",
     "SearchFilter",
     "StoreError",
+    "StoreFullError",
     "segment_payload",
     "open_store",
 ]
@@ -23,7 +24,10 @@ def open_store(settings: Settings) -> VectorStore:
     """The store the settings name: the embedded one at ``settings.store_path`` or a Qdrant server."""
     store = settings.store
     if store.backend == "embedded":
-        return EdgeStore(settings.store_path, store.collection)
+        return EdgeStore(
+            settings.store_path, store.collection, min_free_bytes=store.min_free_mb * 1024 * 1024,
+            max_segment_mb=store.max_segment_mb, indexing_threshold_kb=store.indexing_threshold_kb,
+        )
     if not store.url:
         raise StoreError("store.backend is 'server' but store.url is not set (e.g. USE_SEARCH_STORE__URL)")
     return ServerStore.connect(

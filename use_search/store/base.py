@@ -39,6 +39,10 @@ class StoreError(RuntimeError):
     """The store cannot be used (unreachable server, locked embedded store, wrong dimension...)."""
 
 
+class StoreFullError(StoreError):
+    """The embedded store's disk has less free space than a write needs plus the safety margin."""
+
+
 @dataclass(frozen=True)
 class ImageEntry:
     path: str
@@ -49,14 +53,25 @@ class ImageEntry:
     model: str
     indexed_at: str  # ISO 8601, UTC
     filename: str | None = None  # an upload's original file name (the API stores uploads by hash)
+    # The file as it was read (``os.stat``): a rerun skips a file whose size and mtime still match
+    # without opening it. None: unknown (records written before these fields, or uploads).
+    size: int | None = None
+    mtime_ns: int | None = None
 
     def payload(self) -> dict[str, Any]:
-        fields = {k: v for k, v in asdict(self).items() if not (k == "filename" and v is None)}
+        fields = {k: v for k, v in asdict(self).items() if v is not None or k not in OPTIONAL_IMAGE_FIELDS}
         return {**fields, "dirs": ancestor_dirs(self.path)}
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> "ImageEntry":
         return cls(**{k: payload[k] for k in cls.__dataclass_fields__ if k in payload})
+
+    def matches_stat(self, size: int, mtime_ns: int) -> bool:
+        """Same size and modification time as recorded: the file is taken as unchanged."""
+        return self.size is not None and self.size == size and self.mtime_ns == mtime_ns
+
+
+OPTIONAL_IMAGE_FIELDS = ("filename", "size", "mtime_ns")  # left out of the payload when None
 
 
 @dataclass(frozen=True)
@@ -101,6 +116,11 @@ class VectorStore(ABC):
     @abstractmethod
     def put_image(self, entry: ImageEntry) -> None: ...
 
+    def put_images(self, entries: Sequence[ImageEntry]) -> None:
+        """Several records in one write (one commit's worth)."""
+        for entry in entries:
+            self.put_image(entry)
+
     @abstractmethod
     def get_image(self, path: str) -> ImageEntry | None: ...
 
@@ -136,10 +156,14 @@ class VectorStore(ABC):
     def count_segments(self, flt: SearchFilter | None = None) -> int: ...
 
     @abstractmethod
+    def segment_paths(self, flt: SearchFilter | None = None) -> Iterator[str]:
+        """The distinct image paths of the segments matching ``flt`` (reads the path field only)."""
+
+    @abstractmethod
     def count_images(self) -> int: ...
 
     def optimize(self) -> None:
-        """Build indexes after a bulk load (HNSW for the embedded store). No-op where the engine does it."""
+        """Index what is not indexed yet (HNSW for the embedded store). No-op where the engine does it."""
 
     @abstractmethod
     def close(self) -> None: ...

@@ -11,6 +11,16 @@ WAL is a memory-mapped file, so once ``update`` returns the operation survives a
 process (the page cache still holds it; the next load replays the WAL). It does not survive an OS
 crash or power loss until the WAL and segments are fsynced: that is ``EdgeShard.flush()``, which we
 call after every write, so an acknowledged write is on disk.
+
+Disk space: qdrant-edge writes through memory-mapped files, so a full disk is not an ``OSError`` but a
+SIGBUS that kills the process mid-write. Every write (and creating the store) first checks the free
+space of the store's file system and raises ``StoreFullError`` while there is still a margin
+(``min_free_bytes``): the process stops cleanly and what was committed stays.
+
+Index builds: segments are capped (``max_segment_mb``), so ``optimize()`` builds an HNSW graph over the
+points added since the last build (merged with the smallest indexed segment when both fit under the
+cap), never over the whole collection again; new points below the engine's indexing threshold stay in
+a plain segment that searches scan exactly.
 """
 
 from __future__ import annotations
@@ -18,8 +28,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import qdrant_edge as qe
@@ -29,6 +40,7 @@ from use_search.store.base import (
     ImageEntry,
     SearchFilter,
     StoreError,
+    StoreFullError,
     VectorStore,
     image_id,
 )
@@ -41,11 +53,54 @@ EDGE_CONFIG_FILE = "edge_config.json"  # written by qdrant-edge into every shard
 UPSERT_BATCH = 512  # points per WAL record
 SCROLL_PAGE = 256
 IMAGE_VECTOR = [1.0]
+MB = 1024 * 1024
+# What creating a store fills on disk before its first point (two shards: WAL pages, segment files),
+# measured on tmpfs; its sparse files span ~240 MB but are filled lazily. Loading a store later fills
+# its payload-index and vector files (~100 MB for a new store on tmpfs): checked when it is opened.
+NEW_STORE_BYTES = 15 * MB
+FILLED_ON_LOAD = ("payload_index", "vector_storage")
+RECORD_BYTES = 4096  # an image record, its WAL entry and index entries
+SEGMENT_OVERHEAD_BYTES = 1024  # per segment point beyond its vector and mask: payload fields, ids, indexes
+WRITE_AMPLIFICATION = 3  # a point lands in the WAL, the segment's storage and the payload indexes
+DELETE_BYTES = 64 * 1024
+
+
+def free_bytes(path: Path) -> int:
+    """Free space (for unprivileged writers) of the file system holding ``path`` or its nearest parent."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
 
 
 class EdgeStore(VectorStore):
-    def __init__(self, path: Path, collection: str) -> None:
+    def __init__(
+        self,
+        path: Path,
+        collection: str,
+        *,
+        min_free_bytes: int = 256 * MB,
+        max_segment_mb: int | None = 128,
+        indexing_threshold_kb: int | None = None,
+        free_space: Callable[[Path], int] = free_bytes,
+    ) -> None:
         self.root = Path(path) / collection
+        self.min_free_bytes = min_free_bytes
+        self.free_space = free_space
+        self._optimizers = qe.EdgeOptimizersConfig(
+            max_segment_size=max_segment_mb * 1024 if max_segment_mb else None,
+            indexing_threshold=indexing_threshold_kb,
+        )
+        if not _shard_exists(self.root / SEGMENTS_DIR):
+            self._check_space(NEW_STORE_BYTES, "a new store")
+        else:  # loading fills sparse index and vector files: that much must fit, margin or not
+            need = _unfilled_bytes(self.root, FILLED_ON_LOAD)
+            if need and self.free_space(self.root) < need:
+                raise StoreFullError(
+                    f"not enough free disk space to open the store at {self.root}: loading it fills "
+                    f"{_mb(need)} of index and vector files and {_mb(self.free_space(self.root))} are free. "
+                    "Free some space."
+                )
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock_fd: int | None = _lock(self.root / LOCK_FILE, self.root)
         self._segments: qe.EdgeShard | None = None
@@ -54,12 +109,24 @@ class EdgeStore(VectorStore):
         try:
             if _shard_exists(self.root / SEGMENTS_DIR):
                 self._dim = _persisted_dim(self.root / SEGMENTS_DIR)
-                self._segments = _load(self.root / SEGMENTS_DIR)
+                self._segments = _load(self.root / SEGMENTS_DIR, self._config(self._dim, qe.Distance.Cosine))
             if _shard_exists(self.root / IMAGES_DIR):
-                self._images = _load(self.root / IMAGES_DIR)
+                self._images = _load(self.root / IMAGES_DIR, self._config(1, qe.Distance.Dot))
         except BaseException:
             self.close()
             raise
+
+    def _config(self, dim: int, distance: Any) -> qe.EdgeConfig:
+        return qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=distance), optimizers=self._optimizers)
+
+    def _check_space(self, need: int, what: str) -> None:
+        free = self.free_space(self.root)
+        if free < need + self.min_free_bytes:
+            raise StoreFullError(
+                f"not enough free disk space for the store at {self.root}: {_mb(free)} free, {what} needs "
+                f"about {_mb(need)} plus the {_mb(self.min_free_bytes)} safety margin (setting store.min_free_mb). "
+                "Free some space or move the store (--store DIR), then rerun: everything written so far is kept."
+            )
 
     # Collections ---------------------------------------------------------------------------------
     def ensure(self, dim: int) -> None:
@@ -70,17 +137,18 @@ class EdgeStore(VectorStore):
                     "use another collection (store.collection) for this model"
                 )
         else:
-            config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine))
-            self._segments = _create(self.root / SEGMENTS_DIR, config)
+            self._check_space(NEW_STORE_BYTES, "a new store")
+            self._segments = _create(self.root / SEGMENTS_DIR, self._config(dim, qe.Distance.Cosine))
             self._dim = dim
         if self._images is None:
-            config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=1, distance=qe.Distance.Dot))
-            self._images = _create(self.root / IMAGES_DIR, config)
+            self._images = _create(self.root / IMAGES_DIR, self._config(1, qe.Distance.Dot))
         for shard in (self._segments, self._images):
             existing = shard.info().payload_schema
-            for name in INDEXED_FIELDS:
-                if name not in existing:
-                    shard.update(qe.UpdateOperation.create_field_index(name, qe.PayloadSchemaType.Keyword))
+            missing = [name for name in INDEXED_FIELDS if name not in existing]
+            if missing:
+                self._check_space(DELETE_BYTES, "a payload index")
+            for name in missing:
+                shard.update(qe.UpdateOperation.create_field_index(name, qe.PayloadSchemaType.Keyword))
             shard.flush()
 
     @property
@@ -90,6 +158,10 @@ class EdgeStore(VectorStore):
     # Writes --------------------------------------------------------------------------------------
     def upsert_segments(self, points: Sequence[SegmentPoint]) -> None:
         shard = self._require(self._segments)
+        need = sum(
+            np.asarray(p.vector).size * 4 + len(str(p.payload.get("rle", ""))) + SEGMENT_OVERHEAD_BYTES for p in points
+        )
+        self._check_space(WRITE_AMPLIFICATION * need, f"writing {len(points)} segments")
         for start in range(0, len(points), UPSERT_BATCH):
             batch = [
                 qe.Point(p.id, _vector(p.vector), p.payload) for p in points[start : start + UPSERT_BATCH]
@@ -98,14 +170,21 @@ class EdgeStore(VectorStore):
         shard.flush()
 
     def put_image(self, entry: ImageEntry) -> None:
+        self.put_images([entry])
+
+    def put_images(self, entries: Sequence[ImageEntry]) -> None:
         shard = self._require(self._images)
-        point = qe.Point(image_id(entry.path), IMAGE_VECTOR, entry.payload())
-        shard.update(qe.UpdateOperation.upsert_points([point]))
+        if not entries:
+            return
+        self._check_space(len(entries) * RECORD_BYTES, f"writing {len(entries)} image records")
+        points = [qe.Point(image_id(e.path), IMAGE_VECTOR, e.payload()) for e in entries]
+        shard.update(qe.UpdateOperation.upsert_points(points))
         shard.flush()
 
     def delete_image(self, path: str) -> int:
         if self._segments is None or self._images is None:
             return 0
+        self._check_space(DELETE_BYTES, "a delete")
         # Record first: if we die in between, the leftover segments read as an unfinished image.
         self._images.update(qe.UpdateOperation.delete_points([image_id(path)]))
         self._images.flush()
@@ -169,12 +248,33 @@ class EdgeStore(VectorStore):
             return 0
         return self._segments.count(qe.CountRequest(exact=True, filter=_filter(flt)))
 
+    def segment_paths(self, flt: SearchFilter | None = None) -> Iterator[str]:
+        seen: set[str] = set()
+        for record in _scroll(self._segments, flt, with_payload=["path"]):
+            path = record.payload["path"]
+            if path not in seen:
+                seen.add(path)
+                yield path
+
     # Lifecycle -----------------------------------------------------------------------------------
     def optimize(self) -> None:
         for shard in (self._segments, self._images):
-            if shard is not None:
-                shard.optimize()
-                shard.flush()
+            if shard is None:
+                continue
+            info = shard.info()
+            pending = info.points_count - info.indexed_vectors_count
+            if shard is self._segments and pending > 0:
+                # A build writes a new copy of the segments it rebuilds before dropping the old ones.
+                self._check_space(2 * pending * (4 * (self._dim or 1) + 1024), "building the search index")
+            shard.optimize()
+            shard.flush()
+
+    def index_info(self) -> dict[str, int]:
+        """Segments collection: engine segments, points, points in an HNSW index (the rest are scanned)."""
+        if self._segments is None:
+            return {"segments": 0, "points": 0, "indexed": 0}
+        info = self._segments.info()
+        return {"segments": info.segments_count, "points": info.points_count, "indexed": info.indexed_vectors_count}
 
     def close(self) -> None:
         try:
@@ -228,9 +328,28 @@ def _persisted_dim(path: Path) -> int:
         raise StoreError(f"cannot read the vector size of the shard at {path}: {e}") from None
 
 
-def _load(path: Path) -> qe.EdgeShard:
+def _unfilled_bytes(root: Path, folders: Sequence[str]) -> int:
+    """Bytes not yet allocated in the sparse files below ``root`` inside folders named ``folders``."""
+    total = 0
+    for dirpath, _, filenames in os.walk(root):
+        if any(f in Path(dirpath).parts for f in folders):
+            for name in filenames:
+                try:
+                    st = os.stat(os.path.join(dirpath, name))
+                except OSError:
+                    continue
+                total += max(0, st.st_size - st.st_blocks * 512)
+    return total
+
+
+def _mb(n: int) -> str:
+    return f"{n / MB:,.1f} MB"
+
+
+def _load(path: Path, config: qe.EdgeConfig) -> qe.EdgeShard:
+    # Passing the config applies our optimizer settings to stores created before them.
     try:
-        return qe.EdgeShard.load(str(path))
+        return qe.EdgeShard.load(str(path), config)
     except Exception as e:  # qdrant-edge raises bare Exception
         raise StoreError(f"cannot open the embedded store shard at {path}: {e}") from None
 
@@ -252,13 +371,13 @@ def _filter(flt: SearchFilter | None) -> qe.Filter | None:
     return qe.Filter(must=[qe.FieldCondition(key=k, match=qe.MatchValue(v)) for k, v in flt.conditions()])
 
 
-def _scroll(shard: qe.EdgeShard | None, flt: SearchFilter | None) -> Iterator[Any]:
+def _scroll(shard: qe.EdgeShard | None, flt: SearchFilter | None, with_payload: Any = True) -> Iterator[Any]:
     if shard is None:
         return
     offset = None
     while True:
         records, offset = shard.scroll(
-            qe.ScrollRequest(offset=offset, limit=SCROLL_PAGE, filter=_filter(flt), with_payload=True)
+            qe.ScrollRequest(offset=offset, limit=SCROLL_PAGE, filter=_filter(flt), with_payload=with_payload)
         )
         yield from records
         if offset is None:

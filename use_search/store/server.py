@@ -126,10 +126,15 @@ class ServerStore(VectorStore):
                 self.client.upsert(self.collection, points=batch, wait=True)
 
     def put_image(self, entry: ImageEntry) -> None:
+        self.put_images([entry])
+
+    def put_images(self, entries: Sequence[ImageEntry]) -> None:
         with self._errors():
             self._require(self.images_collection)
-            point = models.PointStruct(id=image_id(entry.path), vector={}, payload=entry.payload())
-            self.client.upsert(self.images_collection, points=[point], wait=True)
+            if not entries:
+                return
+            points = [models.PointStruct(id=image_id(e.path), vector={}, payload=e.payload()) for e in entries]
+            self.client.upsert(self.images_collection, points=points, wait=True)
 
     def delete_image(self, path: str) -> int:
         with self._errors():
@@ -207,6 +212,14 @@ class ServerStore(VectorStore):
                 return 0
             return self.client.count(self.collection, count_filter=_filter(flt), exact=True).count
 
+    def segment_paths(self, flt: SearchFilter | None = None) -> Iterator[str]:
+        seen: set[str] = set()
+        for record in self._scroll(self.collection, flt, with_payload=["path"]):
+            path = record.payload["path"]
+            if path not in seen:
+                seen.add(path)
+                yield path
+
     def close(self) -> None:
         self.client.close()
 
@@ -240,14 +253,14 @@ class ServerStore(VectorStore):
         if not self._has(name):
             raise StoreError(f"collection {name!r} does not exist at {self.url}: call ensure(dim) first")
 
-    def _scroll(self, name: str, flt: SearchFilter | None) -> Iterator[Any]:
+    def _scroll(self, name: str, flt: SearchFilter | None, with_payload: Any = True) -> Iterator[Any]:
         offset = None
         while True:
             with self._errors():
                 if not self._has(name):
                     return
                 records, offset = self.client.scroll(
-                    name, scroll_filter=_filter(flt), limit=SCROLL_PAGE, offset=offset, with_payload=True
+                    name, scroll_filter=_filter(flt), limit=SCROLL_PAGE, offset=offset, with_payload=with_payload
                 )
             yield from records
             if offset is None:
