@@ -97,6 +97,8 @@ def clip_source(name_or_path: str, settings: Settings, arch: str | None = None) 
         return ClipSource(name, resolve(rest, settings), prefix, None)
     if prefix == "clip" and rest.count(":") >= 1:
         return _source_for_identity(name, settings)
+    if rest and Path(rest).expanduser().is_file():
+        raise ValueError(f"'{prefix}' is not an open_clip architecture (e.g. ViT-B-16, ViT-L-14-336): --clip {name}")
     return ClipSource(name, resolve(name, settings), arch, None)  # raises: neither file nor name
 
 

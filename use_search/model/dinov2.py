@@ -110,7 +110,9 @@ def dinov2_source(name_or_path: str, settings: Settings, arch: str | None = None
             f"the model was built on DINOv2 '{name}', loaded from a file: pass that file with "
             f"--dinov2 {id_arch}:FILE (or USE_SEARCH_DINOV2)"
         )
-    if rest and "dinov2" in prefix:
+    if rest and Path(rest).expanduser().is_file():
+        if not timm.is_model(prefix):
+            raise ValueError(f"'{prefix}' is not a timm architecture (e.g. vit_large_patch14_dinov2): --dinov2 {name}")
         return resolve(rest, settings), prefix, None
     return resolve(name, settings), arch, None  # raises: neither a file nor a known name
 

@@ -62,6 +62,11 @@ def plain_text_config(arch: str) -> dict[str, Any] | None:
             "heads": 8, "layers": 12, "mlp_ratio": 4.0, **{k: text[k] for k in PLAIN_TEXT_FIELDS if k in text}}
 
 
+def causal_mask(n: int) -> torch.Tensor:
+    """open_clip's additive causal mask: -inf above the diagonal."""
+    return torch.full((n, n), float("-inf")).triu_(1)
+
+
 class QuickGELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
@@ -99,13 +104,13 @@ class ClipTextTower(nn.Module):
     def __init__(self, embed_dim: int, context_length: int, vocab_size: int, width: int, heads: int,
                  layers: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
-        self.token_embedding = nn.Embedding(vocab_size, width)
+        # The largest tensor: left uninitialised (``_weight``), it is always loaded or seeded next.
+        self.token_embedding = nn.Embedding(vocab_size, width, _weight=torch.empty(vocab_size, width))
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
         self.transformer = _Transformer(width, layers, heads, mlp_ratio)
         self.ln_final = nn.LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
-        mask = torch.full((context_length, context_length), float("-inf")).triu_(1)
-        self.register_buffer("attn_mask", mask, persistent=False)
+        self.register_buffer("attn_mask", causal_mask(context_length), persistent=False)
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         dtype = self.transformer.resblocks[0].mlp.c_fc.weight.dtype
@@ -133,6 +138,9 @@ def simple_tokenizer(context_length: int) -> Callable[..., torch.Tensor]:
         module = importlib.util.module_from_spec(file_spec)  # type: ignore[arg-type]
         file_spec.loader.exec_module(module)  # type: ignore[union-attr]
         sys.modules[name] = module
+    default = getattr(module, "_tokenizer", None)  # the module builds one at import; the BPE tables take a while
+    if default is not None and default.context_length == context_length:
+        return default
     return module.SimpleTokenizer(context_length=context_length)
 
 

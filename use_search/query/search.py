@@ -6,7 +6,6 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from use_search.masks import iou_matrix
 from use_search.store.base import SearchFilter, StoreError, VectorStore
 from use_search.types import Hit
 
@@ -28,6 +27,8 @@ class ModelMismatchError(StoreError):
 def dedup_hits(hits: Sequence[Hit], k: int, iou_threshold: float = 0.8) -> list[Hit]:
     """Keep the best hit of each group of overlapping masks on the same image (SAM returns nested
     masks at several granularities; a result list of the same object three times is noise)."""
+    from use_search.masks import iou_matrix  # pycocotools + scipy: only --dedup needs them
+
     kept: list[Hit] = []
     for hit in hits:
         same_image = [h for h in kept if h.sha256 == hit.sha256]
