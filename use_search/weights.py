@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from use_search.config import Settings
-
 if TYPE_CHECKING:
     import torch
+
+    from use_search.config import Settings
 
 Kind = Literal["sam", "clip", "dinov2"]
 

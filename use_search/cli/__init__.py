@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
@@ -14,7 +14,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from use_search.config import Settings
+if TYPE_CHECKING:
+    from use_search.config import Settings
+
 from use_search.presets import PRESETS, UNTRAINED_BANNER, get_preset, preset_for
 from use_search.weights import (
     REGISTRY,
@@ -56,7 +58,7 @@ def is_user_error(e: BaseException) -> bool:
 
 
 class State:
-    settings: Settings = None  # type: ignore[assignment]
+    settings: "Settings" = None  # type: ignore[assignment]
 
 
 state = State()
@@ -77,6 +79,8 @@ def common(
     weights_dir: Optional[Path] = typer.Option(None, "--weights-dir", help="Where checkpoints are cached."),
     offline: bool = typer.Option(False, "--offline", help="Never download; fail if a checkpoint is missing."),
 ) -> None:
+    from use_search.config import Settings  # pydantic-settings: not needed to print --help
+
     s = Settings()
     top = {k: v for k, v in dict(
         preset=preset, device=device, use_checkpoint=model, weights_dir=weights_dir, sam=sam, clip=clip, dinov2=dinov2,
