@@ -283,7 +283,7 @@ def _voting_settings(
     amg = {k: v for k, v in dict(
         points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_thresh,
     ).items() if v is not None}
-    return Settings.model_validate({
+    return type(s).model_validate({
         **s.model_dump(), "voting": {**s.voting.model_dump(), **voting}, "amg": {**s.amg.model_dump(), **amg},
     })
 
