@@ -132,3 +132,24 @@ def test_api_search_imports_no_image_stack(tmp_path):
     r = _imports_after(code, {"USE_SEARCH_DATA_DIR": str(data)})
     assert "STATUS 200 2" in r["out"], r["out"][-500:] + r["err"][-2000:]
     assert [m for m in HEAVY if r["modules"][m]] == []
+
+
+def test_use_checkpoint_on_a_file_clip_is_found_through_clip_option(tmp_path, clip_files, one_torch_thread):
+    """A USE checkpoint records a file-loaded CLIP by identity; --clip FILE finds it again (same content),
+    and without it the error says which CLIP to pass."""
+    from use_search.model.use import init_use_checkpoint
+    from use_search.presets import preset_for
+    from use_search.weights import MissingWeightsError
+
+    archive = str(clip_files["torchscript"])
+    s = settings_for(tmp_path, clip=archive)
+    ckpt = init_use_checkpoint(preset_for(s), s, tmp_path / "use.safetensors")
+    s = settings_for(tmp_path, clip=archive, use_checkpoint=ckpt)
+    full = load_embedder(s, preset_for(s), "cpu")
+    text = load_query_embedder(s, preset_for(s), "cpu")
+    assert full.config.clip.startswith("clip:use-tiny-clip:ViT-tiny.pt-")
+    assert text.model_id == full.model_id
+    assert np.array_equal(text.embed_texts(TEXTS), full.embed_texts(TEXTS))
+    bare = settings_for(tmp_path, use_checkpoint=ckpt)
+    with pytest.raises(MissingWeightsError, match=r"built on CLIP 'clip:use-tiny-clip:ViT-tiny.pt-[0-9a-f]{8}'.*--clip use-tiny-clip:FILE"):
+        load_query_embedder(bare, preset_for(bare), "cpu")
