@@ -175,6 +175,11 @@ class Settings(BaseSettings):
     weights_dir: Path | None = None  # default <data_dir>/weights
     preset: Literal["paper", "base", "tiny"] = "paper"
     use_checkpoint: Path | None = None  # trained USE head; when unset the crop-CLIP baseline embeds
+    # Models instead of the preset's (env USE_SEARCH_SAM / _CLIP / _DINOV2): a registry name
+    # (`use-search weights list`) or a checkpoint file; CLIP and DINOv2 also take ARCH:FILE.
+    sam: str | None = None
+    clip: str | None = None
+    dinov2: str | None = None
     device: str = "auto"  # "auto" picks CUDA when present
     offline: bool = False  # never try a download (also implied by HF_HUB_OFFLINE=1)
 

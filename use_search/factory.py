@@ -1,39 +1,65 @@
 """Assemble the parts a command needs from ``Settings``: store, segmenter, embedder, indexer, searcher.
 
-The CLI and the HTTP API both build through here, so they always agree on models and store.
+The CLI and the HTTP API both build through here, so they always agree on models and store. Every
+heavy import (segment-anything, open_clip, timm, the stores' clients) happens inside the method that
+needs it: a text query loads CLIP's text tower and the store, nothing else (see ``query_embedder``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from use_search.config import Settings
-from use_search.indexer.runner import Indexer
-from use_search.model import Embedder, load_embedder
-from use_search.presets import Preset, get_preset
-from use_search.query.search import Searcher
-from use_search.segmenter import AutoSegmenter, BatchedAutoSegmenter, load_auto_segmenter
-from use_search.store import VectorStore, open_store
+from use_search.presets import Preset, preset_for
 from use_search.weights import MissingWeightsError, resolve
+
+if TYPE_CHECKING:
+    from use_search.indexer.runner import Indexer
+    from use_search.model import Embedder
+    from use_search.model.text_tower import TextEmbedder
+    from use_search.query.search import Searcher
+    from use_search.segmenter import AutoSegmenter, BatchedAutoSegmenter
+    from use_search.store import VectorStore
+
+
+def _checkpoint_file(kind: str, name: str, settings: Settings) -> None:
+    """Resolve one model name to its file (``MissingWeightsError`` naming the file if absent)."""
+    if kind == "clip":
+        from use_search.model.clip import clip_source
+
+        clip_source(name, settings)
+    elif kind == "dinov2":
+        from use_search.model.dinov2 import dinov2_source
+
+        dinov2_source(name, settings)
+    else:
+        resolve(name, settings)
 
 
 def preflight(settings: Settings, preset: Preset, parts: tuple[str, ...] = ("sam", "clip")) -> None:
     """Resolve every checkpoint a run needs before loading anything, and name all missing ones at once.
 
-    With a USE checkpoint the embedding backbones are the ones its config names, not the preset's."""
-    names = [getattr(preset, p) for p in parts if p != "clip"]
-    if "clip" in parts:
+    Parts: ``sam``; ``clip`` = the embedder (CLIP, plus DINOv2 for USE); ``text`` = only the CLIP
+    whose text tower embeds queries. With a USE checkpoint the backbones are the ones its config
+    names, not the preset's."""
+    needed: list[tuple[str, str]] = [("sam", preset.sam)] if "sam" in parts else []
+    if "clip" in parts or "text" in parts:
         if settings.use_checkpoint is not None:
             from use_search.model.checkpoint import read_use_config
 
             cfg = read_use_config(settings.use_checkpoint)
-            names += [cfg.clip, cfg.dinov2]
+            needed.append(("clip", cfg.clip))
+            if "clip" in parts:
+                needed.append(("dinov2", cfg.dinov2))
         else:
-            names.append(preset.clip)
+            needed.append(("clip", preset.clip))
     errors = []
-    for name in [n for n in names if n != "tiny"]:
+    for kind, name in needed:
+        if name == "tiny":
+            continue
         try:
-            resolve(name, settings)
+            _checkpoint_file(kind, name, settings)
         except MissingWeightsError as e:
             errors.append(str(e))
     if errors:
@@ -45,28 +71,43 @@ def preflight(settings: Settings, preset: Preset, parts: tuple[str, ...] = ("sam
 @dataclass
 class Runtime:
     settings: Settings
-    preset: Preset
+    preset: Preset  # with --sam / --clip / --dinov2 applied
     device: str
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Runtime":
-        return cls(settings, get_preset(settings.preset), settings.torch_device())
+        return cls(settings, preset_for(settings), settings.torch_device())
 
     def preflight(self, parts: tuple[str, ...]) -> None:
         preflight(self.settings, self.preset, parts)
 
-    def store(self) -> VectorStore:
+    def store(self) -> "VectorStore":
+        from use_search.store import open_store
+
         return open_store(self.settings)
 
-    def embedder(self) -> Embedder:
+    def embedder(self) -> "Embedder":
+        from use_search.model import load_embedder
+
         preflight(self.settings, self.preset, ("clip",))
         return load_embedder(self.settings, self.preset, self.device)
 
-    def segmenter(self) -> AutoSegmenter | BatchedAutoSegmenter:
+    def query_embedder(self) -> "TextEmbedder":
+        """Texts only, with the index side's model id: CLIP's text tower, no image tower, no SAM."""
+        from use_search.model import load_query_embedder
+
+        preflight(self.settings, self.preset, ("text",))
+        return load_query_embedder(self.settings, self.preset, self.device)
+
+    def segmenter(self) -> "AutoSegmenter | BatchedAutoSegmenter":
+        from use_search.segmenter import load_auto_segmenter
+
         preflight(self.settings, self.preset, ("sam",))
         return load_auto_segmenter(self.settings, self.preset, self.device)[0]
 
-    def indexer(self, store: VectorStore) -> Indexer:
+    def indexer(self, store: "VectorStore") -> "Indexer":
+        from use_search.indexer.runner import Indexer
+
         preflight(self.settings, self.preset, ("sam", "clip"))
         s = self.settings
         return Indexer(
@@ -75,5 +116,7 @@ class Runtime:
             pipeline=s.index_pipeline, decode_threads=s.decode_threads,
         )
 
-    def searcher(self, store: VectorStore) -> Searcher:
-        return Searcher(store, self.embedder())
+    def searcher(self, store: "VectorStore") -> "Searcher":
+        from use_search.query.search import Searcher
+
+        return Searcher(store, self.query_embedder())

@@ -7,7 +7,11 @@ is marked untrained (payload ``model`` starts with ``untrained-tiny``) and the C
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from use_search.config import Settings
 
 
 @dataclass(frozen=True)
@@ -47,3 +51,12 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+def preset_for(settings: "Settings") -> Preset:
+    """The settings' preset, with the models ``--sam`` / ``--clip`` / ``--dinov2`` (settings ``sam``,
+    ``clip``, ``dinov2``) name in place of its own. A random-init ``tiny`` model anywhere makes the
+    run untrained."""
+    p = get_preset(settings.preset)
+    models = {k: getattr(settings, k) or getattr(p, k) for k in ("sam", "clip", "dinov2")}
+    return replace(p, **models, untrained=p.untrained or "tiny" in models.values())

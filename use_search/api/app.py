@@ -93,7 +93,8 @@ class AppState:
             if self._searcher is None:
                 from use_search.query.search import Searcher
 
-                self._searcher = Searcher(self.require_store(), self.runtime.embedder())
+                # CLIP's text tower alone: the image side lives in the worker process.
+                self._searcher = Searcher(self.require_store(), self.runtime.query_embedder())
             return self._searcher
 
     def require_store(self) -> VectorStore:

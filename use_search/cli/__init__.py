@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
@@ -15,10 +15,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from use_search.config import Settings
-from use_search.presets import PRESETS, UNTRAINED_BANNER, get_preset
-from use_search.store.base import SearchFilter, StoreError, StoreFullError
-from use_search.weights import REGISTRY, ChecksumError, MissingWeightsError, fetch, verify
+if TYPE_CHECKING:
+    from use_search.config import Settings
+
+from use_search.presets import PRESETS, UNTRAINED_BANNER, get_preset, preset_for
+from use_search.weights import (
+    REGISTRY,
+    ChecksumError,
+    MissingWeightsError,
+    UnreadableCheckpointError,
+    cache_path,
+    fetch,
+    missing_message,
+    verify,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Search the segments of your photos by text (USE).")
 weights_app = typer.Typer(no_args_is_help=True, help="List, fetch and verify model checkpoints.")
@@ -33,12 +43,23 @@ err = Console(stderr=True)
 
 # User-facing failures: printed as one clear message, exit code 2, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    MissingWeightsError, ChecksumError, StoreError, FileNotFoundError, ValueError,
+    MissingWeightsError, ChecksumError, UnreadableCheckpointError, FileNotFoundError, ValueError,
+)
+# The same, from modules a command may not have imported (importing them just to name their errors
+# would cost every command their imports: the store's clients, torch).
+LAZY_USER_ERRORS = (
+    ("use_search.store.base", "StoreError"),
+    ("use_search.model.checkpoint", "BackboneMismatchError"),
 )
 
 
+def is_user_error(e: BaseException) -> bool:
+    lazy = tuple(getattr(sys.modules[m], n) for m, n in LAZY_USER_ERRORS if m in sys.modules)
+    return isinstance(e, USER_ERRORS + lazy)
+
+
 class State:
-    settings: Settings = None  # type: ignore[assignment]
+    settings: "Settings" = None  # type: ignore[assignment]
 
 
 state = State()
@@ -53,11 +74,18 @@ def common(
     collection: Optional[str] = typer.Option(None, "--collection", help="Collection name."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: auto)."),
     model: Optional[Path] = typer.Option(None, "--model", help="Trained USE checkpoint (default: crop-CLIP baseline)."),
+    sam: Optional[str] = typer.Option(None, "--sam", help="SAM instead of the preset's: registry name or checkpoint file."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="CLIP instead of the preset's: registry name, checkpoint file, or ARCH:FILE (e.g. ViT-B-16:clip.pt)."),
+    dinov2: Optional[str] = typer.Option(None, "--dinov2", help="DINOv2 (USE model) instead of the preset's: registry name, file, or ARCH:FILE."),
     weights_dir: Optional[Path] = typer.Option(None, "--weights-dir", help="Where checkpoints are cached."),
     offline: bool = typer.Option(False, "--offline", help="Never download; fail if a checkpoint is missing."),
 ) -> None:
+    from use_search.config import Settings  # pydantic-settings: not needed to print --help
+
     s = Settings()
-    top = {k: v for k, v in dict(preset=preset, device=device, use_checkpoint=model, weights_dir=weights_dir).items() if v is not None}
+    top = {k: v for k, v in dict(
+        preset=preset, device=device, use_checkpoint=model, weights_dir=weights_dir, sam=sam, clip=clip, dinov2=dinov2,
+    ).items() if v is not None}
     if offline:
         top["offline"] = True
     store_upd = {k: v for k, v in dict(path=store, url=server, api_key=api_key, collection=collection).items() if v is not None}
@@ -71,7 +99,7 @@ def common(
 def banner(untrained: bool | None = None) -> None:
     """The untrained-models banner: for the embedder in use when known, else for the preset."""
     if untrained is None:
-        untrained = get_preset(state.settings.preset).untrained
+        untrained = preset_for(state.settings).untrained
     if untrained:
         err.print(Panel(Text(UNTRAINED_BANNER, style="bold"), title="untrained models", border_style="red"))
 
@@ -115,6 +143,7 @@ def index(
     """Segment every image with SAM, embed every segment, upsert into the store. Incremental: a file
     whose size and mtime match its record is skipped without being read."""
     from use_search.factory import Runtime
+    from use_search.store.base import StoreFullError
 
     rt = Runtime.from_settings(state.settings)
     if not folder.exists():
@@ -199,18 +228,20 @@ def query(
     """Embed TEXT with CLIP (prompt templates), search the store, show ranked segments."""
     from use_search.factory import Runtime
     from use_search.query.render import hit_overlay
+    from use_search.query.search import Searcher
+    from use_search.store.base import SearchFilter, StoreError
 
     rt = Runtime.from_settings(state.settings)
-    rt.preflight(("clip",))
+    rt.preflight(("text",))
     flt = SearchFilter(
         path=str(image.absolute()) if image else None, under=str(under.absolute()) if under else None
     )
+    embedder = rt.query_embedder()  # CLIP's text tower only: a model problem shows before the store is opened
     with rt.store() as store:
         if store.dim is None or store.count_segments() == 0:
             raise StoreError(f"the store at {_store_label()} is empty: run `use-search index FOLDER` first")
-        searcher = rt.searcher(store)
-        banner(searcher.embedder.untrained)
-        hits = searcher.search(text, k, None if flt.is_empty() else flt, min_score, dedup)
+        banner(embedder.untrained)
+        hits = Searcher(store, embedder).search(text, k, None if flt.is_empty() else flt, min_score, dedup)
     if save:
         save.mkdir(parents=True, exist_ok=True)
     saved: dict[str, str] = {}
@@ -278,7 +309,7 @@ def _voting_settings(
     amg = {k: v for k, v in dict(
         points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_thresh,
     ).items() if v is not None}
-    return Settings.model_validate({
+    return type(s).model_validate({
         **s.model_dump(), "voting": {**s.voting.model_dump(), **voting}, "amg": {**s.amg.model_dump(), **amg},
     })
 
@@ -475,7 +506,7 @@ def model_init(out_path: Path = typer.Argument(..., help="Where to write the .sa
     """Write an untrained USE head for the preset's backbones (a starting point; not a trained model)."""
     from use_search.model.use import init_use_checkpoint
 
-    path = init_use_checkpoint(state.settings.preset, state.settings, out_path)
+    path = init_use_checkpoint(preset_for(state.settings), state.settings, out_path)
     err.print(f"untrained USE checkpoint for preset '{state.settings.preset}': {path}")
 
 
@@ -524,14 +555,22 @@ def weights_fetch(
     names: list[str] = typer.Argument(None, help="Checkpoint names (see `weights list`)."),
     preset: Optional[str] = typer.Option(None, "--preset", help="Every checkpoint a preset needs."),
 ) -> None:
-    """Download checkpoints into the cache, verifying their sha256."""
+    """Download checkpoints into the cache, verifying their size and sha256. With --offline it only
+    checks what is cached and never touches the network."""
+    s = state.settings
     for name in _names(names or [], preset):
         spec = REGISTRY[name]
-        ok, _ = verify(spec, state.settings)
+        ok, msg = verify(spec, s)
         if ok:
             out.print(f"{name}: already cached")
             continue
-        path = fetch(spec, state.settings)
+        if cache_path(spec, s).is_file():  # there, but not the published file
+            if s.is_offline:
+                raise ChecksumError(f"{name}: {msg} (offline: not downloading it again)")
+            err.print(f"[yellow]{name}[/]: {msg}; downloading it again")
+        elif s.is_offline:
+            raise MissingWeightsError(missing_message(spec, s, "offline mode: not downloading"))
+        path = fetch(spec, s)
         out.print(f"{name}: {path}")
 
 
@@ -742,7 +781,9 @@ def eval_retrieval(
 def main() -> None:
     try:
         app()
-    except USER_ERRORS as e:
+    except Exception as e:
+        if not is_user_error(e):
+            raise
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:

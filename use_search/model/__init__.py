@@ -1,10 +1,16 @@
-"""Embedders: the crop-CLIP baseline and the USE model (paper §3.2), behind one ``Embedder`` interface."""
+"""Embedders: the crop-CLIP baseline and the USE model (paper §3.2), behind one ``Embedder`` interface;
+and their query side (``TextEmbedder``: CLIP's text tower alone, the same model id)."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from use_search.config import Settings
 from use_search.model.base import Embedder
 from use_search.presets import Preset
+
+if TYPE_CHECKING:
+    from use_search.model.text_tower import TextEmbedder
 
 
 def load_embedder(settings: Settings, preset: Preset, device: str) -> Embedder:
@@ -21,4 +27,21 @@ def load_embedder(settings: Settings, preset: Preset, device: str) -> Embedder:
     return CropClipEmbedder(clip, device, batch=settings.embed_batch, untrained=preset.untrained)
 
 
-__all__ = ["Embedder", "load_embedder"]
+def load_query_embedder(settings: Settings, preset: Preset, device: str) -> "TextEmbedder":
+    """What ``load_embedder`` gives, for texts only: the text tower of the same CLIP (for USE, the
+    CLIP its checkpoint names) and the same ``model_id``, so the store's model check holds."""
+    from use_search.model.text_tower import TextEmbedder, load_text_clip
+
+    if settings.use_checkpoint is not None:
+        from use_search.model.checkpoint import check_use_preset, read_use_config, use_model_id
+
+        path = settings.use_checkpoint.expanduser()
+        config = read_use_config(path)
+        check_use_preset(path, config, settings)
+        clip = load_text_clip(config.clip, settings, None if config.clip == "tiny" else config.clip_arch, device)
+        return TextEmbedder(clip, use_model_id(path, config), config.is_tiny or config.trained_steps == 0, device)
+    clip = load_text_clip(preset.clip, settings, device=device)
+    return TextEmbedder(clip, f"crop-clip:{clip.model_id}", preset.untrained, device)
+
+
+__all__ = ["Embedder", "load_embedder", "load_query_embedder"]

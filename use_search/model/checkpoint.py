@@ -14,11 +14,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+if TYPE_CHECKING:
+    from use_search.config import Settings
 
 FORMAT = "use-search/use-checkpoint"
 FORMAT_VERSION = 1
@@ -135,3 +138,28 @@ def read_use_checkpoint(path: Path) -> tuple[UseConfig, dict[str, torch.Tensor]]
 def checkpoint_digest(path: Path) -> str:
     """Short content hash, part of the model id so two checkpoints with one file name differ."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:8]
+
+
+def use_model_id(path: Path, config: UseConfig) -> str:
+    """The ``model`` payloads record for a USE checkpoint (``UseEmbedder.model_id``): file stem and a
+    short content digest, marked when its backbones are the random-init tiny ones."""
+    path = Path(path).expanduser()
+    return f"use:{path.stem}-{checkpoint_digest(path)}" + (":untrained-tiny" if config.is_tiny else "")
+
+
+def check_use_preset(path: Path, config: UseConfig, settings: "Settings") -> None:
+    """A USE checkpoint runs only on the backbones it was trained on: the preset's (with ``--clip`` /
+    ``--dinov2`` applied). A backbone it names by file identity (``clip:ARCH:FILE-DIGEST``) is
+    matched by content when it is loaded."""
+    from use_search.presets import preset_for
+
+    preset = preset_for(settings)
+    named = {"clip": config.clip, "dinov2": config.dinov2}
+    wrong = [k for k, v in named.items() if v != getattr(preset, k) and not v.startswith(f"{k}:")]
+    if wrong or config.dinov2_blocks != preset.dinov2_blocks:
+        raise BackboneMismatchError(
+            f"USE checkpoint {path} was trained on CLIP '{config.clip}' + DINOv2 '{config.dinov2}' "
+            f"(last {config.dinov2_blocks} blocks, preset '{config.preset}'), but preset '{preset.name}' uses "
+            f"CLIP '{preset.clip}' + DINOv2 '{preset.dinov2}' (last {preset.dinov2_blocks} blocks). "
+            f"Use --preset {config.preset or '<matching preset>'} or a checkpoint trained for '{preset.name}'."
+        )

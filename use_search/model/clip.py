@@ -1,29 +1,185 @@
-"""CLIP through open_clip: the official OpenAI checkpoints (TorchScript archive or open_clip state dict),
-any open_clip checkpoint file, and the random-init ``tiny`` architecture shipped as a JSON config."""
+"""CLIP through open_clip: the official OpenAI checkpoints (TorchScript archive or plain state dict),
+any open_clip checkpoint file, and the random-init ``tiny`` architecture shipped as a JSON config.
+
+A CLIP is named by a registry name (``clip_vit_l14_336_openai``), ``tiny``, a file (its open_clip
+architecture inferred from its tensor shapes) or ``ARCH:FILE`` (e.g. ``ViT-B-16:/models/clip.pt``).
+open_clip itself is imported only where a whole CLIP is built: it imports torchvision (and
+transformers when installed), seconds that a text query does not need (see ``text_tower.py``).
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import json
 import logging
-import zipfile
+import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
-import open_clip
 import torch
 
 from use_search.config import Settings
-from use_search.weights import REGISTRY, resolve
+from use_search.weights import (
+    REGISTRY,
+    MissingWeightsError,
+    file_identity,
+    is_torchscript,
+    resolve,
+    safetensors_load,
+    torch_load,
+    torchscript_load,
+)
+
+if TYPE_CHECKING:
+    import open_clip
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 TINY_CLIP = "use-tiny-clip"
+TINY_ID = "clip-tiny-untrained"
 TINY_SEED = 0
-open_clip.add_model_config(CONFIG_DIR)
+# Kept in OpenAI's CLIP files (TorchScript attributes, and plain state dicts saved from them); OpenAI's
+# and open_clip's loaders drop them, the model has no such parameters.
+OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _open_clip():  # type: ignore[no-untyped-def]
+    import open_clip
+
+    if TINY_CLIP not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_DIR)
+    return open_clip
+
+
+@functools.cache
+def model_configs() -> dict[str, dict[str, Any]]:
+    """open_clip's architecture configs (its ``model_configs/*.json``, read without importing
+    open_clip) plus ours (``tiny``)."""
+    spec = importlib.util.find_spec("open_clip")
+    dirs = [Path(p) / "model_configs" for p in (spec.submodule_search_locations or [])] if spec else []
+    out: dict[str, dict[str, Any]] = {}
+    for folder in [*dirs, CONFIG_DIR]:
+        for f in sorted(folder.glob("*.json")):
+            cfg = json.loads(f.read_text())
+            if "embed_dim" in cfg and "vision_cfg" in cfg and "text_cfg" in cfg:
+                out[f.stem] = cfg
+    return out
+
+
+@dataclass(frozen=True)
+class ClipSource:
+    """Where a CLIP comes from: ``tiny``, or a checkpoint file with its open_clip architecture."""
+
+    name: str  # as given: "tiny", a registry name, a path, or ARCH:PATH
+    path: Path | None  # None for tiny
+    arch: str | None  # None until inferred from the file
+    registry: str | None  # registry name when named so
+
+
+def clip_source(name_or_path: str, settings: Settings, arch: str | None = None) -> ClipSource:
+    """Resolve a CLIP name to its file (downloading a registry checkpoint if allowed). A model id
+    of a file-loaded CLIP (``clip:ARCH:FILE-DIGEST``, as a USE checkpoint records its backbone) is
+    found through ``settings.clip`` when that file has this identity."""
+    name = str(name_or_path)
+    if name == "tiny":
+        return ClipSource(name, None, TINY_CLIP, None)
+    spec = REGISTRY.get(name)
+    if spec is not None:
+        if spec.kind != "clip":
+            raise ValueError(f"'{name}' is a {spec.kind} checkpoint, not CLIP")
+        return ClipSource(name, resolve(name, settings), spec.arch, name)
+    if Path(name).expanduser().is_file():
+        return ClipSource(name, Path(name).expanduser(), arch, None)
+    prefix, _, rest = name.partition(":")
+    if prefix in model_configs() and rest:
+        return ClipSource(name, resolve(rest, settings), prefix, None)
+    if prefix == "clip" and rest.count(":") >= 1:
+        return _source_for_identity(name, settings)
+    if rest and Path(rest).expanduser().is_file():
+        raise ValueError(f"'{prefix}' is not an open_clip architecture (e.g. ViT-B-16, ViT-L-14-336): --clip {name}")
+    return ClipSource(name, resolve(name, settings), arch, None)  # raises: neither file nor name
+
+
+def _source_for_identity(identity: str, settings: Settings) -> ClipSource:
+    arch = identity.split(":", 2)[1]
+    given = settings.clip
+    if given and given != identity:
+        src = clip_source(given, settings)
+        if src.path is not None and file_identity(src.path, "clip", arch) == identity:
+            return ClipSource(identity, src.path, arch, None)
+    raise MissingWeightsError(
+        f"the model was built on CLIP '{identity}', loaded from a file: pass that file with "
+        f"--clip {arch}:FILE (or USE_SEARCH_CLIP)"
+    )
+
+
+def read_clip_state(path: Path, name: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
+    """(tensors, shapes) of a CLIP checkpoint in any published format: OpenAI's TorchScript archive,
+    a plain state dict (OpenAI's or open_clip's, possibly under ``state_dict`` / ``module.``) or
+    safetensors. Plain zip state dicts are memory-mapped, so tensors nobody uses are never read."""
+    if path.suffix == ".safetensors":
+        state = safetensors_load(path, name)
+    elif is_torchscript(path):
+        state = torchscript_load(path, name).state_dict()
+    else:
+        import zipfile
+
+        state = torch_load(path, name, mmap=zipfile.is_zipfile(path))
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {path} is not a CLIP state dict (no tensors by name)")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if k not in OPENAI_META_KEYS}
+    return state, {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _blocks(shapes: dict[str, tuple[int, ...]], prefix: str) -> int:
+    return len({k[len(prefix):].split(".")[0] for k in shapes if k.startswith(prefix)})
+
+
+def infer_clip_arch(shapes: dict[str, tuple[int, ...]], path: Path) -> str:
+    """The open_clip architecture whose tensor shapes a checkpoint has (ViT image tower + CLIP text
+    transformer); ``ValueError`` saying to pass ``ARCH:FILE`` when none or several fit."""
+    try:
+        width, _, patch, _ = shapes["visual.conv1.weight"]
+        grid = round(math.sqrt(shapes["visual.positional_embedding"][0] - 1))
+        vocab, text_width = shapes["token_embedding.weight"]
+        found = {
+            "embed_dim": shapes["text_projection"][1],
+            "vision": (width, _blocks(shapes, "visual.transformer.resblocks."), patch, grid * patch),
+            "text": (text_width, _blocks(shapes, "transformer.resblocks."), shapes["positional_embedding"][0], vocab),
+        }
+    except (KeyError, ValueError):
+        raise ValueError(
+            f"checkpoint {path} is not an OpenAI / open_clip ViT CLIP state dict; if it is another open_clip "
+            "model, pass its architecture: --clip ARCH:FILE"
+        ) from None
+    fits = []
+    for arch, cfg in model_configs().items():
+        v, t = cfg["vision_cfg"], cfg["text_cfg"]
+        if arch.endswith("-quickgelu") or "timm_model_name" in v or "hf_model_name" in t or not isinstance(v.get("layers"), int):
+            continue
+        want = {
+            "embed_dim": cfg["embed_dim"],
+            "vision": (v.get("width"), v.get("layers"), v.get("patch_size"), v.get("image_size")),
+            "text": (t.get("width", 512), t.get("layers", 12), t.get("context_length", 77), t.get("vocab_size", 49408)),
+        }
+        if want == found:
+            fits.append(arch)
+    if len(fits) != 1:
+        which = f"several fit ({', '.join(fits)})" if fits else "none of open_clip's architectures fits it"
+        raise ValueError(f"cannot tell the CLIP architecture of {path}: {which}; pass it as --clip ARCH:FILE")
+    return fits[0]
 
 
 @dataclass
 class ClipBundle:
-    model: open_clip.CLIP
-    tokenizer: open_clip.tokenizer.SimpleTokenizer
+    model: "open_clip.CLIP"
+    tokenizer: Callable[..., torch.Tensor]
     arch: str  # open_clip model name
     model_id: str  # what payloads record, e.g. "clip_vit_l14_336_openai"
     image_size: int
@@ -35,25 +191,29 @@ class ClipBundle:
         return int(self.model.text_projection.shape[1])
 
 
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.endswith("constants.pkl") for n in z.namelist())
+def seeded_init_(module: torch.nn.Module, seed: int = TINY_SEED) -> torch.nn.Module:
+    """Random init where each parameter depends only on ``seed``, its name and its shape: the tiny
+    CLIP and its text tower built alone (``text_tower.py``) get the same weights without building
+    each other. Norm weights 1, biases 0, the rest N(0, 1/fan_in)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name == "logit_scale":
+                p.fill_(math.log(1 / 0.07))
+            elif name.endswith("bias"):
+                p.zero_()
+            elif p.ndim == 1 and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                fan_in = p.numel() // p.shape[0] if p.ndim > 1 else p.numel()
+                p.copy_(torch.randn(p.shape, generator=g) * fan_in**-0.5)
+    return module
 
 
-def _state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if _is_torchscript(path):  # OpenAI's release format
-        state = torch.jit.load(str(path), map_location="cpu").state_dict()
-        for key in ("input_resolution", "context_length", "vocab_size"):
-            state.pop(key, None)
-        return state
-    return open_clip.factory.load_state_dict(str(path))
-
-
-def build_clip(arch: str, quick_gelu: bool = True) -> open_clip.CLIP:
+def build_clip(arch: str, quick_gelu: bool = True) -> "open_clip.CLIP":
     """The architecture with random init; weights are loaded by the caller. open_clip warns "no
     pretrained weights loaded" here, which is untrue for the real path, so that warning is muted."""
+    open_clip = _open_clip()
     logging.disable(logging.WARNING)
     try:
         return open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu)
@@ -61,24 +221,36 @@ def build_clip(arch: str, quick_gelu: bool = True) -> open_clip.CLIP:
         logging.disable(logging.NOTSET)
 
 
+def build_tiny_clip() -> "open_clip.CLIP":
+    with torch.random.fork_rng(devices=[]):  # open_clip's own init draws from the global generator
+        return seeded_init_(build_clip(TINY_CLIP))
+
+
+def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """``load_state_dict(strict=True)`` whose failure is a one-line ``ValueError`` naming the file."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
+        detail = "; ".join(lines)[:300]
+        raise ValueError(f"checkpoint {path} does not fit {what}: {detail}") from None
+
+
 def load_clip(name_or_path: str, settings: Settings, arch: str | None = None, device: str = "cpu") -> ClipBundle:
-    """``tiny``, a registry name (``clip_vit_l14_336_openai``) or a checkpoint file plus its ``arch``."""
-    if name_or_path == "tiny":
-        arch, model_id = TINY_CLIP, "clip-tiny-untrained"
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(TINY_SEED)
-            model = build_clip(arch)
+    """``tiny``, a registry name (``clip_vit_l14_336_openai``), a checkpoint file (architecture
+    inferred, or given by ``arch`` / ``ARCH:FILE``)."""
+    src = clip_source(name_or_path, settings, arch)
+    if src.path is None:
+        arch, model_id = TINY_CLIP, TINY_ID
+        model = build_tiny_clip()
     else:
-        spec = REGISTRY.get(name_or_path)
-        if spec is not None:
-            arch = spec.arch
-        if arch is None:
-            raise ValueError(f"loading CLIP from a file needs its open_clip architecture (e.g. ViT-L-14-336): {name_or_path}")
-        path = resolve(name_or_path, settings)
+        state, shapes = read_clip_state(src.path, src.registry)
+        arch = src.arch or infer_clip_arch(shapes, src.path)
         model = build_clip(arch)
-        state = open_clip.factory.convert_state_dict(model, _state_dict(path))
-        model.load_state_dict(state)
-        model_id = spec.name if spec else f"clip:{arch}:{path.name}"
+        state = _open_clip().factory.convert_state_dict(model, state)
+        load_state_strict(model, state, src.path, f"CLIP {arch}")
+        model_id = src.registry or file_identity(src.path, "clip", arch)
+    open_clip = _open_clip()
     model = model.to(device).eval()
     cfg = model.visual.preprocess_cfg
     size = model.visual.image_size

@@ -16,7 +16,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from use_search.config import Settings
-from use_search.weights import REGISTRY, resolve
+from use_search.weights import REGISTRY, MissingWeightsError, file_identity, resolve, safetensors_load, torch_load
 
 TINY_DINOV2 = "use-tiny-dinov2"
 TINY_SEED = 0
@@ -29,7 +29,7 @@ DINOV2_STD = (0.229, 0.224, 0.225)
 class Dinov2Bundle:
     model: VisionTransformer
     arch: str  # timm model name, or TINY_DINOV2
-    model_id: str  # registry name, "tiny", or "dinov2:<arch>:<file name>"
+    model_id: str  # registry name, "tiny", or "dinov2:<arch>:<file name>-<content digest>"
     patch_size: int
     mean: tuple[float, float, float] = DINOV2_MEAN
     std: tuple[float, float, float] = DINOV2_STD
@@ -58,21 +58,75 @@ def build_dinov2(arch: str, grid: int) -> VisionTransformer:
     return timm.create_model(arch, pretrained=False, num_classes=0, img_size=grid * 14)
 
 
-def load_dinov2_state(path: Path, model: VisionTransformer) -> dict[str, torch.Tensor]:
-    """Meta's ``.pth`` or a timm ``.safetensors``/``.pth`` file, converted to ``model``'s keys and grid."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+# Meta's DINOv2 backbones by width (all patch 14): timm's names for them.
+DINOV2_BY_WIDTH = {384: "vit_small", 768: "vit_base", 1024: "vit_large", 1536: "vit_giant"}
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    return checkpoint_filter_fn(state, model)
+
+def read_dinov2_state(path: Path, name: str | None = None) -> dict[str, torch.Tensor]:
+    """Meta's ``.pth`` or a timm ``.safetensors``/``.pth`` file, as a state dict; an unreadable file is
+    ``UnreadableCheckpointError`` naming it and the fix."""
+    state = safetensors_load(path, name) if path.suffix == ".safetensors" else torch_load(path, name)
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {path} is not a DINOv2 state dict (no tensors by name)")
+    return state
+
+
+def infer_dinov2_arch(state: dict[str, torch.Tensor], path: Path) -> str:
+    """timm architecture of a DINOv2 state dict (Meta's or timm's layout), from its width, patch size
+    and register tokens."""
+    try:
+        width, _, patch, _ = state["patch_embed.proj.weight"].shape
+    except (KeyError, ValueError):
+        raise ValueError(f"checkpoint {path} is not a DINOv2 backbone (no patch_embed.proj.weight)") from None
+    if patch != 14 or int(width) not in DINOV2_BY_WIDTH:
+        raise ValueError(
+            f"checkpoint {path}: a ViT of width {width}, patch {patch} is not one of Meta's DINOv2 backbones; "
+            "pass its timm architecture: --dinov2 ARCH:FILE"
+        )
+    registers = "reg_token" in state or "register_tokens" in state
+    return f"{DINOV2_BY_WIDTH[int(width)]}_patch14_{'reg4_' if registers else ''}dinov2"
+
+
+def dinov2_source(name_or_path: str, settings: Settings, arch: str | None = None) -> tuple[Path, str | None, str | None]:
+    """(file, timm arch or None to infer, registry name or None) for a registry name, a file,
+    ``ARCH:FILE``, or the model id of a file-loaded DINOv2 (found through ``settings.dinov2``)."""
+    name = str(name_or_path)
+    spec = REGISTRY.get(name)
+    if spec is not None:
+        if spec.kind != "dinov2":
+            raise ValueError(f"'{name}' is a {spec.kind} checkpoint, not DINOv2")
+        return resolve(name, settings), spec.arch, name
+    if Path(name).expanduser().is_file():
+        return Path(name).expanduser(), arch, None
+    prefix, _, rest = name.partition(":")
+    if prefix == "dinov2" and rest.count(":") >= 1:  # a model id: dinov2:ARCH:FILE-DIGEST
+        id_arch = rest.split(":", 1)[0]
+        given = settings.dinov2
+        if given and given != name:
+            path, given_arch, _ = dinov2_source(given, settings)
+            if file_identity(path, "dinov2", given_arch or id_arch) == name:
+                return path, id_arch, None
+        raise MissingWeightsError(
+            f"the model was built on DINOv2 '{name}', loaded from a file: pass that file with "
+            f"--dinov2 {id_arch}:FILE (or USE_SEARCH_DINOV2)"
+        )
+    if rest and Path(rest).expanduser().is_file():
+        if not timm.is_model(prefix):
+            raise ValueError(f"'{prefix}' is not a timm architecture (e.g. vit_large_patch14_dinov2): --dinov2 {name}")
+        return resolve(rest, settings), prefix, None
+    return resolve(name, settings), arch, None  # raises: neither a file nor a known name
+
+
+def load_dinov2_state(path: Path, model: VisionTransformer, name: str | None = None) -> dict[str, torch.Tensor]:
+    """Meta's ``.pth`` or a timm ``.safetensors``/``.pth`` file, converted to ``model``'s keys and grid."""
+    return checkpoint_filter_fn(read_dinov2_state(path, name), model)
 
 
 def load_dinov2(
     name_or_path: str, settings: Settings, grid: int, arch: str | None = None, device: str = "cpu"
 ) -> Dinov2Bundle:
-    """``tiny``, a registry name (``dinov2_vitl14``) or a checkpoint file plus its timm ``arch``.
+    """``tiny``, a registry name (``dinov2_vitl14``), a checkpoint file (its timm ``arch`` inferred
+    from the weights, or given by ``arch`` / ``ARCH:FILE``).
 
     A registry name whose file is missing raises ``MissingWeightsError`` (from ``weights.resolve``):
     real names never fall back to random weights.
@@ -80,19 +134,23 @@ def load_dinov2(
     if name_or_path == "tiny":
         model, arch, model_id = build_tiny_dinov2(grid), TINY_DINOV2, "tiny"
     else:
-        spec = REGISTRY.get(name_or_path)
-        if spec is not None:
-            if spec.kind != "dinov2":
-                raise ValueError(f"'{name_or_path}' is a {spec.kind} checkpoint, not DINOv2")
-            arch = spec.arch
+        path, arch, registry = dinov2_source(name_or_path, settings, arch)
+        state = read_dinov2_state(path, registry)
+        found = infer_dinov2_arch(state, path)
         if arch is None:
+            arch = found
+        elif registry is not None and found != arch:
             raise ValueError(
-                f"loading DINOv2 from a file needs its timm architecture (e.g. vit_large_patch14_dinov2): {name_or_path}"
+                f"checkpoint {path} holds a DINOv2 {found}, not the {arch} that '{registry}' is: "
+                f"re-fetch with `use-search weights fetch {registry}`"
             )
-        path = resolve(name_or_path, settings)
         model = build_dinov2(arch, grid)
-        model.load_state_dict(load_dinov2_state(path, model), strict=True)
-        model_id = spec.name if spec else f"dinov2:{arch}:{path.name}"
+        try:
+            model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
+        except RuntimeError as e:
+            detail = "; ".join(ln.strip() for ln in str(e).splitlines()[1:] if ln.strip())[:300]
+            raise ValueError(f"checkpoint {path} does not fit DINOv2 {arch}: {detail}") from None
+        model_id = registry or file_identity(path, "dinov2", arch)
     patch = model.patch_embed.patch_size
     return Dinov2Bundle(
         model=model.to(device).eval(), arch=arch, model_id=model_id,

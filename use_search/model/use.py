@@ -37,6 +37,7 @@ from use_search.model.base import Embedder
 from use_search.model.checkpoint import (
     BackboneMismatchError,
     UseConfig,
+    check_use_preset,
     checkpoint_digest,
     fingerprint,
     read_use_checkpoint,
@@ -409,14 +410,6 @@ def load_use_embedder(path: Path, settings: Settings, device: str) -> UseEmbedde
     """The USE embedder of a checkpoint. Its backbones must be the configured preset's: a checkpoint
     trained on other backbones is refused with the preset to use instead."""
     path = Path(path).expanduser()
-    config = read_use_config(path)
-    preset = get_preset(settings.preset)
-    if (config.clip, config.dinov2, config.dinov2_blocks) != (preset.clip, preset.dinov2, preset.dinov2_blocks):
-        raise BackboneMismatchError(
-            f"USE checkpoint {path} was trained on CLIP '{config.clip}' + DINOv2 '{config.dinov2}' "
-            f"(last {config.dinov2_blocks} blocks, preset '{config.preset}'), but preset '{preset.name}' uses "
-            f"CLIP '{preset.clip}' + DINOv2 '{preset.dinov2}' (last {preset.dinov2_blocks} blocks). "
-            f"Use --preset {config.preset or '<matching preset>'} or a checkpoint trained for '{preset.name}'."
-        )
+    check_use_preset(path, read_use_config(path), settings)
     model = load_use_model(path, settings, device)
     return UseEmbedder(model, device, name=path.stem, digest=checkpoint_digest(path))

@@ -9,7 +9,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from use_search.config import Settings
-from use_search.weights import REGISTRY, resolve
+from use_search.weights import REGISTRY, file_identity, resolve, torch_load
 
 # segment-anything's three architectures plus our tiny one:
 # (embed dim, depth, heads, global-attention blocks, input size).
@@ -57,31 +57,56 @@ def build_tiny_sam() -> Sam:
         return build_sam("tiny")
 
 
-def arch_of_state_dict(state: dict[str, torch.Tensor]) -> str:
-    """Tell the architecture of an official SAM state dict from its encoder width and depth."""
+def arch_of_state_dict(state: dict[str, torch.Tensor], path: Path | str = "the checkpoint") -> str:
+    """The architecture of an official SAM state dict, from its own tensor shapes: encoder width and
+    depth, and the input size its position embedding was built for."""
     try:
         width = state["image_encoder.patch_embed.proj.weight"].shape[0]
-    except KeyError:
-        raise ValueError("not a segment-anything state dict (no image_encoder.patch_embed.proj.weight)") from None
+        grid = state["image_encoder.pos_embed"].shape[1]
+    except (KeyError, IndexError, AttributeError):
+        raise ValueError(f"checkpoint {path} is not a segment-anything state dict (no image encoder weights)") from None
     depth = len({k.split(".")[2] for k in state if k.startswith("image_encoder.blocks.")})
-    for arch, (d, n, *_) in SAM_ARCHS.items():
-        if (d, n) == (width, depth):
+    for arch, (d, n, _, _, size) in SAM_ARCHS.items():
+        if (d, n, size // 16) == (width, depth, grid):
             return arch
-    raise ValueError(f"unknown SAM architecture: encoder width {width}, depth {depth}")
+    raise ValueError(
+        f"checkpoint {path} is no known SAM architecture (encoder width {width}, depth {depth}, "
+        f"{grid * 16} px input); segment-anything's are vit_h, vit_l and vit_b"
+    )
 
 
-def load_sam_file(path: Path, device: str = "cpu") -> Sam:
-    """Load an official SAM checkpoint (a plain state dict, as segment-anything publishes them)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    sam = build_sam(arch_of_state_dict(state))
-    sam.load_state_dict(state)
-    return sam.to(device)
+def load_sam_file(path: Path, device: str = "cpu", expect: str | None = None) -> tuple[Sam, str]:
+    """(model, architecture) of an official SAM checkpoint (a plain state dict, as segment-anything
+    publishes them). The file's own tensor shapes decide the architecture; ``expect`` names the
+    registry entry it must be (``sam_vit_b``): a file of another architecture is an error."""
+    state = torch_load(path, expect)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {path} is not a segment-anything state dict (no tensors by name)")
+    arch = arch_of_state_dict(state, path)
+    spec = REGISTRY.get(expect or "")
+    if spec is not None and spec.arch != arch:
+        raise ValueError(
+            f"checkpoint {path} holds a SAM {arch}, not the {spec.arch} that '{spec.name}' is: "
+            f"re-fetch with `use-search weights fetch {spec.name}`"
+        )
+    sam = build_sam(arch)
+    try:
+        sam.load_state_dict(state)
+    except RuntimeError as e:
+        detail = "; ".join(ln.strip() for ln in str(e).splitlines()[1:] if ln.strip())[:300]
+        raise ValueError(f"checkpoint {path} does not fit SAM {arch}: {detail}") from None
+    return sam.to(device), arch
 
 
 def load_sam(name_or_path: str, settings: Settings, device: str = "cpu") -> tuple[Sam, str]:
-    """(model, model id) for ``tiny``, a registry name (``sam_vit_h``) or a checkpoint path."""
+    """(model, model id) for ``tiny``, a registry name (``sam_vit_h``) or a checkpoint path. The id
+    of a file is ``sam:<arch>:<file name>-<content digest>`` (the registry name when the file is
+    the published checkpoint)."""
     if name_or_path == "tiny":
         return build_tiny_sam().to(device), "sam-tiny-untrained"
-    path = resolve(name_or_path, settings)
     spec = REGISTRY.get(name_or_path)
-    return load_sam_file(path, device), spec.name if spec else f"sam:{path.name}"
+    if spec is not None and spec.kind != "sam":
+        raise ValueError(f"'{name_or_path}' is a {spec.kind} checkpoint, not SAM")
+    path = resolve(name_or_path, settings)
+    sam, arch = load_sam_file(path, device, spec.name if spec else None)
+    return sam, spec.name if spec else file_identity(path, "sam", arch)
