@@ -28,7 +28,8 @@ TEXTS = ["a dog", "car's license plate", "the red apple on a wooden table", "x"]
 #   open_clip, timm          the whole-CLIP and DINOv2 builders (both import torchvision).
 #   transformers             open_clip imports it when installed (Hugging Face text towers, CoCa).
 #   ray                      the distributed indexer.
-HEAVY = ["segment_anything", "torchvision", "torch._dynamo", "open_clip", "timm", "transformers", "ray"]
+#   qdrant_client            the server backend's client (~0.8 s); these runs use the embedded store.
+HEAVY = ["segment_anything", "torchvision", "torch._dynamo", "open_clip", "timm", "transformers", "ray", "qdrant_client"]
 
 
 @pytest.fixture(scope="module")

@@ -318,3 +318,14 @@ def test_ddp_all_gather_loss_gives_the_single_process_gradient(tmp_path):
     for out in outs:  # after DDP's all-reduce both ranks hold the full-batch gradient
         assert torch.allclose(out["loss"], loss.detach(), atol=1e-5)
         assert torch.allclose(out["grad"], layer.weight.grad, atol=1e-5)
+
+
+def test_train_uses_the_clip_option(scenes, tmp_path):
+    """`--clip FILE` (settings.clip) reaches training: the checkpoint names that CLIP, not the preset's."""
+    import modelfiles as mf
+    from use_search.model.checkpoint import read_use_config
+
+    archive = mf.openai_torchscript(tmp_path / "ViT-tiny.pt")
+    s = Settings(data_dir=tmp_path / "data", preset="tiny", device="cpu", offline=True, clip=str(archive))
+    result = run(tiny_config(scenes["small"], tmp_path / "out", max_steps=1, batch_size=4, epochs=1), s)
+    assert read_use_config(result.checkpoint).clip.startswith("clip:use-tiny-clip:ViT-tiny.pt-")

@@ -416,12 +416,13 @@ def curate_run(
     generation = GenerationParams(max_new_tokens=mllm_max_new_tokens, prompt_template=mllm_prompt_template)
     banner()
     s = state.settings
-    tiny = get_preset(s.preset).untrained
+    preset = preset_for(s)  # with --sam/--clip/--dinov2
+    tiny = get_preset(s.preset).untrained  # the tiny preset grounds with its tiny Grounding DINO too
     cfg = CurationConfig(
         images=images, out=out_dir, sidecar_captions=sidecar, coco_captions=coco_captions, mllm=mllm,
         mllm_processor=mllm_processor, trust_remote_code=trust_remote_code, mllm_batch_size=mllm_batch_size,
         generation=generation,
-        vg_regions=vg_regions, vg_image_data=vg_image_data, sam=get_preset(s.preset).sam, limit=limit, settings=s,
+        vg_regions=vg_regions, vg_image_data=vg_image_data, sam=preset.sam, limit=limit, settings=s,
         **({"grounding_model": grounding} if grounding else {"grounding_model": "tiny"} if tiny else {}),
     )
     r = run_curation(cfg)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from use_search.config import Settings
 from use_search.store.base import ImageEntry, SearchFilter, StoreError, StoreFullError, VectorStore, segment_payload
-from use_search.store.edge import EdgeStore
-from use_search.store.server import ServerStore
+
+if TYPE_CHECKING:
+    from use_search.store.edge import EdgeStore
+    from use_search.store.server import ServerStore
 
 __all__ = [
     "VectorStore",
@@ -20,16 +24,33 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str) -> Any:
+    # Each backend imports its engine's client (qdrant-edge, qdrant-client: ~0.8 s) only when used.
+    if name == "EdgeStore":
+        from use_search.store.edge import EdgeStore
+
+        return EdgeStore
+    if name == "ServerStore":
+        from use_search.store.server import ServerStore
+
+        return ServerStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def open_store(settings: Settings) -> VectorStore:
     """The store the settings name: the embedded one at ``settings.store_path`` or a Qdrant server."""
     store = settings.store
     if store.backend == "embedded":
+        from use_search.store.edge import EdgeStore
+
         return EdgeStore(
             settings.store_path, store.collection, min_free_bytes=store.min_free_mb * 1024 * 1024,
             max_segment_mb=store.max_segment_mb, indexing_threshold_kb=store.indexing_threshold_kb,
         )
     if not store.url:
         raise StoreError("store.backend is 'server' but store.url is not set (e.g. USE_SEARCH_STORE__URL)")
+    from use_search.store.server import ServerStore
+
     return ServerStore.connect(
         store.url, store.collection, api_key=store.api_key, timeout_s=store.timeout_s,
         shard_number=store.shard_number, replication_factor=store.replication_factor,

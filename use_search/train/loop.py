@@ -31,7 +31,7 @@ from use_search.config import Settings
 from use_search.model.checkpoint import read_use_checkpoint
 from use_search.model.text import TRAINING_TEMPLATES, TextEncoder
 from use_search.model.use import BackboneFeatures, UseEmbedder, UseModel, build_use_model
-from use_search.presets import get_preset
+from use_search.presets import preset_for
 from use_search.train.data import Batch, DataSpec, EpochBatches, PairDataset, PairImage, collate, feature_path, load_pairs
 from use_search.train.evaluate import evaluate_retrieval
 from use_search.train.loss import global_contrastive_loss, text_ids
@@ -190,7 +190,7 @@ class Trainer:
         if config.feature_cache is not None and config.augment:
             raise ValueError("the feature cache holds un-augmented features: set augment=False to use it")
 
-        preset = get_preset(config.preset)
+        preset = preset_for(settings.model_copy(update={"preset": config.preset}))  # with --sam/--clip/--dinov2
         self.model: UseModel = build_use_model(
             preset, settings, self.device, grid=config.grid, lln_dim=config.lln_dim, seed=config.seed
         )
