@@ -293,6 +293,15 @@ MODELS_HELP = (
     "on PC-59, 0.25 elsewhere). Given here it replaces the global --model for this command; index and query "
     "always use the one global --model (a store holds one vector space). Default: the global --model, else crop-CLIP."
 )
+OPT_MODELS = typer.Option(None, "--model", "-m", help=MODELS_HELP)
+OPT_COMBINE = typer.Option(None, "--combine", help="Ensemble combination: mean (Σ w·p / Σ w, default) or geometric (OVSeg's Π p^w).")
+OPT_TEMPLATES = typer.Option(None, "--templates", help="Class-name templates: train4, imagenet80 (default) or a file, one per line with {}.")
+OPT_LOGIT_SCALE = typer.Option(None, "--logit-scale", help="Softmax scale on cosines (default: each model's training scale; crop-CLIP 100).")
+OPT_FALLBACK = typer.Option(None, "--fallback", help="Pixels no segment covers: nearest (default), image (a low-weight whole-image voter) or none (a miss).")
+OPT_FALLBACK_WEIGHT = typer.Option(None, "--fallback-weight", help="Weight of the whole-image voter (--fallback image; default 0.05).")
+OPT_POINTS = typer.Option(None, "--points-per-side", min=1, help="SAM point grid side (default: the preset's; SAM's 32).")
+OPT_PRED_IOU = typer.Option(None, "--pred-iou-thresh", min=0.0, max=1.0, help="SAM predicted-IoU filter (default: SAM's 0.88).")
+OPT_STABILITY = typer.Option(None, "--stability-thresh", min=0.0, max=1.0, help="SAM stability-score filter (default: SAM's 0.95).")
 
 
 def _voting_settings(
@@ -339,15 +348,15 @@ def segment(
     image: Path = typer.Argument(..., help="The image to label."),
     classes: str = typer.Option(..., "--classes", "-c", help="Comma-separated class names, e.g. cat,grass,sky."),
     out_path: Path = typer.Option(Path("labels.png"), "--out", "-o", help="Label PNG: pixel = class index, 255 = unlabeled."),
-    models: Optional[list[str]] = typer.Option(None, "--model", "-m", help=MODELS_HELP),
-    combine: Optional[str] = typer.Option(None, "--combine", help="Ensemble combination: mean (Σ w·p / Σ w, default) or geometric (OVSeg's Π p^w)."),
-    templates: Optional[str] = typer.Option(None, "--templates", help="Class-name templates: train4, imagenet80 (default) or a file, one per line with {}."),
-    logit_scale: Optional[float] = typer.Option(None, "--logit-scale", help="Softmax scale on cosines (default: each model's training scale; crop-CLIP 100)."),
-    fallback: Optional[str] = typer.Option(None, "--fallback", help="Pixels no segment covers: nearest (default), image (a low-weight whole-image voter) or none."),
-    fallback_weight: Optional[float] = typer.Option(None, "--fallback-weight", help="Weight of the whole-image voter (--fallback image; default 0.05)."),
-    points_per_side: Optional[int] = typer.Option(None, "--points-per-side", min=1, help="SAM point grid side (default: the preset's; SAM's 32)."),
-    pred_iou_thresh: Optional[float] = typer.Option(None, "--pred-iou-thresh", min=0.0, max=1.0, help="SAM predicted-IoU filter (default: SAM's 0.88)."),
-    stability_thresh: Optional[float] = typer.Option(None, "--stability-thresh", min=0.0, max=1.0, help="SAM stability-score filter (default: SAM's 0.95)."),
+    models: Optional[list[str]] = OPT_MODELS,
+    combine: Optional[str] = OPT_COMBINE,
+    templates: Optional[str] = OPT_TEMPLATES,
+    logit_scale: Optional[float] = OPT_LOGIT_SCALE,
+    fallback: Optional[str] = OPT_FALLBACK,
+    fallback_weight: Optional[float] = OPT_FALLBACK_WEIGHT,
+    points_per_side: Optional[int] = OPT_POINTS,
+    pred_iou_thresh: Optional[float] = OPT_PRED_IOU,
+    stability_thresh: Optional[float] = OPT_STABILITY,
 ) -> None:
     """Semantic segmentation by voting (paper §4.3): SAM segments, softmax over classes (combined over
     an ensemble of models, A.2), per-pixel sum."""
@@ -648,15 +657,15 @@ def eval_semseg(
     reduce_zero_label: bool = typer.Option(False, "--reduce-zero-label", help="ADE20K / PC-59 files: 0 = ignore, v → v-1."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images (sorted by path)."),
     save_preds: Optional[Path] = typer.Option(None, "--save-preds", help="Write predicted label PNGs here."),
-    models: Optional[list[str]] = typer.Option(None, "--model", "-m", help=MODELS_HELP),
-    combine: Optional[str] = typer.Option(None, "--combine", help="Ensemble combination: mean (Σ w·p / Σ w, default) or geometric (OVSeg's Π p^w)."),
-    templates: Optional[str] = typer.Option(None, "--templates", help="Class-name templates: train4, imagenet80 (default) or a file, one per line with {}."),
-    logit_scale: Optional[float] = typer.Option(None, "--logit-scale", help="Softmax scale on cosines (default: each model's training scale; crop-CLIP 100)."),
-    fallback: Optional[str] = typer.Option(None, "--fallback", help="Pixels no segment covers: nearest (default), image (a low-weight whole-image voter) or none (a miss)."),
-    fallback_weight: Optional[float] = typer.Option(None, "--fallback-weight", help="Weight of the whole-image voter (--fallback image; default 0.05)."),
-    points_per_side: Optional[int] = typer.Option(None, "--points-per-side", min=1, help="SAM point grid side (default: the preset's; SAM's 32)."),
-    pred_iou_thresh: Optional[float] = typer.Option(None, "--pred-iou-thresh", min=0.0, max=1.0, help="SAM predicted-IoU filter (default: SAM's 0.88)."),
-    stability_thresh: Optional[float] = typer.Option(None, "--stability-thresh", min=0.0, max=1.0, help="SAM stability-score filter (default: SAM's 0.95)."),
+    models: Optional[list[str]] = OPT_MODELS,
+    combine: Optional[str] = OPT_COMBINE,
+    templates: Optional[str] = OPT_TEMPLATES,
+    logit_scale: Optional[float] = OPT_LOGIT_SCALE,
+    fallback: Optional[str] = OPT_FALLBACK,
+    fallback_weight: Optional[float] = OPT_FALLBACK_WEIGHT,
+    points_per_side: Optional[int] = OPT_POINTS,
+    pred_iou_thresh: Optional[float] = OPT_PRED_IOU,
+    stability_thresh: Optional[float] = OPT_STABILITY,
     per_class: bool = typer.Option(False, "--per-class", help="Also print the per-class table."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
     out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the results as JSON here."),
@@ -694,13 +703,13 @@ def eval_parts(
     background: Optional[Path] = typer.Option(None, "--background", help="Background class list, one per line "
                                               "(default: the 91 COCO-stuff classes + the parts' super-categories)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images (by id)."),
-    models: Optional[list[str]] = typer.Option(None, "--model", "-m", help=MODELS_HELP),
-    combine: Optional[str] = typer.Option(None, "--combine", help="Ensemble combination: mean (Σ w·p / Σ w, default) or geometric (OVSeg's Π p^w)."),
-    templates: Optional[str] = typer.Option(None, "--templates", help="Class-name templates: train4, imagenet80 (default) or a file, one per line with {}."),
-    logit_scale: Optional[float] = typer.Option(None, "--logit-scale", help="Softmax scale on cosines (default: each model's training scale; crop-CLIP 100)."),
-    points_per_side: Optional[int] = typer.Option(None, "--points-per-side", min=1, help="SAM point grid side (default: the preset's; SAM's 32)."),
-    pred_iou_thresh: Optional[float] = typer.Option(None, "--pred-iou-thresh", min=0.0, max=1.0, help="SAM predicted-IoU filter (default: SAM's 0.88)."),
-    stability_thresh: Optional[float] = typer.Option(None, "--stability-thresh", min=0.0, max=1.0, help="SAM stability-score filter (default: SAM's 0.95)."),
+    models: Optional[list[str]] = OPT_MODELS,
+    combine: Optional[str] = OPT_COMBINE,
+    templates: Optional[str] = OPT_TEMPLATES,
+    logit_scale: Optional[float] = OPT_LOGIT_SCALE,
+    points_per_side: Optional[int] = OPT_POINTS,
+    pred_iou_thresh: Optional[float] = OPT_PRED_IOU,
+    stability_thresh: Optional[float] = OPT_STABILITY,
     per_class: bool = typer.Option(False, "--per-class", help="Also print the per-class AP table."),
     detections: Optional[Path] = typer.Option(None, "--detections", help="Write the scored detections (COCO results JSON) here."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),
