@@ -13,6 +13,20 @@ from typing import Iterator
 
 import httpx
 
+
+def photo_bytes(name: str = "coffee", side: int = 128, fmt: str = "PNG") -> bytes:
+    """A scikit-image photo, shrunk to ``side`` (the tiny SAM on a shared CPU), encoded as ``fmt``."""
+    import io
+
+    import skimage.data
+    from PIL import Image
+
+    img = Image.fromarray(getattr(skimage.data, name)())
+    img.thumbnail((side, side))
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format=fmt)
+    return buf.getvalue()
+
 STARTUP_S = 90
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import skimage.data
 from PIL import Image
 
 from use_search.masks import decode_rle
 from use_search.query.voting import UNLABELED, read_label_png
 from use_search.store.base import image_id
 
+import servers
 from servers import api_server
 
 KEY = "test-key-123"
@@ -26,11 +26,7 @@ SIDE = 128  # small photos: the tiny SAM on a shared CPU
 
 
 def photo_bytes(name: str, fmt: str = "PNG") -> bytes:
-    img = Image.fromarray(getattr(skimage.data, name)())
-    img.thumbnail((SIDE, SIDE))
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, format=fmt)
-    return buf.getvalue()
+    return servers.photo_bytes(name, SIDE, fmt)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import subprocess
@@ -13,24 +12,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-import skimage.data
-from PIL import Image
 
 from use_search.api.app import exposure_warning
 from use_search.config import Settings
 
-from servers import api_server, free_port
+from servers import api_server, free_port, photo_bytes
 
 KEY = "hardening-key-0123456789"
 MAX_UPLOAD = 400_000
 
 
 def png_bytes(name: str = "coffee", side: int = 96) -> bytes:
-    img = Image.fromarray(getattr(skimage.data, name)())
-    img.thumbnail((side, side))
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, format="PNG")
-    return buf.getvalue()
+    return photo_bytes(name, side)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import threading
 import time
 
 import httpx
-import numpy as np
 import pytest
 import skimage.data
 from PIL import Image, ImageDraw

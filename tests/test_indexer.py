@@ -13,7 +13,6 @@ from PIL import Image
 from use_search.factory import Runtime
 from use_search.indexer import Indexer, read_image, segment_points
 from use_search.masks import decode_rle, mask_bbox
-from use_search.model.clip import load_clip
 from use_search.model.crop_clip import CropClipEmbedder
 from use_search.query import ModelMismatchError, Searcher
 from use_search.store import EdgeStore, SearchFilter, StoreFullError

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from use_search.config import AutoMaskSettings, Settings, StoreSettings
+from use_search.config import AutoMaskSettings, Settings
 from use_search.indexer import Indexer
 from use_search.indexer.runner import commit
 from use_search.indexer.ray_runner import (
