@@ -219,6 +219,9 @@ def main() -> None:
 
     n = args.images
     stage_ms = {"decode (apart)": 1000 * decode_s / n, **{k: 1000 * v / n for k, v in busy.items()}}
+    # The rest of the wall time: the runner's own work (decode + hash inside it, payloads, skips...);
+    # negative when stages overlap (pipelined runner).
+    stage_ms["wall − masks − embed − write"] = 1000 * wall / n - sum(busy.values()) * 1000 / n
     result = {
         "bench": "index", "preset": args.preset, "device": str(rt.device), "segmenter": segmenter_name,
         "embedder": embedder_name, "embedder_id": indexer.embedder.model_id, "images": n, "side": args.side,

@@ -159,14 +159,17 @@ def count_gmacs(fn) -> float:
 
 
 def interleaved(arms: dict[str, Any], iters: int, warmup: int, device: str) -> dict[str, list[float]]:
-    """Seconds per call of each arm, run in turns (A B C A B C ...) so that a change in the machine's
-    load hits all arms alike; ``warmup`` untimed turns first."""
+    """Seconds per call of each arm, run in turns so that a change in the machine's load hits all arms
+    alike; each turn starts one arm later (A B C, B C A, C A B, ...) so that no arm always runs right
+    after the same other one (a large arm leaves cold caches behind). ``warmup`` untimed turns first."""
+    names = list(arms)
     for _ in range(warmup):
         for fn in arms.values():
             fn()
     out: dict[str, list[float]] = {name: [] for name in arms}
-    for _ in range(iters):
-        for name, fn in arms.items():
+    for turn in range(iters):
+        for name in names[turn % len(names):] + names[: turn % len(names)]:
+            fn = arms[name]
             sync(device)
             t0 = time.perf_counter()
             fn()

@@ -192,10 +192,10 @@ def clip_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     Why not ``block(x)``: under no_grad and without autocast (CPU inference), nn.MultiheadAttention
     takes its native fast path, which on CPU materialises the (heads, N, N) attention matrix. At
-    USE's N = 1 + G² tokens (1226 at base, 1601 at paper) that made CLIP's attention run at about a
-    third of the GEMMs' rate and cost as much time as all of the block's linear layers
-    (docs/notes-model.md, "USE encoder throughput"). SDPA's fused kernel tiles it instead. Same
-    weights, same math: outputs agree to float rounding (tested against ``block(x)``)."""
+    USE's N = 1 + G² tokens (1226 at base, 1601 at paper) CLIP's attention then ran at ~40% of the
+    GEMMs' rate and cost 70% as much as all of the block's linear layers; SDPA's fused kernel tiles
+    it (docs/notes-model.md, "USE encoder throughput"). Same weights, same math: outputs agree to
+    float rounding (tested against ``block(x)``)."""
     if not _sdpa_ready(block):
         return block(x)
     attn = block.attn
