@@ -1,10 +1,9 @@
 """Indexing throughput of the real ``Indexer.index`` path: images/s end to end, and the busy time of
 each stage (decode, masks, embed, write).
 
-    python bench/bench_index.py --preset tiny --embedder crop-clip --images 8
-    python bench/bench_index.py --preset tiny --embedder use --images 8
+    python bench/bench_index.py --preset tiny --embedder crop-clip --images 8 --rounds 2
     python bench/bench_index.py --preset base --embedder use --images 2 --points-per-side 16   # CPU
-    python bench/bench_index.py --preset paper --device cuda --embedder use --images 64
+    python bench/bench_index.py --preset paper --device cuda --embedder use --images 64 --mode pipelined
 
 The parts are built as the CLI builds them: ``Runtime.from_settings(settings)`` → ``rt.indexer(store)``,
 i.e. the segmenter of ``load_auto_segmenter`` (``amg.engine``: the batched engine by default), the
@@ -25,6 +24,10 @@ spent in their calls (``segment``/``segment_batch``; ``embed_segments``/``embed_
 files apart, before the run. In a pipelined runner the stages overlap, so their busy times add up to
 more than the wall time; images/s is the wall time of ``Indexer.index`` over ``--images`` new files
 (after a warm-up ``index`` of ``--warmup`` other files into the same store).
+
+``--mode both`` (the default) runs the sequential reference runner and the pipelined one
+(``settings.index_pipeline``) in turns, ``--rounds`` times, each run on a store and files of its
+own with the same loaded models, and prints pipelined / sequential images/s per round.
 """
 
 from __future__ import annotations
@@ -137,8 +140,11 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny", choices=["tiny", "base", "paper"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--embedder", default="crop-clip", choices=["crop-clip", "use"])
-    ap.add_argument("--images", type=int, default=8, help="new images indexed in the timed run")
-    ap.add_argument("--warmup", type=int, default=1, help="images indexed first (not timed)")
+    ap.add_argument("--mode", default="both", choices=["pipelined", "sequential", "both"],
+                    help="the runner (settings.index_pipeline); both: sequential and pipelined in turns, each on its own store and files")
+    ap.add_argument("--rounds", type=int, default=1, help="with --mode both: sequential + pipelined runs per round")
+    ap.add_argument("--images", type=int, default=8, help="new images indexed per timed run")
+    ap.add_argument("--warmup", type=int, default=1, help="images indexed first into each store (not timed)")
     ap.add_argument("--side", type=int, default=640, help="longest side of the test photos (COCO-like: 640)")
     ap.add_argument("--masks", type=int, default=100, help="fixed masks per image for embed/write; 0 = SAM's own")
     ap.add_argument("--points-per-side", type=int, help="override the preset's point grid")
@@ -150,6 +156,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    modes = ["sequential", "pipelined"] * args.rounds if args.mode == "both" else [args.mode]
 
     with tempfile.TemporaryDirectory(prefix="bench-index-") as tmp_name:
         tmp = Path(tmp_name)
@@ -180,73 +187,94 @@ def main() -> None:
         sam_counts: list[int] = []
         parts: dict[str, Any] = {}
 
-        def segmenter() -> Any:  # Runtime.indexer builds its parts through these two methods
-            parts["segmenter"] = Runtime.segmenter(rt)
-            return FixedMaskSegmenter(parts["segmenter"], args.masks, busy, rt.device, sam_counts)
+        # Runtime.indexer builds its parts through these two methods: load once, wrap in timers.
+        def segmenter() -> Any:
+            if "segmenter" not in parts:
+                parts["segmenter"] = Runtime.segmenter(rt)
+                parts["timed segmenter"] = FixedMaskSegmenter(parts["segmenter"], args.masks, busy, rt.device, sam_counts)
+            return parts["timed segmenter"]
 
         def embedder() -> Any:
-            parts["embedder"] = Runtime.embedder(rt)
-            return StageTimer(parts["embedder"], "embed", ("embed_segments", "embed_batch"), busy, rt.device)
+            if "embedder" not in parts:
+                parts["embedder"] = Runtime.embedder(rt)
+                parts["timed embedder"] = StageTimer(parts["embedder"], "embed", ("embed_segments", "embed_batch"), busy, rt.device)
+            return parts["timed embedder"]
 
         rt.segmenter, rt.embedder = segmenter, embedder  # type: ignore[method-assign]
-        store = rt.store()
-        indexer = rt.indexer(StageTimer(store, "write", ("upsert_segments", "put_image"), busy, rt.device))
-        segmenter_name, embedder_name = type(parts["segmenter"]).__name__, type(parts["embedder"]).__name__
+        segmenter(), embedder()
         load_s = time.perf_counter() - t0
         rss_models = rss_mb()
 
-        warm = write_images(tmp / "warmup", args.warmup, args.side, offset=100_000)
-        files = write_images(tmp / "photos", args.images, args.side, offset=0)
-        t0 = time.perf_counter()
-        for path in files:
-            read_image(path, settings.max_image_pixels)
-        decode_s = time.perf_counter() - t0
+        runs = []
+        for run_no, mode in enumerate(modes):
+            folder = tmp / f"run{run_no}"
+            rt.settings = settings.model_copy(update={
+                "index_pipeline": mode == "pipelined", "store": StoreSettings(path=folder / "store"),
+            })
+            warm = write_images(folder / "warmup", args.warmup, args.side, offset=100_000 * (run_no + 1))
+            files = write_images(folder / "photos", args.images, args.side, offset=1000 * run_no)
+            t0 = time.perf_counter()
+            for path in files:
+                read_image(path, settings.max_image_pixels)
+            decode_s = time.perf_counter() - t0
+            store = rt.store()
+            indexer = rt.indexer(StageTimer(store, "write", ("upsert_segments", "put_image"), busy, rt.device))
+            if warm:
+                indexer.index(folder / "warmup")
+            busy.clear()
+            sam_counts.clear()
+            rss_trace: list[float] = []
+            if str(rt.device).startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            report = indexer.index(folder / "photos", on_image=lambda event: rss_trace.append(rss_mb()))
+            wall = time.perf_counter() - t0
+            n_points = store.count_segments()
+            store.close()
+            if report.failed or report.indexed != args.images:
+                raise SystemExit(f"{mode}: indexed {report.indexed} of {args.images}; failed: {report.failed}")
+            n = args.images
+            stage_ms = {"decode (apart)": 1000 * decode_s / n, **{k: 1000 * v / n for k, v in busy.items()}}
+            # The rest of the wall time: the runner's own work (decode + hash inside it, payloads...);
+            # negative when the stages overlap (pipelined runner).
+            stage_ms["wall − masks − embed − write"] = 1000 * wall / n - sum(busy.values()) * 1000 / n
+            runs.append({
+                "mode": mode, "images_per_s": n / wall, "wall_s": wall, "stage_ms_per_image": stage_ms,
+                "busy_over_wall": sum(busy.values()) / wall, "points": n_points, "segments_reported": report.segments,
+                "image_batch": indexer.image_batch, "decode_threads": indexer.decode_threads,
+                "sam_masks_per_image": float(np.mean(sam_counts)) if sam_counts else 0.0,
+                "rss_first_mb": rss_trace[0] if rss_trace else None, "rss_last_mb": rss_trace[-1] if rss_trace else None,
+                "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if str(rt.device).startswith("cuda") else None,
+            })
 
-        if warm:
-            indexer.index(tmp / "warmup")
-        busy.clear()
-        sam_counts.clear()
-        rss_trace: list[float] = []
-        if str(rt.device).startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        report = indexer.index(tmp / "photos", on_image=lambda event: rss_trace.append(rss_mb()))
-        wall = time.perf_counter() - t0
-        n_points = store.count_segments()
-        store.close()
-    if report.failed or report.indexed != args.images:
-        raise SystemExit(f"indexed {report.indexed} of {args.images}; failed: {report.failed}")
-
-    n = args.images
-    stage_ms = {"decode (apart)": 1000 * decode_s / n, **{k: 1000 * v / n for k, v in busy.items()}}
-    # The rest of the wall time: the runner's own work (decode + hash inside it, payloads, skips...);
-    # negative when stages overlap (pipelined runner).
-    stage_ms["wall − masks − embed − write"] = 1000 * wall / n - sum(busy.values()) * 1000 / n
+    segmenter_name, embedder_name = type(parts["segmenter"]).__name__, type(parts["embedder"]).__name__
     result = {
         "bench": "index", "preset": args.preset, "device": str(rt.device), "segmenter": segmenter_name,
-        "embedder": embedder_name, "embedder_id": indexer.embedder.model_id, "images": n, "side": args.side,
-        "points_per_side": rt.settings.amg.points_per_side or rt.preset.points_per_side,
-        "masks_per_image_embedded": args.masks if args.masks else float(np.mean(sam_counts) if sam_counts else 0),
-        "sam_masks_per_image": float(np.mean(sam_counts)) if sam_counts else 0.0,
-        "images_per_s": n / wall, "wall_s": wall, "stage_ms_per_image": stage_ms,
-        "busy_over_wall": sum(busy.values()) / wall, "points": n_points, "segments_reported": report.segments,
-        "prepare_s": prepare_s, "load_s": load_s, "rss_after_models_mb": rss_models,
-        "rss_first_mb": rss_trace[0] if rss_trace else None, "rss_last_mb": rss_trace[-1] if rss_trace else None,
-        "peak_rss_mb": peak_rss_mb(),
-        "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if str(rt.device).startswith("cuda") else None,
+        "embedder": embedder_name, "embedder_id": parts["embedder"].model_id, "images": args.images, "side": args.side,
+        "points_per_side": settings.amg.points_per_side or rt.preset.points_per_side,
+        "masks_per_image_embedded": args.masks if args.masks else None, "runs": runs,
+        "prepare_s": prepare_s, "load_s": load_s, "rss_after_models_mb": rss_models, "peak_rss_mb": peak_rss_mb(),
         "machine": machine(),
     }
-    print_table(
-        f"Indexer.index, preset {args.preset} ({segmenter_name} + {embedder_name}, random weights) on {rt.device}, "
-        f"{result['masks_per_image_embedded']:g} masks/image embedded: {result['images_per_s']:.3g} images/s over {n} images",
-        [{"stage": k, "busy ms/image": v, "share of wall %": 100 * v / (1000 * wall / n)} for k, v in stage_ms.items()],
-    )
-    print_table("summary", [{
-        "images/s": result["images_per_s"], "wall s": wall, "SAM masks/img": result["sam_masks_per_image"],
-        "points": n_points, "peak RSS MB": result["peak_rss_mb"],
-        "RSS first→last MB": f"{result['rss_first_mb']:.0f}→{result['rss_last_mb']:.0f}" if rss_trace else "-",
-        "GPU peak MB": result["gpu_peak_mb"],
-    }])
+    for r in runs:
+        wall_ms = 1000 * r["wall_s"] / args.images
+        print_table(
+            f"Indexer.index, {r['mode']} runner, preset {args.preset} ({segmenter_name} + {embedder_name}, random weights) "
+            f"on {rt.device}, {args.masks or 'SAM'} masks/image embedded: {r['images_per_s']:.3g} images/s over {args.images} images",
+            [{"stage": k, "busy ms/image": v, "share of wall %": 100 * v / wall_ms} for k, v in r["stage_ms_per_image"].items()],
+        )
+    summary = [{
+        "runner": r["mode"], "images/s": r["images_per_s"], "wall s": r["wall_s"], "image batch": r["image_batch"],
+        "busy / wall": r["busy_over_wall"], "SAM masks/img": r["sam_masks_per_image"], "points": r["points"],
+        "RSS first→last MB": f"{r['rss_first_mb']:.0f}→{r['rss_last_mb']:.0f}" if r["rss_first_mb"] else "-",
+        "GPU peak MB": r["gpu_peak_mb"],
+    } for r in runs]
+    print_table(f"summary (peak RSS {result['peak_rss_mb']:.0f} MB)", summary)
+    by_mode = {m: [r["images_per_s"] for r in runs if r["mode"] == m] for m in ("sequential", "pipelined")}
+    if by_mode["sequential"] and by_mode["pipelined"]:
+        ratios = [p / s for s, p in zip(by_mode["sequential"], by_mode["pipelined"])]
+        result["pipelined_over_sequential"] = ratios
+        print(f"\npipelined / sequential images/s, per round: {', '.join(f'{x:.2f}' for x in ratios)}")
     write_json(args.json, result)
 
 

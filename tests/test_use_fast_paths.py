@@ -230,3 +230,37 @@ def test_crop_clip_embed_batch_equals_per_image(model, voc):
     for image, segs, g in zip(images, segments, got):
         alone = crop.embed_segments(image, segs)
         assert alone.shape == g.shape and (not segs or np.abs(g - alone).max() < 1e-5)
+
+
+def test_pipelined_index_with_use_batches_equals_sequential(photos, tmp_path):
+    """The indexer's pipelined runner hands USE several images per embed_batch call: the stored
+    points equal the sequential runner's (one embed_segments call per image)."""
+    from use_search.factory import Runtime
+    from use_search.indexer.runner import Indexer
+    from use_search.model.use import init_use_checkpoint
+    from use_search.store import EdgeStore
+
+    base = Settings(data_dir=tmp_path / "data", preset="tiny", device="cpu", offline=True)
+    ckpt = init_use_checkpoint("tiny", base, tmp_path / "use-tiny.safetensors", seed=3)
+    rt = Runtime.from_settings(base.model_copy(update={"use_checkpoint": ckpt}))
+    segmenter, embedder = rt.segmenter(), rt.embedder()
+    assert isinstance(embedder, UseEmbedder)
+    calls = []
+    embed_batch = embedder.embed_batch
+    embedder.embed_batch = lambda images, segments: calls.append(len(images)) or embed_batch(images, segments)
+
+    points = {}
+    for pipeline in (False, True):
+        with EdgeStore(tmp_path / f"store-{pipeline}", "segments") as store:
+            report = Indexer(store, segmenter, embedder, pipeline=pipeline, image_batch=3).index(photos["voc"].parent)
+            assert report.indexed == 4 and not report.failed and report.segments >= 4
+            points[pipeline] = {}
+            for hit in store.scroll_segments():
+                vector = store._segments.retrieve([hit.id], False, True)[0].vector
+                vector = next(iter(vector.values())) if isinstance(vector, dict) else vector
+                points[pipeline][hit.id] = (hit.path, hit.segment_index, np.asarray(vector, np.float32))
+    assert max(calls) == 3  # the pipelined run batched three images into one USE forward
+    assert points[True].keys() == points[False].keys() and len(points[True]) == report.segments
+    for pid, (path, index, vector) in points[False].items():
+        assert points[True][pid][:2] == (path, index)
+        assert np.abs(points[True][pid][2] - vector).max() < 1e-5
