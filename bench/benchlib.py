@@ -132,6 +132,91 @@ class StageClock:
         self._t = now
 
 
+def _mha_flops(query_shape, key_shape, value_shape, embed_dim, num_head, *args, out_shape=None, **kwargs) -> int:
+    """nn.MultiheadAttention's native fast path (one op): q/k/v and output projections + attention."""
+    b, n, w = query_shape
+    return 2 * (4 * b * n * w * w + 2 * b * n * n * w)
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_gmacs(fn) -> float:
+    """Multiply-accumulates (10⁹) of one call of ``fn``, by torch's FlopCounterMode plus the two ops
+    it leaves out on CPU: SDPA's CPU flash kernel and nn.MultiheadAttention's fused fast path (without
+    them a ViT's attention and projections count as zero on CPU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+               aten._native_multi_head_attention: _mha_flops}
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return counter.get_total_flops() / 2e9
+
+
+def interleaved(arms: dict[str, Any], iters: int, warmup: int, device: str) -> dict[str, list[float]]:
+    """Seconds per call of each arm, run in turns so that a change in the machine's load hits all arms
+    alike; each turn starts one arm later (A B C, B C A, C A B, ...) so that no arm always runs right
+    after the same other one (a large arm leaves cold caches behind). ``warmup`` untimed turns first."""
+    names = list(arms)
+    for _ in range(warmup):
+        for fn in arms.values():
+            fn()
+    out: dict[str, list[float]] = {name: [] for name in arms}
+    for turn in range(iters):
+        for name in names[turn % len(names):] + names[: turn % len(names)]:
+            fn = arms[name]
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            out[name].append(time.perf_counter() - t0)
+    return out
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """median, min, max of a sample (e.g. per-turn ratios)."""
+    a = np.asarray(values, dtype=np.float64)
+    return {"median": float(np.median(a)), "min": float(a.min()), "max": float(a.max()), "n": int(a.size)}
+
+
+def import_checkout(root: Path, alias: str, modules: Sequence[str]) -> dict[str, Any]:
+    """Import ``modules`` (``use_search.…`` names) from another checkout at ``root`` next to this one,
+    for before/after comparisons in one process: the other checkout's modules are imported, renamed
+    to ``alias.…`` in ``sys.modules``, and this checkout's ``use_search`` is put back. The imported
+    code keeps the objects its module-level imports bound (its own modules); an import it makes later,
+    inside a function, would reach this checkout's modules instead."""
+    import importlib
+    import sys
+
+    def ours(name: str) -> bool:
+        return name == "use_search" or name.startswith("use_search.")
+
+    saved = {k: v for k, v in sys.modules.items() if ours(k)}
+    for k in saved:
+        del sys.modules[k]
+    sys.path.insert(0, str(root))
+    try:
+        for name in modules:
+            importlib.import_module(name)
+        theirs = {k: v for k, v in sys.modules.items() if ours(k)}
+    finally:
+        sys.path.remove(str(root))
+        for k in [k for k in sys.modules if ours(k)]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+    origin = Path(theirs["use_search"].__file__).resolve().parent
+    if origin.parent != root.resolve():
+        raise RuntimeError(f"importing use_search from {root} found {origin} instead")
+    for k, v in theirs.items():
+        sys.modules[alias + k[len("use_search"):]] = v
+    return {name: theirs[name] for name in modules}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Models with random weights in the preset's real architectures
 
@@ -157,6 +242,73 @@ def random_clip(clip_name: str, device: str):  # -> ClipBundle
         mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
         std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
     )
+
+
+def random_backbones(preset_name: str, grid: int, device: str):  # -> (ClipBundle, Dinov2Bundle)
+    """The preset's CLIP and DINOv2 architectures with random weights, built on ``device``."""
+    from use_search.model.dinov2 import Dinov2Bundle, build_dinov2, build_tiny_dinov2
+    from use_search.presets import get_preset
+    from use_search.weights import REGISTRY
+
+    preset = get_preset(preset_name)
+    clip = random_clip(preset.clip, device)
+    if preset.dinov2 == "tiny":
+        dino = Dinov2Bundle(build_tiny_dinov2(grid).to(device).eval(), "use-tiny-dinov2", "tiny", 14)
+    else:
+        arch = REGISTRY[preset.dinov2].arch
+        with torch.device(device):
+            dino = Dinov2Bundle(build_dinov2(arch, grid).eval(), arch, f"random-{arch}", 14)
+    return clip, dino
+
+
+def random_use_model(preset_name: str, device: str, grid: int | None = None):  # -> UseModel
+    """A USE model (fresh trainable parts) on random-weight backbones of the preset's architectures."""
+    from use_search.model.use import DEFAULT_GRID, UseModel, describe_backbones
+    from use_search.presets import get_preset
+
+    grid = grid or DEFAULT_GRID[preset_name]
+    clip, dino = random_backbones(preset_name, grid, device)
+    config = describe_backbones(clip, dino, grid=grid, dinov2_blocks=get_preset(preset_name).dinov2_blocks, preset=preset_name)
+    with torch.device(device):
+        model = UseModel(config, clip, dino)
+    return model.to(device).eval()
+
+
+def write_random_checkpoints(preset_name: str, settings, seed: int = 0) -> list[Path]:
+    """Random-init checkpoints of the preset's real architectures (SAM, CLIP, DINOv2), written where
+    ``weights.resolve`` looks for the official files (``settings.weights_path``), in the official
+    layouts: a SAM state dict, an open_clip state dict, Meta's DINOv2 backbone file (518 px position
+    grid + mask token). Then ``Runtime.from_settings(settings)`` builds the parts exactly as the CLI
+    does, with the real FLOPs. Only ever point ``settings`` at a scratch folder: these are not weights."""
+    import timm
+
+    from use_search.model.clip import build_clip
+    from use_search.presets import get_preset
+    from use_search.segmenter.sam import build_sam
+    from use_search.weights import REGISTRY, cache_path
+
+    preset = get_preset(preset_name)
+    written = []
+    for name in (preset.sam, preset.clip, preset.dinov2):
+        if name == "tiny":
+            continue
+        spec = REGISTRY[name]
+        dest = cache_path(spec, settings)
+        if dest.is_file():
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if spec.kind == "sam":
+                state = build_sam(spec.arch).state_dict()
+            elif spec.kind == "clip":
+                state = build_clip(spec.arch).state_dict()
+            else:
+                model = timm.create_model(spec.arch, pretrained=False, num_classes=0, img_size=518)
+                state = {**model.state_dict(), "mask_token": torch.zeros(1, model.embed_dim)}
+        torch.save(state, dest)
+        written.append(dest)
+    return written
 
 
 def random_sam(sam_name: str, device: str):  # -> segment_anything Sam
@@ -196,24 +348,30 @@ def photos(side: int) -> list[np.ndarray]:
             a = np.stack([a] * 3, axis=-1)
         img = Image.fromarray(a[..., :3])
         s = side / max(img.size)
-        out.append(np.asarray(img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.BICUBIC)))
+        out.append(np.array(img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.BICUBIC)))
     return out
 
 
 def fixed_masks(n: int, height: int, width: int, seed: int = 0) -> list[Segment]:
-    """``n`` deterministic masks (ellipses of varied size and place), for mask-count-dependent stages."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    out = []
-    for _ in range(n):
-        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
-        ry, rx = rng.uniform(0.03, 0.4) * height, rng.uniform(0.03, 0.4) * width
-        m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
-        if not m.any():
-            m[int(min(cy, height - 1)), int(min(cx, width - 1))] = True
-        from use_search.masks import mask_bbox
+    """``n`` deterministic masks of varied size and shape (ellipses and boxes from 0.2% to 30% of the
+    image), with their COCO RLE, for mask-count-dependent stages."""
+    from use_search.masks import mask_bbox
 
-        out.append(Segment(mask=m, bbox=mask_bbox(m), area=int(m.sum()), source="auto"))
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:height, :width]
+    out = []
+    for i in range(n):
+        area = np.exp(rng.uniform(np.log(0.002), np.log(0.3))) * height * width
+        aspect = np.exp(rng.uniform(-1, 1))
+        h, w = np.sqrt(area / aspect), np.sqrt(area * aspect)
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        if i % 2:
+            mask = ((yy - cy) / (h / 2)) ** 2 + ((xx - cx) / (w / 2)) ** 2 <= 1
+        else:
+            mask = (np.abs(yy - cy) <= h / 2) & (np.abs(xx - cx) <= w / 2)
+        if not mask.any():
+            mask[int(min(cy, height - 1)), int(min(cx, width - 1))] = True
+        out.append(Segment(mask=mask, bbox=mask_bbox(mask), area=int(mask.sum()), source="auto"))
     return out
 
 

@@ -27,7 +27,7 @@ from use_search.train.data import Batch
 from use_search.train.loop import contrastive_step
 
 from benchlib import sync, write_json  # noqa: E402  (same folder)
-from use_vs_cropclip import fixed_masks, random_use_model  # noqa: E402
+from benchlib import fixed_masks, random_use_model  # noqa: E402
 
 
 def main() -> None:

@@ -1,166 +1,221 @@
-"""USE encoder throughput, and seconds per image for USE vs crop-CLIP on the same fixed masks.
+"""USE vs crop-CLIP: seconds per image on the same photo with the same fixed masks, the embedders run in
+turns (A B A B ...), the ratio with its spread, and multiply-adds (MACs) and MACs per second of each part.
 
-    python bench/use_vs_cropclip.py --preset paper --device cuda            # the issue-3 figures (GPU)
-    python bench/use_vs_cropclip.py --preset tiny --device cpu --images 2   # smoke run
+    python bench/use_vs_cropclip.py --preset base --device cpu --iters 3 --stages
+    python bench/use_vs_cropclip.py --preset base --device cpu --iters 3 --stages --before /work/base
+    python bench/use_vs_cropclip.py --preset paper --device cuda --iters 10 --stages
 
-Random weights in the preset's real architectures (the FLOPs are those of the real models; no
-checkpoint is needed or loaded). Both embedders get the same image and the same ``--masks`` masks
-(deterministic shapes), one image at a time, as the indexer calls them. USE: one encoder pass +
-pooling of all masks; crop-CLIP: one CLIP pass per mask (batched ``--crop-batch`` at a time).
-Prints a table and one JSON line (``--json FILE`` also writes it).
+Random weights in the preset's real architectures (the FLOPs of the real models; no checkpoint is
+needed). Both embedders are called as the indexer calls them: ``UseEmbedder.embed_segments`` (one
+encoder pass, all masks pooled) and ``CropClipEmbedder.embed_segments`` (one CLIP pass per mask, in
+batches of ``--crop-batch``), on one real photo (longest side ``--side``) and ``--masks`` fixed masks.
+Arms, all run once per turn, in turn:
+  use             UseEmbedder.embed_segments, one image
+  use (before)    (``--before DIR``) the same with the code of another checkout, e.g. the base commit
+  use-batch       UseEmbedder.embed_batch over ``--batch-images`` copies, time per image
+  crop-clip       CropClipEmbedder.embed_segments as users run it (no autocast of its own)
+  crop-clip-bf16  (CUDA only) the same under bf16 autocast, as USE runs
+  crop-clip-sdpa  (``--crop-sdpa``) crop-CLIP with nn.MultiheadAttention's fast path off (SDPA attention)
+Ratios are taken per turn (crop-CLIP / USE, and USE before / after), then median, min and max.
+``--before DIR`` imports that checkout's ``use_search.model.use`` in this process next to this one
+(``benchlib.import_checkout``); both USE models share the same backbone objects and the same
+trainable weights, and the bench checks that they embed alike. ``--stages`` adds USE's split (input
+prep, CLIP tower, DINOv2 tower, merge + pool + head) with MACs and MAC/s, for each code version,
+the stages interleaved too. Prints tables and one JSON line (``--json FILE`` also writes it).
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
-import time
-from typing import Callable
+import sys
+from pathlib import Path
+from typing import Any
 
 import numpy as np
-import open_clip
 import torch
 
-from use_search.config import Settings
-from use_search.model.clip import ClipBundle, build_clip, load_clip
-from use_search.model.crop_clip import CropClipEmbedder
-from use_search.model.dinov2 import Dinov2Bundle, build_dinov2, build_tiny_dinov2
-from use_search.model.use import DEFAULT_GRID, UseEmbedder, UseModel, describe_backbones
-from use_search.presets import get_preset
-from use_search.types import Segment
-from use_search.weights import REGISTRY
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import (  # noqa: E402
+    count_gmacs, fixed_masks, import_checkout, interleaved, machine, photos, print_table, random_backbones,
+    spread, write_json,
+)
 
-from benchlib import sync, write_json  # noqa: E402  (same folder)
-
-
-def random_backbones(preset_name: str, grid: int, device: str) -> tuple[ClipBundle, Dinov2Bundle]:
-    """The preset's CLIP and DINOv2 architectures with random weights, built on ``device``."""
-    preset = get_preset(preset_name)
-    if preset.clip == "tiny":
-        clip = load_clip("tiny", Settings(), device=device)
-    else:
-        arch = REGISTRY[preset.clip].arch
-        with torch.device(device):
-            model = build_clip(arch).eval()
-        size = model.visual.image_size
-        cfg = model.visual.preprocess_cfg
-        clip = ClipBundle(
-            model=model, tokenizer=open_clip.get_tokenizer(arch), arch=arch, model_id=f"random-{arch}",
-            image_size=size[0] if isinstance(size, (tuple, list)) else int(size),
-            mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)), std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
-        )
-    if preset.dinov2 == "tiny":
-        dino = Dinov2Bundle(build_tiny_dinov2(grid).to(device).eval(), "use-tiny-dinov2", "tiny", 14)
-    else:
-        arch = REGISTRY[preset.dinov2].arch
-        with torch.device(device):
-            dino = Dinov2Bundle(build_dinov2(arch, grid).eval(), arch, f"random-{arch}", 14)
-    return clip, dino
+import use_search  # noqa: E402
+from use_search.model.crop_clip import CropClipEmbedder  # noqa: E402
+from use_search.model.geometry import letterbox  # noqa: E402
+from use_search.model.use import DEFAULT_GRID, BackboneFeatures, UseEmbedder, UseModel, describe_backbones  # noqa: E402
+from use_search.presets import get_preset  # noqa: E402
 
 
-def random_use_model(preset_name: str, device: str, grid: int | None = None) -> UseModel:
-    grid = grid or DEFAULT_GRID[preset_name]
-    clip, dino = random_backbones(preset_name, grid, device)
-    config = describe_backbones(clip, dino, grid=grid, dinov2_blocks=get_preset(preset_name).dinov2_blocks, preset=preset_name)
-    with torch.device(device):
-        model = UseModel(config, clip, dino)
-    return model.to(device).eval()
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="base", choices=["paper", "base", "tiny"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--masks", type=int, default=100)
+    ap.add_argument("--side", type=int, default=1024, help="longest side of the photo (the VOC photo: 1024 × 768)")
+    ap.add_argument("--iters", type=int, default=3, help="timed turns (every arm once per turn)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed turns first")
+    ap.add_argument("--batch-images", type=int, default=4, help="images per embed_batch call in the use-batch arm; 0: no such arm")
+    ap.add_argument("--crop-batch", type=int, default=64, help="crops per CLIP forward (the settings' embed_batch)")
+    ap.add_argument("--crop-sdpa", action="store_true", help="add crop-CLIP with nn.MultiheadAttention's fast path off")
+    ap.add_argument("--stages", action="store_true", help="also time USE's stages (prep, CLIP, DINOv2, head)")
+    ap.add_argument("--before", type=Path, help="another checkout (e.g. the base commit) to compare USE with, in this process")
+    ap.add_argument("--threads", type=int, help="torch CPU threads")
+    ap.add_argument("--json", help="also write the JSON result here")
+    return ap.parse_args()
 
 
-def fixed_masks(n: int, height: int, width: int, seed: int = 0) -> list[Segment]:
-    """``n`` masks of varied size and shape (ellipses and boxes from 0.2% to 30% of the image)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:height, :width]
-    out = []
-    for i in range(n):
-        area = np.exp(rng.uniform(np.log(0.002), np.log(0.3))) * height * width
-        aspect = np.exp(rng.uniform(-1, 1))
-        h, w = np.sqrt(area / aspect), np.sqrt(area * aspect)
-        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
-        if i % 2:
-            mask = ((yy - cy) / (h / 2)) ** 2 + ((xx - cx) / (w / 2)) ** 2 <= 1
-        else:
-            mask = (np.abs(yy - cy) <= h / 2) & (np.abs(xx - cx) <= w / 2)
-        if not mask.any():
-            mask[int(min(cy, height - 1)), int(min(cx, width - 1))] = True
-        ys, xs = np.nonzero(mask)
-        bbox = (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))
-        out.append(Segment(mask=mask, bbox=bbox, area=int(mask.sum()), rle={}))
-    return out
+def use_stages(model: Any, use: Any, image: np.ndarray, segments: list, dev: str) -> dict[str, Any]:
+    """USE's embed_segments cut into its stages (the same calls, one after the other)."""
+    bb, tr, grid = model.backbones, model.trainable, model.config.grid
+    state: dict[str, Any] = {}
 
+    def amp() -> torch.autocast:
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.startswith("cuda"))
 
-def timed(fn: Callable[[], object], iters: int, warmup: int, device: str) -> float:
-    """Mean seconds per call after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / iters
+    @torch.inference_mode()
+    def prep() -> None:
+        state["weights"] = use.patch_weights(image.shape[:2], segments)[None]
+        state["clip_x"], state["dino_x"] = bb.tower_inputs(letterbox(image, grid, model.clip.mean, dev)[None])
+
+    @torch.inference_mode()
+    def clip_tower() -> None:
+        with amp():
+            state["clip"] = bb.clip_forward(state["clip_x"])
+
+    @torch.inference_mode()
+    def dino_tower() -> None:
+        with amp():
+            state["dino"] = bb.dino_forward(state["dino_x"])
+
+    @torch.inference_mode()
+    def head() -> None:
+        with amp():
+            tr(BackboneFeatures(*state["clip"], *state["dino"]), state["weights"])
+
+    prep(), clip_tower(), dino_tower()
+    return {"prep (weights, letterbox, resize)": prep, "CLIP tower": clip_tower, "DINOv2 tower": dino_tower,
+            "merge + pool + head": head}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="paper", choices=["paper", "base", "tiny"])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--masks", type=int, default=100)
-    ap.add_argument("--images", type=int, default=10, help="timed images per embedder")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--height", type=int, default=768)
-    ap.add_argument("--width", type=int, default=1024)
-    ap.add_argument("--encoder-batch", type=int, default=16)
-    ap.add_argument("--crop-batch", type=int, default=64)
-    ap.add_argument("--skip-cropclip", action="store_true")
-    ap.add_argument("--json", help="also write the JSON result here")
-    args = ap.parse_args()
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = args.device
-    amp = dev.startswith("cuda")  # bf16 autocast on GPU, as UseEmbedder does
+    preset = get_preset(args.preset)
+    grid = DEFAULT_GRID[args.preset]
 
-    model = random_use_model(args.preset, dev)
-    cfg, bb = model.config, model.backbones
-    side = cfg.grid * bb.clip_patch
-    x = torch.rand(args.encoder_batch, 3, side, side, device=dev)
+    clip, dino = random_backbones(args.preset, grid, dev)
+    config = describe_backbones(clip, dino, grid=grid, dinov2_blocks=preset.dinov2_blocks, preset=args.preset)
+    with torch.device(dev):
+        model = UseModel(config, clip, dino).to(dev).eval()
+    versions: dict[str, tuple[Any, Any]] = {"use": (model, UseEmbedder(model, dev, name=f"random-{args.preset}"))}
+    code = {"use": str(Path(use_search.__file__).resolve().parent)}
+    if args.before:
+        old = import_checkout(args.before, "before_use_search", ["use_search.model.use"])["use_search.model.use"]
+        old_config = old.describe_backbones(clip, dino, grid=grid, dinov2_blocks=preset.dinov2_blocks, preset=args.preset)
+        with torch.device(dev):
+            old_model = old.UseModel(old_config, clip, dino).to(dev).eval()  # the same backbone objects
+        old_model.trainable.load_state_dict(model.trainable.state_dict())  # and the same trainable weights
+        versions["use (before)"] = (old_model, old.UseEmbedder(old_model, dev, name=f"random-{args.preset}"))
+        code["use (before)"] = str(Path(old.__file__).resolve().parent.parent)
 
-    @torch.inference_mode()
-    def encode() -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            return model.trainable.patch_features(model.backbones(x))
+    image = photos(args.side)[0]
+    h, w = image.shape[:2]
+    segments = fixed_masks(args.masks, h, w)
+    crop = CropClipEmbedder(clip, dev, batch=args.crop_batch)
 
-    enc_s = timed(encode, max(1, args.images // 2), 1, dev)
-    image = np.random.default_rng(0).integers(0, 256, (args.height, args.width, 3), dtype=np.uint8)
-    segments = fixed_masks(args.masks, args.height, args.width)
-    use = UseEmbedder(model, dev, name=f"random-{args.preset}")
-    use_s = timed(lambda: use.embed_segments(image, segments), args.images, args.warmup, dev)
-    result = {
-        "bench": "use_vs_cropclip", "preset": args.preset, "device": dev,
-        "device_name": torch.cuda.get_device_name(0) if dev.startswith("cuda") else platform.processor() or platform.machine(),
-        "torch": torch.__version__, "bf16_autocast": amp, "grid": cfg.grid,
-        "clip_input": cfg.grid * bb.clip_patch, "dinov2_input": cfg.grid * bb.dino_patch,
-        "clip_arch": cfg.clip_arch, "dinov2_arch": cfg.dinov2_arch, "dinov2_blocks": cfg.dinov2_blocks,
-        "image": [args.height, args.width], "masks": args.masks, "encoder_batch": args.encoder_batch,
-        "use_encoder_images_per_s": args.encoder_batch / enc_s,
-        "use_s_per_image": use_s,
-    }
-    if not args.skip_cropclip:
-        crop = CropClipEmbedder(model.clip, dev, batch=args.crop_batch)
-
-        def crop_embed() -> np.ndarray:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+    arms: dict[str, Any] = {name: (lambda e=emb: e.embed_segments(image, segments)) for name, (_, emb) in versions.items()}
+    if args.batch_images > 1:
+        use = versions["use"][1]
+        use.batch = args.batch_images
+        batch_images, batch_segments = [image] * args.batch_images, [segments] * args.batch_images
+        arms["use-batch"] = lambda: use.embed_batch(batch_images, batch_segments)
+    arms["crop-clip"] = lambda: crop.embed_segments(image, segments)
+    if dev.startswith("cuda"):
+        def crop_bf16() -> np.ndarray:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
                 return crop.embed_segments(image, segments)
+        arms["crop-clip-bf16"] = crop_bf16
+    if args.crop_sdpa:
+        def crop_sdpa() -> np.ndarray:
+            torch.backends.mha.set_fastpath_enabled(False)
+            try:
+                return crop.embed_segments(image, segments)
+            finally:
+                torch.backends.mha.set_fastpath_enabled(True)
+        arms["crop-clip-sdpa"] = crop_sdpa
 
-        crop_s = timed(crop_embed, max(1, args.images // 2), 1, dev)
-        result.update(cropclip_s_per_image=crop_s, cropclip_input=model.clip.image_size, use_speedup=crop_s / use_s)
+    agreement = None
+    if args.before:
+        a, b = (np.asarray(arms[name]()) for name in ("use", "use (before)"))
+        agreement = float(np.abs(a - b).max())
+    # MACs: USE on the whole call; crop-CLIP on one crop through the tower, times the masks.
+    gmac = {name: count_gmacs(arms[name]) for name in versions}
+    one_crop = crop.crops(image, segments[:1])
+    crop_gmac = count_gmacs(lambda: clip.model.encode_image(one_crop)) * args.masks
 
-    print(f"{args.preset} on {result['device_name']} ({dev}, bf16 autocast: {amp})")
-    print(f"  USE encoder ({cfg.clip_arch} @ {result['clip_input']} + {cfg.dinov2_arch} @ {result['dinov2_input']}, "
-          f"batch {args.encoder_batch}): {result['use_encoder_images_per_s']:.3g} images/s")
-    print(f"  USE, {args.masks} masks on a {args.width}x{args.height} image: {use_s * 1000:.1f} ms/image")
-    if "cropclip_s_per_image" in result:
-        print(f"  crop-CLIP, same masks ({model.clip.image_size} px crops, batch {args.crop_batch}): "
-              f"{result['cropclip_s_per_image'] * 1000:.1f} ms/image  ->  USE is {result['use_speedup']:.1f}x cheaper")
+    seconds = interleaved(arms, args.iters, args.warmup, dev)
+    if "use-batch" in seconds:
+        seconds["use-batch"] = [t / args.batch_images for t in seconds["use-batch"]]
+    ratios = {}
+    for num in [n for n in seconds if n.startswith("crop-clip")]:
+        for den in [n for n in seconds if n.startswith("use")]:
+            if num == "crop-clip" or den == "use":
+                ratios[f"{num} / {den}"] = spread([c / u for c, u in zip(seconds[num], seconds[den])])
+    if args.before:
+        ratios["use (before) / use"] = spread([b / a for b, a in zip(seconds["use (before)"], seconds["use"])])
+
+    stages: dict[str, Any] = {}
+    if args.stages:
+        fns = {(name, stage): fn for name, (m, e) in versions.items() for stage, fn in use_stages(m, e, image, segments, dev).items()}
+        stage_gmac = {key: count_gmacs(fn) for key, fn in fns.items()}
+        stage_s = interleaved({f"{n}|{s}": fn for (n, s), fn in fns.items()}, args.iters, 0, dev)
+        for (name, stage) in fns:
+            t = float(np.median(stage_s[f"{name}|{stage}"]))
+            g = stage_gmac[(name, stage)]
+            stages.setdefault(name, {})[stage] = {"ms": 1000 * t, "gmac": g, "gmac_per_s": g / t if g else None}
+
+    crop_s = float(np.median(seconds["crop-clip"]))
+    result = {
+        "bench": "use_vs_cropclip", "code": code, "preset": args.preset, "device": dev,
+        "threads": torch.get_num_threads(), "grid": grid, "clip_arch": config.clip_arch,
+        "clip_input": grid * model.backbones.clip_patch, "dinov2_arch": config.dinov2_arch,
+        "dinov2_input": grid * model.backbones.dino_patch, "dinov2_blocks": config.dinov2_blocks,
+        "crop_input": clip.image_size, "crop_batch": args.crop_batch, "image": [h, w], "masks": args.masks,
+        "batch_images": args.batch_images, "iters": args.iters, "before_after_max_abs_diff": agreement,
+        "seconds": seconds, "ratios": ratios, "use_gmac": gmac, "cropclip_gmac": crop_gmac,
+        "flop_ratio": {name: crop_gmac / g for name, g in gmac.items()},
+        "gmac_per_s": {**{name: gmac[name] / float(np.median(seconds[name])) for name in versions}, "crop-clip": crop_gmac / crop_s},
+        "stages": stages, "machine": machine(),
+    }
+    report(result)
     write_json(args.json, result)
+
+
+def report(r: dict[str, Any]) -> None:
+    print(f"\npreset {r['preset']} on {r['device']}, {r['threads']} threads; USE = {r['clip_arch']} @ {r['clip_input']} + "
+          f"{r['dinov2_arch']} @ {r['dinov2_input']} (last {r['dinov2_blocks']} blocks); crop-CLIP = {r['masks']} × "
+          f"{r['crop_input']} px crops, batch {r['crop_batch']}; photo {r['image'][1]}×{r['image'][0]}, {r['masks']} masks")
+    for name, root in r["code"].items():
+        print(f"  {name}: {root}")
+    if r["before_after_max_abs_diff"] is not None:
+        print(f"  before vs this checkout, same weights: embeddings differ by at most {r['before_after_max_abs_diff']:.2g}")
+    print_table("seconds per image, median over turns", [
+        {"arm": name, "s/image": float(np.median(t)), "min": min(t), "max": max(t), "turns": len(t)}
+        for name, t in r["seconds"].items()
+    ])
+    print_table("ratios per turn", [{"ratio": k, **v} for k, v in r["ratios"].items()])
+    print_table("multiply-adds per image", [
+        {"USE code": name, "USE GMAC": g, "crop-CLIP GMAC": r["cropclip_gmac"], "FLOP ratio": r["flop_ratio"][name],
+         "measured ratio": r["ratios"][f"crop-clip / {name}"]["median"],
+         "measured / FLOP ratio": r["ratios"][f"crop-clip / {name}"]["median"] / r["flop_ratio"][name],
+         "USE GMAC/s": r["gmac_per_s"][name], "crop-CLIP GMAC/s": r["gmac_per_s"]["crop-clip"]}
+        for name, g in r["use_gmac"].items()
+    ])
+    for name, st in r["stages"].items():
+        print_table(f"stages of {name} (embed_segments, one image; median ms over turns)", [{"stage": k, **v} for k, v in st.items()])
 
 
 if __name__ == "__main__":

@@ -96,6 +96,8 @@ class Backbones(nn.Module):
         visual = clip.model.visual
         if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
             raise ValueError(f"CLIP {clip.arch}: only class-token ViT image towers are supported")
+        if not getattr(visual.transformer, "batch_first", True):
+            raise ValueError(f"CLIP {clip.arch}: needs open_clip's batch-first transformer (open_clip ≥ 3)")
         if not 1 <= dinov2_blocks <= dino.depth:
             raise ValueError(f"dinov2_blocks must be in 1..{dino.depth}, got {dinov2_blocks}")
         if dino.model.num_prefix_tokens < 1 or not dino.model.has_class_token:
@@ -138,21 +140,20 @@ class Backbones(nn.Module):
 
     def clip_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """open_clip's VisionTransformer forward with the resampled position embedding, keeping every
-        block's output (§3.2: c^0..c^{m-1})."""
+        block's patch tokens (§3.2: c^0..c^{m-1}), written straight into one (m, B, P, Wc) tensor."""
         v = self.clip_visual
         x = v.conv1(x).flatten(2).transpose(1, 2)  # (B, P, Wc)
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = v.ln_pre(torch.cat([cls, x], dim=1) + self.clip_pos.to(x.dtype))
-        batch_first = getattr(v.transformer, "batch_first", True)
-        if not batch_first:
-            x = x.transpose(0, 1)
-        blocks = []
-        for block in v.transformer.resblocks:
-            x = block(x)
-            blocks.append(x if batch_first else x.transpose(0, 1))
-        last = blocks[-1]
-        cls_embed = v.ln_post(last[:, 0]) @ v.proj  # ĉ: CLIP's image embedding
-        return torch.stack([b[:, 1:] for b in blocks]), cls_embed
+        resblocks = v.transformer.resblocks
+        out = None
+        for i, block in enumerate(resblocks):
+            x = clip_block(block, x)
+            if out is None:  # the first block's output fixes the dtype (bf16 under autocast)
+                out = x.new_empty(len(resblocks), x.shape[0], x.shape[1] - 1, x.shape[2])
+            out[i] = x[:, 1:]
+        cls_embed = v.ln_post(x[:, 0]) @ v.proj  # ĉ: CLIP's image embedding
+        return out, cls_embed
 
     def dino_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         final, blocks = self.dino.forward_intermediates(
@@ -161,11 +162,51 @@ class Backbones(nn.Module):
         return torch.stack(blocks), final[:, 0]  # tokens of the last l blocks; d̂ = normed cls
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> BackboneFeatures:
-        clip_x, dino_x = self.tower_inputs(images)
+    def encode(self, clip_x: torch.Tensor, dino_x: torch.Tensor) -> BackboneFeatures:
+        """Both towers on their ``tower_inputs`` (B images each)."""
         clip_blocks, clip_cls = self.clip_forward(clip_x)
         dino_blocks, dino_cls = self.dino_forward(dino_x)
         return BackboneFeatures(clip_blocks, clip_cls, dino_blocks, dino_cls)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> BackboneFeatures:
+        return self.encode(*self.tower_inputs(images))
+
+
+def _sdpa_ready(block: nn.Module) -> bool:
+    """``block`` is open_clip's plain self-attention ``ResidualAttentionBlock`` (batch first, packed
+    q/k/v projection, no extra k/v biases): the layout ``clip_block`` reimplements."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    attn = getattr(block, "attn", None)
+    return (
+        type(block) is ResidualAttentionBlock and not hasattr(block, "ln_1_kv")
+        and isinstance(attn, nn.MultiheadAttention) and attn.batch_first and attn._qkv_same_embed_dim
+        and attn.in_proj_bias is not None and attn.bias_k is None and not attn.add_zero_attn
+    )
+
+
+def clip_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``block(x)`` for an open_clip ViT block, (B, N, W) batch first, with attention through
+    ``F.scaled_dot_product_attention``.
+
+    Why not ``block(x)``: under no_grad and without autocast (CPU inference), nn.MultiheadAttention
+    takes its native fast path, which on CPU materialises the (heads, N, N) attention matrix. At
+    USE's N = 1 + G² tokens (1226 at base, 1601 at paper) CLIP's attention then ran at ~40% of the
+    GEMMs' rate and cost 70% as much as all of the block's linear layers; SDPA's fused kernel tiles
+    it (docs/notes-model.md, "USE encoder throughput"). Same weights, same math: outputs agree to
+    float rounding (tested against ``block(x)``)."""
+    if not _sdpa_ready(block):
+        return block(x)
+    attn = block.attn
+    b, n, w = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(b, n, 3, heads, w // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    y = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head width), as nn.MultiheadAttention
+    y = F.linear(y.transpose(1, 2).reshape(b, n, w), attn.out_proj.weight, attn.out_proj.bias)
+    x = x + block.ls_1(y)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -180,7 +221,16 @@ class LLN(nn.Sequential):
 
 
 class MultiLevelMerge(nn.Module):
-    """Σ_i scale_i · LLN_i(tokens_i) over the used blocks: c̄ with α (CLIP), d̄ with β (DINOv2)."""
+    """Σ_i scale_i · LLN_i(tokens_i) over the used blocks: c̄ with α (CLIP), d̄ with β (DINOv2).
+
+    Computed as one linear map after a LayerNorm without affine: with x̂_i the normalised tokens of
+    block i, LLN_i = Linear(W_i, b_i) ∘ LayerNorm(γ_i, β_i) and scale s_i,
+        Σ_i s_i LLN_i(x_i) = Σ_i x̂_i A_iᵀ + c,   A_i = s_i W_i diag(γ_i),   c = Σ_i s_i (W_i β_i + b_i),
+    i.e. one LayerNorm call over all blocks and one batched matmul over the blocks, instead of m
+    LayerNorms, m Linears, m scalings and m − 1 additions. ``A`` and ``c`` are rebuilt
+    from the parameters on every call (cheap next to the matmul), so training sees the same
+    parameters and the state dict keys (``lln.{i}.0`` LayerNorm, ``lln.{i}.1`` Linear, ``scale``)
+    are those of the per-block modules."""
 
     def __init__(self, blocks: int, width: int, dim: int) -> None:
         super().__init__()
@@ -188,12 +238,38 @@ class MultiLevelMerge(nn.Module):
         # Start as the plain mean over blocks; training moves the block scales (§3.2: learned).
         self.scale = nn.Parameter(torch.full((blocks,), 1.0 / blocks))
 
+    def normalize(self, tokens: torch.Tensor) -> torch.Tensor:
+        """x̂: every block's tokens LayerNorm-normalised, without the affine part (folded into A, c)."""
+        return F.layer_norm(tokens, tokens.shape[-1:], eps=self.lln[0][0].eps)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (blocks, dim, width) and c (dim,) of the class docstring."""
+        gamma = torch.stack([m[0].weight for m in self.lln])  # (m, W)
+        beta = torch.stack([m[0].bias for m in self.lln])
+        weight = torch.stack([m[1].weight for m in self.lln])  # (m, D, W)
+        bias = torch.stack([m[1].bias for m in self.lln])  # (m, D)
+        a = self.scale[:, None, None] * weight * gamma[:, None, :]
+        c = (self.scale[:, None] * (torch.einsum("mdw,mw->md", weight, beta) + bias)).sum(0)
+        return a, c
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(blocks, B, P, width) → (B, P, dim)."""
-        out = self.scale[0] * self.lln[0](tokens[0])
-        for i in range(1, len(self.lln)):
-            out = out + self.scale[i] * self.lln[i](tokens[i])
-        return out
+        """(blocks, B, P, width) → (B, P, dim): the merged feature of every patch."""
+        a, c = self.folded()
+        return torch.einsum("mbpw,mdw->bpd", self.normalize(tokens), a) + c
+
+    def pooled(self, tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The merged feature averaged over each segment's patches: (blocks, B, P, width) tokens and
+        (B, k, P) weights whose rows sum to 1 → (B, k, dim). Equal to pooling ``forward``'s output,
+        because everything after the normalisation is linear. Pooling first costs m·B·k·width·(P + dim)
+        multiply-adds instead of m·B·P·width·dim, less while k < P·dim / (P + dim): about 470 segments
+        per image at base, 630 at paper, where SAM gives ~100."""
+        a, c = self.folded()
+        m, b, k = len(tokens), *weights.shape[:2]
+        x_hat = self.normalize(tokens)
+        x = torch.matmul(weights.unsqueeze(0).to(x_hat.dtype), x_hat)  # (m, B, k, W)
+        # Σ over blocks of (B·k, W) @ A_iᵀ: bmm reads A in its (m, D, W) layout (an einsum over m and
+        # W together would first copy A into (m·W, D)); the (m, B·k, D) partial sums are small.
+        return torch.bmm(x.reshape(m, b * k, -1), a.transpose(1, 2)).sum(0).view(b, k, -1) + c
 
 
 class UseTrainable(nn.Module):
@@ -225,9 +301,21 @@ class UseTrainable(nn.Module):
 
     def forward(self, feats: BackboneFeatures, weights: torch.Tensor) -> torch.Tensor:
         """``weights`` (B, k, P) patch weights of k segments per image (all-zero rows are padding) →
-        (B, k, E) L2-normalised segment embeddings (padding rows come out as zeros)."""
-        pooled = self.pool(self.patch_features(feats), weights)
-        return F.normalize(self.head(pooled).float(), dim=-1)
+        (B, k, E) L2-normalised segment embeddings (padding rows come out as zeros).
+
+        The same as ``head(pool(patch_features(feats), weights))``, computed pooling-first (see
+        ``MultiLevelMerge.pooled``); ĉ and d̂ are constant over an image, so their average is
+        themselves."""
+        total = weights.sum(dim=-1, keepdim=True)
+        used = total > 0
+        weights = weights / total.clamp_min(1e-12)
+        c_bar = self.clip_merge.pooled(feats.clip_blocks, weights)
+        d_bar = self.dino_merge.pooled(feats.dino_blocks, weights)
+        b, k, _ = c_bar.shape
+        c_hat = feats.clip_cls[:, None].expand(b, k, -1).to(c_bar.dtype)
+        d_hat = feats.dino_cls[:, None].expand(b, k, -1).to(c_bar.dtype)
+        z = torch.cat([c_bar, c_hat, d_bar, d_hat], dim=-1)
+        return F.normalize(self.head(z).float(), dim=-1) * used
 
 
 def trainable_parameter_count(config: UseConfig) -> int:
@@ -373,11 +461,15 @@ def _autocast(device: str) -> torch.autocast:
 
 class UseEmbedder(Embedder):
     """Segments of an image → USE embeddings; texts → CLIP text embeddings (the same space).
-    The encoder runs once per image; all its segments are pooled in one batched op."""
+    The encoder runs once per image, on up to ``batch`` images per forward; all segments of those
+    images are pooled in one batched op."""
 
-    def __init__(self, model: UseModel, device: str = "cpu", name: str = "untrained", digest: str | None = None) -> None:
+    def __init__(
+        self, model: UseModel, device: str = "cpu", name: str = "untrained", digest: str | None = None, batch: int = 8,
+    ) -> None:
         self.model = model.to(device).eval()
         self.device = device
+        self.batch = max(1, batch)
         self.config = model.config
         self.text = TextEncoder(model.clip, device)
         self.dim = self.config.clip_embed_dim
@@ -392,15 +484,40 @@ class UseEmbedder(Embedder):
                 raise ValueError(f"segment {i}: mask shape {seg.mask.shape} != image shape {image_shape}")
         return torch.from_numpy(segment_patch_weights([s.mask for s in segments], self.config.grid)).to(self.device)
 
-    @torch.inference_mode()
     def embed_segments(self, image: np.ndarray, segments: Sequence[Segment]) -> np.ndarray:
-        if not segments:
-            return np.zeros((0, self.dim), np.float32)
-        weights = self.patch_weights(image.shape[:2], segments)
-        x = letterbox(image, self.config.grid, self.model.clip.mean, self.device)
-        with _autocast(self.device):
-            emb = self.model(x[None], weights[None])[0]
-        return emb.float().cpu().numpy().astype(np.float32)
+        return self.embed_batch([image], [segments])[0]
+
+    @torch.inference_mode()
+    def embed_batch(self, images: Sequence[np.ndarray], segments: Sequence[Sequence[Segment]]) -> list[np.ndarray]:
+        """One backbone forward per ``batch`` images. Each image is letterboxed to its own square
+        (side a multiple of G) and resized to the towers' input sides, which are the same for all
+        images (G × patch), so the images stack into one batch and every image gets exactly what
+        ``embed_segments`` alone would give it (to float rounding)."""
+        if len(images) != len(segments):
+            raise ValueError(f"{len(images)} images but {len(segments)} segment lists")
+        out = [np.zeros((0, self.dim), np.float32) for _ in images]
+        todo = [i for i, segs in enumerate(segments) if len(segs)]
+        weights: dict[int, torch.Tensor] = {}
+        for i in todo:  # check every mask before any encoder work
+            try:
+                weights[i] = self.patch_weights(images[i].shape[:2], segments[i])
+            except ValueError as e:
+                raise ValueError(f"image {i}: {e}" if len(images) > 1 else str(e)) from None
+        bb, grid, fill = self.model.backbones, self.config.grid, self.model.clip.mean
+        for start in range(0, len(todo), self.batch):
+            chunk = todo[start : start + self.batch]
+            inputs = [bb.tower_inputs(letterbox(images[i], grid, fill, self.device)[None]) for i in chunk]
+            k = max(len(weights[i]) for i in chunk)
+            padded = torch.zeros(len(chunk), k, grid * grid, device=self.device)
+            for row, i in enumerate(chunk):
+                padded[row, : len(weights[i])] = weights[i]
+            with _autocast(self.device):
+                feats = bb.encode(torch.cat([c for c, _ in inputs]), torch.cat([d for _, d in inputs]))
+                emb = self.model.trainable(feats, padded)
+            emb = emb.float().cpu().numpy()
+            for row, i in enumerate(chunk):
+                out[i] = np.ascontiguousarray(emb[row, : len(weights[i])], dtype=np.float32)
+        return out
 
     def embed_texts(self, texts: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
         return self.text.encode(texts, templates)
