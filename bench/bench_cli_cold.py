@@ -10,6 +10,8 @@ Rows, each timed `--runs` times in alternating order (one warm-up round first, d
                                 weights in the registry's cache file (OpenAI layout, fp16, ~300 MB), a
                                 512-d store. Off with --no-base.
   --help (new|old)
+  serve tiny (new|old)          `use-search --preset tiny serve` until /health answers, and until a
+                                first POST /search (text tower + store) answers: the server's cold start
 
 The stores are written through the store API (one segment per image, random vectors) with the model
 id each preset's embedder records, so both code versions search them; query time does not depend on
@@ -82,6 +84,33 @@ def timed(cmd: list[str], env: dict[str, str], cwd: str) -> float:
     return elapsed
 
 
+def timed_server(cmd: list[str], env: dict[str, str], cwd: str) -> tuple[float, float]:
+    """(seconds to /health, seconds to the first /search answer) of a fresh server process."""
+    import httpx
+
+    port = benchlib.free_port()
+    t = time.perf_counter()
+    proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"server exited ({proc.returncode}): {proc.stderr.read().decode()[-3000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        health = time.perf_counter() - t
+        r = httpx.post(url + "/search", json={"text": "a dog", "k": 5}, timeout=120)
+        if r.status_code != 200:
+            raise SystemExit(f"/search answered {r.status_code}: {r.text[:500]}")
+        return health, time.perf_counter() - t
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
@@ -118,13 +147,19 @@ def main() -> None:
             if not args.no_base:
                 rows[f"query base ({v})"] = ([py, "-m", "use_search", "--preset", "base", "query", "a dog", "-k", "5"], env(code, base_data))
             rows[f"--help ({v})"] = ([py, "-m", "use_search", "--help"], env(code, tiny_data))
+            rows[f"serve tiny ({v})"] = ([py, "-m", "use_search", "--preset", "tiny", "serve"], env(code, tiny_data))
 
-        samples: dict[str, list[float]] = {k: [] for k in rows}
+        samples: dict[str, list[float]] = {}
         for rnd in range(args.runs + 1):  # round 0 warms the page cache and is discarded
             for name, (cmd, e) in rows.items():
-                t = timed(cmd, e, tmp)
-                if rnd:
-                    samples[name].append(t)
+                if name.startswith("serve"):
+                    health, search = timed_server(cmd, e, tmp)
+                    got = {f"{name} → /health": health, f"{name} → first /search": search}
+                else:
+                    got = {name: timed(cmd, e, tmp)}
+                for k, t in got.items():
+                    if rnd:
+                        samples.setdefault(k, []).append(t)
             print(f"round {rnd}/{args.runs} done", file=sys.stderr)
 
     floor = statistics.median(samples["import torch, open_clip"])

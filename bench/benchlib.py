@@ -49,6 +49,14 @@ def machine() -> dict[str, Any]:
     return out
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def print_table(title: str, rows: Sequence[dict[str, Any]]) -> None:
     """A plain fixed-width table (no rich: the output is pasted into docs/benchmarks.md)."""
     if not rows:

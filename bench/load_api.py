@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import io
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,17 +29,11 @@ from pathlib import Path
 
 import httpx
 
-from benchlib import machine, print_table, write_json
+from benchlib import free_port, machine, print_table, write_json
 
 TEXTS = ["a cat", "a person", "a cup of coffee", "a rocket", "the sky", "a street", "car's license plate", "grass"]
 HEAVY_PHOTOS = ["chelsea", "astronaut", "coffee", "rocket"]
 HEAVY_CLASSES = "cat,person,cup,rocket,sky,grass,table,wall"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def heavy_images(side: int) -> list[bytes]:
