@@ -27,5 +27,6 @@ if ! .venv/bin/use-search weights verify sam_vit_h clip_vit_l14_336_openai >/dev
 
 BANNER
 fi
-.venv/bin/use-search --preset "$preset" index "$photos"
+# Exit code 3: some files failed (each is listed) and the rest is indexed: still worth a query.
+.venv/bin/use-search --preset "$preset" index "$photos" || [ $? -eq 3 ]
 .venv/bin/use-search --preset "$preset" query "$text" -k 5 --save out/overlays
