@@ -65,6 +65,39 @@ def test_user_errors_have_no_traceback(tmp_path):
     assert r.returncode == 1 and "missing" in r.stdout
 
 
+def test_bad_settings_are_one_line_naming_the_setting_or_file(tmp_path):
+    """A typo in the settings file was ignored without a word; a broken file or a bad value printed
+    pydantic's multi-line report with a URL, never naming the file."""
+    data = tmp_path / "data"
+
+    def stats(config: str | None = None, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "use_search", "stats"], capture_output=True, text=True, timeout=120,
+            env={**os.environ, "USE_SEARCH_DATA_DIR": str(data), "USE_SEARCH_CONFIG": config or "/nonexistent", **env},
+        )
+
+    def one_error(r: subprocess.CompletedProcess) -> str:
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "errors.pydantic.dev" not in r.stderr, r.stderr
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+        return lines[0]
+
+    files = {"broken.toml": 'preset = [\n', "typo.toml": "[amg]\npoints_per_side = 8\npoints_per_sid = 4\n",
+             "top.toml": "presett = 'tiny'\n", "good.toml": "preset = 'tiny'\n[amg]\npoints_per_side = 8\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert f"settings file {tmp_path / 'broken.toml'} is unreadable" in one_error(stats(str(tmp_path / "broken.toml")))
+    assert "unknown setting(s) amg.points_per_sid " in one_error(stats(str(tmp_path / "typo.toml")))
+    assert "unknown setting(s) presett " in one_error(stats(str(tmp_path / "top.toml")))
+    assert "is unreadable" in one_error(stats(str(tmp_path)))  # a folder
+    line = one_error(stats(USE_SEARCH_PRESET="bogus"))
+    assert "invalid setting preset" in line and "'bogus'" in line
+    line = one_error(stats(USE_SEARCH_STORE__MAX_SEGMENT_MB="lots"))
+    assert "invalid setting store.max_segment_mb" in line and "'lots'" in line
+    r = stats(str(tmp_path / "good.toml"))
+    assert r.returncode == 0 and "images: 0" in r.stdout, r.stderr
+
+
 def test_curate_run_and_stats(tmp_path, photos):
     data = tmp_path / "data"
     photos["chelsea"].with_suffix(".txt").write_text("A tabby cat with green eyes lies on a wooden floor.\n")

@@ -9,6 +9,7 @@ then the defaults below.
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Literal
 
@@ -16,9 +17,9 @@ import platformdirs
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 APP = "use-search"
@@ -30,6 +31,32 @@ def default_data_dir() -> Path:
 
 def default_config_file() -> Path:
     return Path(os.environ.get("USE_SEARCH_CONFIG", Path(platformdirs.user_config_dir(APP)) / "config.toml"))
+
+
+def unknown_keys(data: dict, model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Dotted names in ``data`` that no field of ``model`` (or its nested settings) has."""
+    bad = []
+    for key, value in data.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            bad.append(prefix + key)
+        elif isinstance(value, dict) and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            bad += unknown_keys(value, field.annotation, f"{prefix}{key}.")
+    return bad
+
+
+def read_config_file(path: Path, model: type[BaseModel]) -> dict:
+    """The settings file's table; a file that is not TOML or names a setting that does not exist
+    (a typo would otherwise be ignored without a word) is an error naming the file."""
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"settings file {path} is unreadable: {e} (set USE_SEARCH_CONFIG to use another)") from None
+    bad = unknown_keys(data, model)
+    if bad:
+        raise ValueError(f"settings file {path}: unknown setting(s) {', '.join(bad)} (see the README, Configuration)")
+    return data
 
 
 class AutoMaskSettings(BaseModel):
@@ -215,8 +242,8 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         toml = default_config_file()
-        if toml.is_file():
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+        if toml.exists():
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=read_config_file(toml, settings_cls)))
         return tuple(sources)
 
     # Derived locations -------------------------------------------------------------------------

@@ -788,13 +788,24 @@ def eval_retrieval(
     )
 
 
+def error_text(e: BaseException) -> str:
+    """The message of a user error; a settings error names each bad setting and the value given."""
+    pydantic = sys.modules.get("pydantic")
+    if pydantic is None or not isinstance(e, pydantic.ValidationError):
+        return str(e)
+    return "; ".join(
+        f"invalid setting {'.'.join(map(str, x['loc'])) or 'value'}: {x['msg']} (got {x['input']!r})"
+        for x in e.errors(include_url=False)
+    ) + " (check the command line options, USE_SEARCH_* variables and the settings file)"
+
+
 def main() -> None:
     try:
         app()
     except Exception as e:
         if not is_user_error(e):
             raise
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {error_text(e)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: completed images are saved; rerun the same command to finish.")
