@@ -63,6 +63,10 @@ def test_user_errors_have_no_traceback(tmp_path):
     assert r.returncode == 2 and "empty" in r.stderr and "Traceback" not in r.stderr
     r = run(["weights", "verify", "sam_vit_b"], tmp_path / "data")
     assert r.returncode == 1 and "missing" in r.stdout
+    with open("/dev/full", "w") as full:  # output to a full disk: one line, not a traceback
+        r = subprocess.run([sys.executable, "-m", "use_search", "weights", "list"], stdout=full, stderr=subprocess.PIPE,
+                           text=True, env={**os.environ, "USE_SEARCH_DATA_DIR": str(tmp_path / "data")}, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: [Errno 28] No space left on device", r.stderr
 
 
 def test_bad_settings_are_one_line_naming_the_setting_or_file(tmp_path):

@@ -43,7 +43,8 @@ err = Console(stderr=True)
 
 # User-facing failures: printed as one clear message, exit code 2, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    MissingWeightsError, ChecksumError, UnreadableCheckpointError, FileNotFoundError, ValueError,
+    MissingWeightsError, ChecksumError, UnreadableCheckpointError, ValueError,
+    OSError,  # the machine said no (permissions, disk full, output closed): its message says what
 )
 # The same, from modules a command may not have imported (importing them just to name their errors
 # would cost every command their imports: the store's clients, torch).
