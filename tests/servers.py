@@ -38,7 +38,8 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def api_server(root: Path, **env_extra: str) -> Iterator[str]:
-    """Start the server (tiny preset, store under ``root/data``), wait for /health, yield its URL, stop it."""
+    """Start the server (tiny preset, store under ``root/data``), wait for /health, yield its URL, stop it.
+    Its process id is in ``root/server.pid`` while it runs."""
     port = free_port()
     env = {
         **os.environ, "USE_SEARCH_DATA_DIR": str(root / "data"), "USE_SEARCH_PRESET": "tiny",
@@ -52,6 +53,7 @@ def api_server(root: Path, **env_extra: str) -> Iterator[str]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "use_search", "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
         )
+        (root / "server.pid").write_text(str(proc.pid))
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + STARTUP_S

@@ -12,10 +12,12 @@ The outer ASGI layer (``guard.py``) checks Host, Origin, API key and body size a
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import colorsys
 import io
 import ipaddress
+import logging
 import math
 import os
 import threading
@@ -42,7 +44,7 @@ from use_search.api.schemas import (
 )
 from use_search.api.worker import HeavyWorker, Indexed, JobInputError, WorkerBusy, WorkerFailed, WorkerTimeout
 from use_search.config import Settings
-from use_search.indexer.read import ImageReadError, sha256_bytes
+from use_search.indexer.read import ImageReadError, read_file, sha256_bytes, stat_file
 from use_search.indexer.runner import now_iso
 from use_search.query.render import mask_png
 from use_search.store.base import ImageEntry, SearchFilter, StoreError, VectorStore, image_id
@@ -83,7 +85,9 @@ class AppState:
         self.store: VectorStore | None = None
         self.store_lock = threading.RLock()  # held for single store calls only
         self.text_lock = threading.Lock()  # the text tower (search's fast path)
-        self.render_slots = threading.BoundedSemaphore(2)  # overlay PNGs drawn at once
+        # PNGs drawn at once (overlays, masks): a full-size mask is 49 MB at 7000×7000. Waiters wait in
+        # the event loop, not in the thread pool that every sync route (search too) runs in.
+        self.render_slots = asyncio.Semaphore(2)
         self.worker = HeavyWorker(settings)  # SAM + image embedder, in a child process
         self._build_lock = threading.Lock()
         self._searcher = None
@@ -129,6 +133,42 @@ class AppState:
                 if entry is not None and entry.filename:
                     names[p] = entry.filename
         return names
+
+
+def complete_upload(store: VectorStore, dest: Path, digest: str) -> ImageEntry | None:
+    """The record of an upload that is fully indexed: record with this content, file in place."""
+    entry = store.get_image(str(dest)) if store.dim is not None else None
+    return entry if entry is not None and entry.sha256 == digest and dest.is_file() else None
+
+
+def repair_uploads(store: VectorStore, uploads: Path) -> list[str]:
+    """Undo uploads a killed server left half-written. An upload is written as ``<sha256>.<ext>.<nonce>.part``,
+    then its segments and record, then renamed into place: a ``.part`` still there means that request
+    never finished, so whatever it wrote goes (unless the same image was completed by another request).
+    Returns the upload paths undone."""
+    undone = []
+    for part in sorted(uploads.glob("*.part")) if uploads.is_dir() else []:
+        digest, ext = part.name.split(".")[:2]
+        dest = uploads / f"{digest}.{ext}"
+        if complete_upload(store, dest, digest) is None:
+            if store.dim is not None:
+                store.delete_image(str(dest))
+            undone.append(str(dest))
+        part.unlink(missing_ok=True)
+    return undone
+
+
+def undo_upload(st: AppState, dest: Path, digest: str, tmp: Path) -> None:
+    """Drop what a failed upload wrote (unless another request completed the same image). When the store
+    cannot be written (closing, failing), the .part file stays and the next start undoes it."""
+    try:
+        with st.store_lock:
+            store = st.require_store()
+            if complete_upload(store, dest, digest) is None and store.dim is not None:
+                store.delete_image(str(dest))
+        tmp.unlink(missing_ok=True)
+    except Exception:  # noqa: BLE001 - the request's own error is the one to report
+        pass
 
 
 def _state(request: Request) -> AppState:
@@ -246,6 +286,8 @@ def create_app(
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
         st = AppState(settings)
         st.store = st.runtime.store()  # the exclusive lock is taken here, once
+        for path in repair_uploads(st.store, uploads):
+            logging.getLogger("uvicorn.error").warning("undid the unfinished upload %s (the server stopped during it)", path)
         app.state.use = st
         try:
             yield
@@ -371,8 +413,11 @@ def create_app(
 
     @app.get("/segments/{seg_id}/mask.png", response_class=Response, responses={**PNG, **_errors(*DATA, 404)},
              operation_id="get_mask")
-    def get_mask(seg_id: uuid.UUID, request: Request) -> Response:
-        return Response(mask_png(_state(request).segment(seg_id).mask()), media_type="image/png")
+    async def get_mask(seg_id: uuid.UUID, request: Request) -> Response:
+        st = _state(request)
+        hit = await run_in_threadpool(st.segment, seg_id)
+        async with st.render_slots:
+            return Response(await run_in_threadpool(lambda: mask_png(hit.mask())), media_type="image/png")
 
     @app.get("/images/{img_id}", response_model=ImageOut, responses=_errors(*DATA, 404), operation_id="get_image")
     def get_image(img_id: uuid.UUID, request: Request) -> dict[str, Any]:
@@ -389,44 +434,50 @@ def create_app(
         }
 
     def _stored_bytes(entry: ImageEntry) -> bytes:
-        try:
-            data = Path(entry.path).read_bytes()
-        except OSError as e:
-            raise HTTPException(410, f"indexed image {entry.path} cannot be read any more: {e.strerror or e}") from None
+        changed = HTTPException(409, f"{entry.path} changed since it was indexed; reindex it")
+        try:  # a regular file only: a FIFO put in its place would block the read forever, /dev/zero never end
+            if entry.size is not None and stat_file(Path(entry.path)).st_size != entry.size:
+                raise changed
+            data, _ = read_file(Path(entry.path))
+        except ImageReadError as e:
+            raise HTTPException(410, f"indexed image {entry.path} cannot be read any more: {e}") from None
         if sha256_bytes(data) != entry.sha256:
-            raise HTTPException(409, f"{entry.path} changed since it was indexed; reindex it")
+            raise changed
         return data
 
     @app.get("/images/{img_id}/overlay.png", response_class=Response, responses={**PNG, **_errors(*DATA, 404, 409, 410)},
              operation_id="get_overlay")
-    def image_overlay(request: Request, img_id: uuid.UUID, segment: Optional[uuid.UUID] = Query(None)) -> Response:
+    async def image_overlay(request: Request, img_id: uuid.UUID, segment: Optional[uuid.UUID] = Query(None)) -> Response:
         """The image (long side at most ``api.overlay_side``) with one segment, or all, drawn on it."""
         st = _state(request)
-        entry = st.image_entry(img_id)
-        hit = st.segment(segment) if segment is not None else None
+        entry = await run_in_threadpool(st.image_entry, img_id)
+        hit = await run_in_threadpool(st.segment, segment) if segment is not None else None
         if hit is not None and hit.path != entry.path:
             raise HTTPException(404, f"segment {hit.id} is not on image {img_id}")
+        async with st.render_slots:
+            return Response(await run_in_threadpool(_overlay_png, st, entry, hit), media_type="image/png")
+
+    def _overlay_png(st: AppState, entry: ImageEntry, hit: Hit | None) -> bytes:
         if hit is None:
             with st.store_lock:
                 hits = list(st.require_store().scroll_segments(SearchFilter(path=entry.path)))
-        with st.render_slots:
-            data = _stored_bytes(entry)
-            try:
-                img = decode_work(data, settings.max_image_pixels, api.overlay_side)
-            except ImageReadError as e:
-                raise HTTPException(410, f"indexed image {entry.path} cannot be decoded any more: {e}") from None
-            h, w = img.pixels.shape[:2]
+        data = _stored_bytes(entry)
+        try:
+            img = decode_work(data, settings.max_image_pixels, api.overlay_side)
+        except ImageReadError as e:
+            raise HTTPException(410, f"indexed image {entry.path} cannot be decoded any more: {e}") from None
+        h, w = img.pixels.shape[:2]
 
-            def small(m: np.ndarray) -> np.ndarray:
-                return m if m.shape == (h, w) else m[nearest_index(h, m.shape[0])][:, nearest_index(w, m.shape[1])]
+        def small(m: np.ndarray) -> np.ndarray:
+            return m if m.shape == (h, w) else m[nearest_index(h, m.shape[0])][:, nearest_index(w, m.shape[1])]
 
-            if hit is not None:
-                sx, sy = w / hit.width, h / hit.height
-                x, y, bw, bh = hit.bbox
-                out = segment_overlay(img.pixels, small(hit.mask()), (x * sx, y * sy, bw * sx, bh * sy))
-            else:
-                out = segments_overlay(img.pixels, [small(s.mask()) for s in hits])
-            return Response(_png(out), media_type="image/png")
+        if hit is not None:
+            sx, sy = w / hit.width, h / hit.height
+            x, y, bw, bh = hit.bbox
+            out = segment_overlay(img.pixels, small(hit.mask()), (x * sx, y * sy, bw * sx, bh * sy))
+        else:
+            out = segments_overlay(img.pixels, [small(s.mask()) for s in hits])
+        return _png(out)
 
     async def _read_upload(file: UploadFile) -> bytes:
         data = await file.read(limit + 1)
@@ -452,11 +503,11 @@ def create_app(
                 "width": info.width, "height": info.height}
         with st.store_lock:
             store = st.require_store()
-            old = store.get_image(str(dest)) if store.dim is not None else None
+            old = complete_upload(store, dest, digest)
             twins = [e for e in store.find_images(digest) if e.path != str(dest)] if store.dim is not None else []
             someone = next(store.iter_images(), None) if store.dim is not None else None
-        if old is not None and old.sha256 == digest and dest.is_file():
-            return {**body, "filename": old.filename, "status": "exists", "n_segments": old.n_segments}
+        if old is not None:
+            return exists(body, old)
         twin = next((e for e in twins if Path(e.path).is_file()), None)
         if twin is not None:  # point ids come from the content hash: indexing it again would steal its points
             raise HTTPException(409, f"the same image is already indexed as {twin.path} (id {image_id(twin.path)})")
@@ -466,22 +517,34 @@ def create_app(
                 409, f"this store holds segments embedded with '{someone.model}', the server embeds with "
                 f"'{done.model}': serve with the same preset/--model as for indexing"
             )
+        # The file goes in place last, after the points and the record: a .part file left behind says
+        # the request never finished (``repair_uploads``). One .part per request: the same image may
+        # be uploaded twice at once, and the first to get here indexes it.
         uploads.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_suffix(dest.suffix + ".part")
-        tmp.write_bytes(data)
+        tmp = dest.with_name(f"{dest.name}.{uuid.uuid4().hex[:12]}.part")
         try:
-            with st.store_lock:  # the record goes last: an image counts as indexed once all its points are in
+            tmp.write_bytes(data)
+            written = tmp.stat()
+            with st.store_lock:
                 store = st.require_store()
+                old = complete_upload(store, dest, digest)
+                if old is not None:
+                    tmp.unlink()
+                    return exists(body, old)
                 store.ensure(done.dim)
                 if done.points:
                     store.upsert_segments(done.points)
-                store.put_image(ImageEntry(str(dest), digest, done.width, done.height, len(done.points),
-                                           done.model, now_iso(), filename=filename))
-            os.replace(tmp, dest)
+                store.put_image(ImageEntry(str(dest), digest, done.width, done.height, len(done.points), done.model,
+                                           now_iso(), filename=filename, size=written.st_size, mtime_ns=written.st_mtime_ns))
+                os.replace(tmp, dest)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            undo_upload(st, dest, digest, tmp)
             raise
         return {**body, "width": done.width, "height": done.height, "status": "indexed", "n_segments": len(done.points)}
+
+    def exists(body: dict[str, Any], old: ImageEntry) -> dict[str, Any]:
+        return {**body, "filename": old.filename, "width": old.width, "height": old.height, "status": "exists",
+                "n_segments": old.n_segments}
 
     @app.post("/segment", response_model=SegmentationOut, responses=_errors(*DATA, 400, 404, 409, 410, 413),
               operation_id="segment_image")

@@ -59,7 +59,20 @@ def work_shape(height: int, width: int, side: int) -> tuple[int, int]:
     return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
-def _open(data: bytes, max_pixels: int) -> tuple[Image.Image, Probe]:
+def _orientation(img: Image.Image, late_exif: bool) -> int:
+    """The EXIF orientation (1 when unreadable: a corrupt EXIF block must not hide the image).
+
+    A PNG's eXIf chunk may follow the pixel data, and Pillow's ``PngImageFile.getexif`` decodes the
+    whole image to look for it: only where the image is decoded anyway (``late_exif``). A header probe
+    reads the metadata before the pixels (``Image.getexif``), so it never decodes a 7000×7000 PNG."""
+    try:
+        exif = img.getexif() if late_exif or img.format != "PNG" else Image.Image.getexif(img)
+        return int(exif.get(ExifTags.Base.Orientation, 1))
+    except Exception:
+        return 1
+
+
+def _open(data: bytes, max_pixels: int, late_exif: bool = False) -> tuple[Image.Image, Probe]:
     if not data:
         raise ImageReadError("empty file")
     try:
@@ -75,17 +88,14 @@ def _open(data: bytes, max_pixels: int) -> tuple[Image.Image, Probe]:
         raise ImageReadError("image has no pixels")
     if w * h > max_pixels:
         raise PixelBudgetError(f"image is {w}×{h} = {w * h:,} pixels, over the {max_pixels:,}-pixel limit")
-    try:
-        orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
-    except Exception:  # a corrupt EXIF block must not hide the image
-        orientation = 1
-    if orientation in TRANSPOSED:
+    if _orientation(img, late_exif) in TRANSPOSED:
         w, h = h, w
     return img, Probe(img.format, w, h)
 
 
 def probe(data: bytes, max_pixels: int) -> Probe:
-    """Format and upright size from the header alone (nothing decoded): cheap checks before any work."""
+    """Format and upright size from the header alone (nothing decoded): cheap checks before any work.
+    An orientation given only after a PNG's pixels is not seen here (``decode_work`` sees it)."""
     return _open(data, max_pixels)[1]
 
 
@@ -94,7 +104,7 @@ def decode_work(data: bytes, max_pixels: int, side: int) -> WorkImage:
 
     ``ImageReadError`` (``PixelBudgetError`` past ``max_pixels``) for anything that is not a usable image.
     """
-    img, info = _open(data, max_pixels)
+    img, info = _open(data, max_pixels, late_exif=True)
     th, tw = work_shape(info.height, info.width, side)
     try:
         with warnings.catch_warnings():

@@ -228,10 +228,12 @@ class HeavyWorker:
                         )
                     status, value = conn.recv()
                 except (EOFError, OSError, BrokenPipeError):
-                    code = self._proc.exitcode if self._proc is not None else None
-                    self._stop(kill=True)
+                    proc = self._proc
+                    self._stop(kill=True)  # reaps it: its exit code is known after this
+                    code = proc.exitcode if proc is not None else None
+                    why = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
                     raise WorkerFailed(
-                        f"the segmentation worker died during {job} (exit code {code}); the next request starts a new one"
+                        f"the segmentation worker died during {job} ({why}); the next request starts a new one"
                     ) from None
         finally:
             with self._count_lock:
