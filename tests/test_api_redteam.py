@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import skimage.data
 from PIL import Image, ImageDraw
@@ -131,7 +130,8 @@ def test_same_image_uploaded_at_once(server):
 
 
 def test_mask_pngs_are_drawn_a_few_at_a_time(server, big_upload):
-    """24 mask PNGs of a 5000×5000 segment at once: at most two full-size masks in memory at a time (measured: +105 MB after, +658 MB before).
+    """24 mask PNGs of a 5000×5000 segment at once: at most two
+    full-size masks in memory at a time (measured: +105 MB after, +658 MB before).
     Before: every request decoded its own (1.8 GB more at the peak), and /search waited behind them."""
     client, pid = server["client"], server["pid"]
     seg = big_upload["segments"][0]["id"]
