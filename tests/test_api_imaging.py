@@ -11,7 +11,7 @@ import skimage.data
 from PIL import Image
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from use_search.api.imaging import PixelBudgetError, decode_work, probe, resize_mask, upscale_rle, work_shape
+from use_search.imaging import PixelBudgetError, decode_work, probe, resize_mask, upscale_rle, work_shape
 from use_search.indexer.read import ImageReadError, decode_image
 from use_search.masks import encode_rle, rle_area, rle_bbox
 

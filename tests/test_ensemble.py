@@ -342,7 +342,7 @@ def test_http_segment_uses_the_configured_ensemble(ckpts, tmp_path):
     import httpx
 
     from servers import api_server
-    from use_search.api.imaging import decode_work
+    from use_search.imaging import decode_work
     from use_search.factory import Runtime
     from use_search.query.voting import segment_by_voting
 

@@ -419,3 +419,45 @@ def test_prune_drops_orphan_segments_left_by_a_crash(tmp_path, photos, parts):
         assert store.count_segments(SearchFilter(path=gone)) == 0
         assert store.count_segments(SearchFilter(path=elsewhere)) == 2
         assert store.count_segments() == total - 3
+
+
+def test_big_photos_are_segmented_at_the_working_size_and_stored_at_their_own(tmp_path, parts):
+    """A 1200×900 photo under a 256 px SAM: segmented and embedded at 256×192, the segment geometry
+    stored at 1200×900, each mask the nearest-neighbour enlargement of the mask found at the working
+    size (``resize_mask``, the plain reference). The SAM is the stress-test one (dozens of distinct
+    masks, not the tiny preset's one full-frame mask). Before, every candidate mask was built at full
+    size: a 7000×7000 photo took 101 s and 3.2 GB with the tiny preset, now 10 s and 1.6 GB."""
+    import skimage.data
+    from amg_stress import POINTS, stress_sam
+
+    from use_search.imaging import fit_side, resize_mask, working_side
+    from use_search.segmenter.automatic import AutoMaskParams
+    from use_search.segmenter.batched import BatchedAutoSegmenter, BatchOptions
+
+    segmenter = BatchedAutoSegmenter(stress_sam(), AutoMaskParams(points_per_side=POINTS), BatchOptions())
+    embedder = parts[1]
+    side = working_side(segmenter, None)
+    assert side == 256 and working_side(segmenter, 0) is None and working_side(segmenter, 512) == 512
+    root = tmp_path / "photos"
+    root.mkdir()
+    Image.fromarray(skimage.data.astronaut()).resize((1200, 900)).save(root / "big.png")
+    full = read_image(root / "big.png", 10**8).pixels
+    small = fit_side(full, side)
+    assert small.shape == (192, 256, 3)
+    want = segmenter.segment(small)
+    want_vectors = embedder.embed_segments(small, want)
+    assert len(want) >= 10 and len({s.area for s in want}) >= 10
+
+    with EdgeStore(tmp_path / "store", "segments") as store:
+        report = Indexer(store, segmenter, embedder, extensions=(".png",), work_side=side).index(root)
+        assert report.indexed == 1 and report.segments == len(want)
+        entry = store.get_image(str(root / "big.png"))
+        assert (entry.width, entry.height) == (1200, 900)
+        hits = sorted(store.scroll_segments(), key=lambda h: h.segment_index)
+        for h, s, v in zip(hits, want, want_vectors):
+            assert (h.width, h.height) == (1200, 900)
+            mask = decode_rle(h.rle)
+            np.testing.assert_array_equal(mask, resize_mask(s.mask, 900, 1200))
+            assert h.area == int(mask.sum()) and tuple(h.bbox) == mask_bbox(mask)
+            top = store.search(np.asarray(v, dtype=np.float32), k=1)[0]
+            assert top.id == h.id and top.score == pytest.approx(1.0, abs=1e-4)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from use_search.config import AutoMaskSettings, Settings
+from use_search.imaging import working_side
 from use_search.indexer import Indexer
 from use_search.indexer.runner import commit
 from use_search.indexer.ray_runner import (
@@ -28,6 +29,7 @@ from use_search.indexer.ray_runner import (
 from use_search.store import EdgeStore, ServerStore, StoreError
 
 EXTS = (".jpg", ".png")
+MAX_PIXELS = 50_000_000
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +76,9 @@ def test_ray_run_gives_the_points_of_a_single_process_run(tmp_path, photos, sett
     (root / "empty.png").write_bytes(b"")
 
     with EdgeStore(tmp_path / "single", "segments") as store:
-        single = Indexer(store, *parts, batch_images=2, extensions=EXTS).index(root)
+        side = working_side(parts[0], settings.work_side)  # as the CLI's indexer: the tiny SAM's 256 px
+        assert side == 256
+        single = Indexer(store, *parts, batch_images=2, extensions=EXTS, work_side=side).index(root)
         want_points, want_images = snapshot(store)
     assert single.indexed == 4 and len(want_points) == single.segments >= 4 * 20
 
@@ -125,7 +129,7 @@ def test_stages_without_ray_and_server_writer(tmp_path, photos, settings, parts,
     from qdrant_client import QdrantClient
 
     paths = [str(photos["voc"]), str(photos["chelsea"]), str(tmp_path / "missing.png")]
-    hashed = [hash_row({"path": p}) for p in paths]
+    hashed = [hash_row({"path": p}, MAX_PIXELS) for p in paths]
     assert hashed[2]["error"].startswith("cannot read") and len(hashed[0]["sha256"]) == 64
 
     server = ServerStore(QdrantClient(":memory:"), "segments")
@@ -155,7 +159,7 @@ def test_stages_without_ray_and_server_writer(tmp_path, photos, settings, parts,
     to_hash, fast = plan_stat(server, paths)
     assert to_hash == [paths[1]] and [(e.path, e.status) for e in fast] == [(paths[0], "skipped"), (paths[2], "failed")]
     assert plan_stat(server, paths, verify=True)[0] == paths[:2]
-    touched = plan(server, [hash_row({"path": paths[1]})])
+    touched = plan(server, [hash_row({"path": paths[1]}, MAX_PIXELS)])
     assert touched.todo == [] and [w.event.status for w in touched.writes] == ["skipped"]
     assert touched.writes[0].entry.mtime_ns == st.st_mtime_ns + 10**9
     commit(server, touched.writes)
@@ -164,12 +168,12 @@ def test_stages_without_ray_and_server_writer(tmp_path, photos, settings, parts,
     # Planned again: both skipped; a copy of one of them is a duplicate, also within one run.
     copy = tmp_path / "copy.png"
     copy.write_bytes(photos["chelsea"].read_bytes())
-    again = plan(server, [hash_row({"path": p}) for p in [paths[0], paths[1], str(copy)]])
+    again = plan(server, [hash_row({"path": p}, MAX_PIXELS) for p in [paths[0], paths[1], str(copy)]])
     assert again.todo == [] and [e.status for e in again.events] == ["skipped", "skipped", "duplicate"]
     twin = tmp_path / "copy2.png"
     twin.write_bytes(copy.read_bytes() + b"")
     fresh = ServerStore(QdrantClient(":memory:"), "segments")
-    within = plan(fresh, [hash_row({"path": str(copy)}), hash_row({"path": str(twin)})])
+    within = plan(fresh, [hash_row({"path": str(copy)}, MAX_PIXELS), hash_row({"path": str(twin)}, MAX_PIXELS)])
     assert within.todo == [(str(copy), False)] and within.events[0].status == "duplicate"
 
     # Another model's vectors are refused before anything is written.

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from use_search.indexer.read import (
-    ImageReadError, decode_image, find_images, read_file, read_image, route_warnings, stat_file,
+    ImageReadError, decode_image, find_images, max_file_bytes, read_file, read_image, route_warnings, stat_file,
 )
 
 
@@ -86,6 +86,26 @@ def test_only_regular_files_are_read(tmp_path):
     (tmp_path / "link.jpg").symlink_to("/dev/zero")
     with pytest.raises(ImageReadError, match="character device"):
         read_image(tmp_path / "link.jpg", 10**8)
+
+
+def test_files_too_big_for_any_image_are_not_read(tmp_path, photos):
+    """A 6 GiB file under an image name (a video, a disk image) was read whole into memory, in each of
+    the indexer's four decode threads: the run died, and every rerun at the same file. Refused from its
+    size (a sparse file here: nothing is written or read)."""
+    limit = max_file_bytes(50_000_000)
+    assert limit == 50_000_000 * 8 + (16 << 20)
+    huge = tmp_path / "movie.jpg"
+    with open(huge, "wb") as f:
+        f.truncate(6 << 30)
+    with pytest.raises(ImageReadError, match="file is 6,144 MiB, larger than any image within the pixel limit"):
+        read_file(huge, limit)
+    with pytest.raises(ImageReadError, match="larger than any image"):
+        read_image(huge, 50_000_000)
+    voc = photos["voc"]
+    data, st = read_file(voc, os.path.getsize(voc))  # exactly at the limit: read
+    assert len(data) == st.st_size
+    with pytest.raises(ImageReadError, match="larger than any image"):
+        read_file(voc, os.path.getsize(voc) - 1)
 
 
 def test_decoder_warnings_are_collected_per_file_while_routed(voc, tmp_path):

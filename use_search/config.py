@@ -182,7 +182,6 @@ class ApiSettings(BaseModel):
 
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)  # JSON bodies (POST /search); larger → 413
     max_pixels: int = Field(default=50_000_000, ge=1)  # per request: an upload with more pixels → 413
-    work_side: int | None = Field(default=None, ge=16)  # uploads are segmented at this long side; None: SAM's input size
     overlay_side: int = Field(default=2048, ge=16)  # overlay PNGs are drawn at most this long side
     worker_queue: int = Field(default=4, ge=0)  # heavy jobs (segment, upload-index) that may wait; more → 503
     worker_timeout_s: float = Field(default=300.0, gt=0)  # a heavy job running longer is stopped → 503
@@ -215,6 +214,10 @@ class Settings(BaseSettings):
     index_pipeline: bool = True  # indexer: decode ‖ segment+embed ‖ write; False: the sequential reference
     embed_batch: int = 64  # segment crops per CLIP forward (crop-CLIP baseline)
     max_image_pixels: int = 50_000_000  # decompression-bomb guard
+    # Images (indexed files and uploads) are segmented and embedded with their long side at most this
+    # (SAM never sees more than its input size); stored masks are mapped back to the original size.
+    # None: the segmenter's input size (1024 px for SAM); 0: full resolution.
+    work_side: int | None = Field(default=None, ge=0)
     image_extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
     api_key: str | None = None  # HTTP API key: clients send header X-API-Key (env USE_SEARCH_API_KEY)

@@ -106,14 +106,16 @@ class Runtime:
         return load_auto_segmenter(self.settings, self.preset, self.device)[0]
 
     def indexer(self, store: "VectorStore") -> "Indexer":
+        from use_search.imaging import working_side
         from use_search.indexer.runner import Indexer
 
         preflight(self.settings, self.preset, ("sam", "clip"))
         s = self.settings
+        segmenter = self.segmenter()
         return Indexer(
-            store, self.segmenter(), self.embedder(),
+            store, segmenter, self.embedder(),
             max_image_pixels=s.max_image_pixels, batch_images=s.batch_images, extensions=s.image_extensions,
-            pipeline=s.index_pipeline, decode_threads=s.decode_threads,
+            pipeline=s.index_pipeline, decode_threads=s.decode_threads, work_side=working_side(segmenter, s.work_side),
         )
 
     def searcher(self, store: "VectorStore") -> "Searcher":

@@ -37,14 +37,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 from starlette.concurrency import run_in_threadpool
 
 from use_search.api.guard import LOOPBACK_HOSTS, Guard, Metrics, Policy
-from use_search.api.imaging import PixelBudgetError, decode_work, nearest_index, probe
+from use_search.imaging import PixelBudgetError, decode_work, nearest_index, probe
 from use_search.api.schemas import (
     MAX_CLASS_CHARS, MAX_CLASSES, ClassNames, ErrorOut, Filters, HealthOut, HitOut, ImageOut, SearchOut, SearchRequest, SegmentationOut,
     UploadOut, checked_text,
 )
 from use_search.api.worker import HeavyWorker, Indexed, JobInputError, WorkerBusy, WorkerFailed, WorkerTimeout
 from use_search.config import Settings
-from use_search.indexer.read import ImageReadError, read_file, sha256_bytes, stat_file
+from use_search.indexer.read import ImageReadError, max_file_bytes, read_file, sha256_bytes, stat_file
 from use_search.indexer.runner import now_iso
 from use_search.query.render import mask_png
 from use_search.store.base import ImageEntry, SearchFilter, StoreError, VectorStore, image_id
@@ -438,7 +438,7 @@ def create_app(
         try:  # a regular file only: a FIFO put in its place would block the read forever, /dev/zero never end
             if entry.size is not None and stat_file(Path(entry.path)).st_size != entry.size:
                 raise changed
-            data, _ = read_file(Path(entry.path))
+            data, _ = read_file(Path(entry.path), max_file_bytes(settings.max_image_pixels))
         except ImageReadError as e:
             raise HTTPException(410, f"indexed image {entry.path} cannot be read any more: {e}") from None
         if sha256_bytes(data) != entry.sha256:

@@ -13,7 +13,6 @@ segment, embed, map the kept masks back to the original geometry, encode RLEs an
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import os
 import signal
@@ -25,6 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from use_search.config import Settings
+from use_search.imaging import working_side
 from use_search.indexer.read import ImageReadError, LoadedImage
 from use_search.types import ImageRecord, SegmentPoint
 
@@ -71,7 +71,7 @@ class Parts:
         self.settings = settings
         self.segmenter = runtime.segmenter()
         self.embedder = runtime.embedder()
-        self.side = settings.api.work_side or segmenter_side(self.segmenter)
+        self.side = working_side(self.segmenter, settings.work_side)
         self._ensemble: Any = None
 
     @property
@@ -85,19 +85,6 @@ class Parts:
         return self._ensemble
 
 
-def segmenter_side(segmenter: Any) -> int:
-    """The segmenter's input size: SAM's encoder resizes every image to this long side."""
-    for path in ("img_size", "generator.predictor.model.image_encoder.img_size"):
-        obj = segmenter
-        try:
-            for name in path.split("."):
-                obj = getattr(obj, name)
-            return int(obj)
-        except AttributeError:
-            continue
-    raise ValueError(f"cannot tell the input size of {type(segmenter).__name__}: set api.work_side")
-
-
 def classify(pixels: np.ndarray, names: Sequence[str], parts: Parts) -> np.ndarray:
     """Semantic segmentation by voting (paper §4.3): the one call into the voting library."""
     from use_search.query.voting import segment_by_voting
@@ -107,7 +94,7 @@ def classify(pixels: np.ndarray, names: Sequence[str], parts: Parts) -> np.ndarr
 
 def job_segment(parts: Parts, data: bytes, names: list[str], with_png: bool) -> dict[str, Any]:
     """Label every pixel of the image (at the working size) with one of ``names``."""
-    from use_search.api.imaging import decode_work
+    from use_search.imaging import decode_work
     from use_search.masks import encode_rle
     from use_search.query.voting import label_png
 
@@ -129,21 +116,12 @@ def job_segment(parts: Parts, data: bytes, names: list[str], with_png: bool) -> 
 
 def job_index(parts: Parts, data: bytes, path: str, sha256: str) -> Indexed:
     """Segment and embed an upload at the working size; its points carry masks at the original size."""
-    from use_search.api.imaging import decode_work, upscale_rle
+    from use_search.imaging import decode_work
     from use_search.indexer.runner import segment_points
-    from use_search.masks import rle_area, rle_bbox
 
     img = decode_work(data, parts.settings.api.max_pixels, parts.side)
     segments = parts.segmenter.segment(img.pixels)
     vectors = parts.embedder.embed_segments(img.pixels, segments)
-    if img.scaled:
-        # Stored geometry = the original upload's (what overlays and `query --save` draw on): only the
-        # kept masks are mapped back, never SAM's candidates. ``mask`` stays at the working size.
-        mapped = []
-        for s in segments:
-            rle = upscale_rle(s.mask, img.height, img.width)
-            mapped.append(dataclasses.replace(s, rle=rle, bbox=rle_bbox(rle), area=rle_area(rle)))
-        segments = mapped
     loaded = LoadedImage(ImageRecord(path, sha256, img.width, img.height), img.pixels)
     points = segment_points(loaded, segments, vectors, parts.embedder.model_id)
     return Indexed(points, img.width, img.height, parts.embedder.model_id, parts.embedder.dim)
@@ -173,7 +151,7 @@ def _child(settings: Settings, conn: Connection, nice: int) -> None:
         try:
             conn.send(("ok", JOBS[job](parts, *args)))
         except (ImageReadError, ValueError) as e:
-            from use_search.api.imaging import PixelBudgetError
+            from use_search.imaging import PixelBudgetError
 
             kind = "budget" if isinstance(e, PixelBudgetError) else "image" if isinstance(e, ImageReadError) else "input"
             conn.send(("input", (kind, str(e))))

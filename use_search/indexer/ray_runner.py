@@ -38,8 +38,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from use_search.config import Settings
+from use_search.imaging import fit_side, working_side
 from use_search.indexer.read import (
-    ImageReadError, find_images, load_image, read_file, route_warnings, sha256_bytes, stat_file,
+    ImageReadError, find_images, load_image, max_file_bytes, read_file, route_warnings, sha256_bytes, stat_file,
 )
 from use_search.indexer.runner import ImageEvent, IndexReport, Write, commit, now_iso, prune_store, segment_points
 from use_search.model.base import Embedder
@@ -88,11 +89,11 @@ def default_parts(settings: Settings) -> tuple[Any, Embedder]:
 # ---------------------------------------------------------------------------------------------------
 # Stage functions (run in Ray tasks and actors; plain functions so they are tested without Ray)
 # ---------------------------------------------------------------------------------------------------
-def hash_row(row: dict[str, Any]) -> dict[str, Any]:
+def hash_row(row: dict[str, Any], max_pixels: int) -> dict[str, Any]:
     """Plan pass: {path} → {path, sha256, error, size, mtime_ns} (regular files only)."""
     path = row["path"]
     try:
-        data, st = read_file(Path(path))
+        data, st = read_file(Path(path), max_file_bytes(max_pixels))
     except ImageReadError as e:
         return {"path": path, "sha256": "", "error": str(e), "size": -1, "mtime_ns": -1}
     if not data:
@@ -111,7 +112,7 @@ def read_row(row: dict[str, Any], max_pixels: int) -> dict[str, Any]:
         "size": -1, "mtime_ns": -1, "warnings": "",
     }
     try:
-        data, st = read_file(Path(row["path"]))
+        data, st = read_file(Path(row["path"]), max_file_bytes(max_pixels))
         with route_warnings():  # a Ray task runs alone in its worker's thread
             loaded = load_image(Path(row["path"]), data, max_pixels)
     except ImageReadError as e:
@@ -151,6 +152,7 @@ class SegmentEmbed:
 
             torch.set_num_threads(torch_threads)
         self.segmenter, self.embedder = build_parts(settings)
+        self.side = working_side(self.segmenter, settings.work_side)  # the read stage decodes at full size
 
     def _segment_all(self, images: list[np.ndarray]) -> list[Any]:
         batch_fn = getattr(self.segmenter, "segment_batch", None)
@@ -168,7 +170,7 @@ class SegmentEmbed:
         out = []
         rows = _rows(batch)
         ok = [i for i, r in enumerate(rows) if not r["error"]]
-        images = [np.array(rows[i]["pixels"], dtype=np.uint8) for i in ok]  # a writable copy
+        images = [fit_side(np.array(rows[i]["pixels"], dtype=np.uint8), self.side) for i in ok]  # a writable copy
         segmented = self._segment_all(images)
         results: dict[int, dict[str, Any]] = {}
         for i, image, segs in zip(ok, images, segmented):
@@ -414,9 +416,11 @@ def index_with_ray(
         report.hashed = len(to_hash)
         if to_hash:
             if len(to_hash) < opts.driver_plan_below:
-                by_path = {p: hash_row({"path": p}) for p in to_hash}
+                by_path = {p: hash_row({"path": p}, settings.max_image_pixels) for p in to_hash}
             else:
-                hashed = ray.data.from_items([{"path": p} for p in to_hash]).map(hash_row, num_cpus=opts.cpus_per_read)
+                hashed = ray.data.from_items([{"path": p} for p in to_hash]).map(
+                    hash_row, fn_kwargs={"max_pixels": settings.max_image_pixels}, num_cpus=opts.cpus_per_read
+                )
                 by_path = {str(r["path"]): r for r in hashed.iter_rows()}
             decided = plan(store, (by_path[p] for p in to_hash), force=force)
             for ev in decided.events:

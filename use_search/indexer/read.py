@@ -16,11 +16,10 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from use_search.imaging import ImageReadError, to_rgb
 from use_search.types import ImageRecord
 
-
-class ImageReadError(Exception):
-    """A file that is not a usable image; the message is the reason shown to the user."""
+__all__ = ["ImageReadError"]  # raised here, defined with the decoders
 
 
 @dataclass
@@ -97,9 +96,17 @@ def stat_file(path: Path) -> os.stat_result:
     return st
 
 
-def read_file(path: Path) -> tuple[bytes, os.stat_result]:
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file an image within ``max_pixels`` can be: uncompressed 16-bit RGBA (8 bytes a
+    pixel) plus 16 MiB of metadata. A bigger file (a video or disk image under an image name) is refused
+    before it is read: four decode threads reading 5 GB each would kill the run, and every rerun."""
+    return max_pixels * 8 + (16 << 20)
+
+
+def read_file(path: Path, max_bytes: int | None = None) -> tuple[bytes, os.stat_result]:
     """The bytes of a regular file and its ``stat``. Anything else (a FIFO would block ``read`` forever,
-    a device never ends) is refused from the open descriptor, so a swap after ``stat_file`` is caught too."""
+    a device never ends) is refused from the open descriptor, so a swap after ``stat_file`` is caught too;
+    so is a file over ``max_bytes`` (``max_file_bytes``), also when it grows while it is read."""
     check_name(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -109,8 +116,16 @@ def read_file(path: Path) -> tuple[bytes, os.stat_result]:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ImageReadError(_not_regular(st.st_mode))
+        too_big = ImageReadError(
+            f"file is {st.st_size / 2**20:,.0f} MiB, larger than any image within the pixel limit can be "
+            "(max_image_pixels × 8 bytes + 16 MiB)"
+        )
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise too_big
         with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read()
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise too_big
     except OSError as e:
         raise ImageReadError(f"cannot read: {e.strerror or e}") from None
     finally:
@@ -157,21 +172,6 @@ def collect_warnings() -> Iterator[list[str]]:
         _tls.bucket = before
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit and float greyscale: PIL's convert("RGB") clips instead of scaling.
-        arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # Transparent pixels over white, like a viewer shows them.
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """Bytes → upright H×W×3 uint8 RGB. First frame of animations. ``ImageReadError`` on anything else."""
     if not data:
@@ -183,7 +183,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
             raise ImageReadError(f"image is {w}×{h} = {w * h:,} pixels, over the {max_pixels:,} limit")
         img.load()
         img = ImageOps.exif_transpose(img) or img
-        rgb = _to_rgb(img)
+        rgb = to_rgb(img)
     except ImageReadError:
         raise
     except UnidentifiedImageError:
@@ -206,5 +206,5 @@ def load_image(path: Path, data: bytes, max_pixels: int, sha256: str | None = No
 
 
 def read_image(path: Path, max_pixels: int) -> LoadedImage:
-    data, _ = read_file(path)
+    data, _ = read_file(path, max_file_bytes(max_pixels))
     return load_image(path, data, max_pixels)

@@ -38,12 +38,14 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 
+from use_search.imaging import fit_side, to_original
 from use_search.indexer.read import (
     ImageReadError,
     LoadedImage,
     count_images,
     find_images,
     load_image,
+    max_file_bytes,
     read_file,
     route_warnings,
     sha256_bytes,
@@ -102,8 +104,10 @@ def now_iso() -> str:
 
 
 def segment_points(loaded: LoadedImage, segments: Sequence[Segment], vectors: np.ndarray, model: str) -> list[SegmentPoint]:
-    """The write stage's input: one point per segment with its payload."""
+    """The write stage's input: one point per segment with its payload. Segments found on pixels smaller
+    than the record's image (the working size) are stored with their geometry at the record's size."""
     rec = loaded.record
+    segments = to_original(segments, rec.height, rec.width)
     at = now_iso()
     return [
         SegmentPoint(
@@ -199,6 +203,7 @@ class Indexer:
         decode_threads: int = 4,
         image_batch: int | None = None,
         write_queue: int = 2,
+        work_side: int | None = None,
     ) -> None:
         self.store = store
         self.segmenter = segmenter
@@ -211,6 +216,7 @@ class Indexer:
         # Images per segment_batch / embed_batch call: the segmenter's own encoder batch by default.
         self.image_batch = max(1, image_batch or int(getattr(segmenter, "image_batch", 1) or 1))
         self.write_queue = max(1, write_queue)  # commits waiting for the writer (back-pressure)
+        self.work_side = work_side  # long side segmented and embedded at (``imaging.working_side``); None: full
         store.ensure(embedder.dim)
 
     def check_model(self) -> None:
@@ -306,7 +312,7 @@ class Indexer:
 
     def _read(self, c: _Candidate, run: _RunState) -> ImageEvent | Write | _Read:
         try:
-            data, st = read_file(c.path)
+            data, st = read_file(c.path, max_file_bytes(self.max_image_pixels))
         except ImageReadError as e:  # unreadable now: keep what is indexed, the content is unknown
             return ImageEvent(str(c.path), "failed", reason=str(e))
         sha = sha256_bytes(data)
@@ -341,6 +347,7 @@ class Indexer:
     def _decode(self, r: _Read, run: _RunState) -> ImageEvent | Write | _Decoded:
         try:
             loaded = load_image(r.path, r.data, self.max_image_pixels, r.sha256)
+            loaded = replace(loaded, pixels=fit_side(loaded.pixels, self.work_side))
         except ImageReadError as e:
             return self._failed(str(r.path), str(e), r.old)
         with run.lock:

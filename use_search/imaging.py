@@ -1,31 +1,52 @@
-"""Uploads at the segmenter's working size, and masks mapped back to the original geometry.
+"""Images at the segmenter's working size, and masks mapped back to the original geometry.
 
 SAM's encoder sees at most its input size (1024 px long side for the real models) whatever the
-upload; what made a 7000×7000 upload cost minutes was everything around it at full size: the decoded
-RGB array and every candidate mask upscaled to 7000×7000 before NMS. The API decodes an upload
-straight to the working size (JPEG's DCT scaling where it can) and runs segmentation and embedding
-there. Masks that are stored are mapped back to the original geometry afterwards, one kept mask at a
-time and without building the big mask (``upscale_rle``).
+image; what made a 7000×7000 image cost minutes was everything around it at full size: the decoded
+RGB array and every candidate mask upscaled to 7000×7000 before NMS. The indexer and the API segment
+and embed at the working size (``working_side``); the API decodes uploads straight to it (JPEG's DCT
+scaling where it can). Masks that are stored are mapped back to the original geometry afterwards, one
+kept mask at a time and without building the big mask (``upscale_rle``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
-from use_search.indexer.read import ImageReadError, _to_rgb
+from use_search.masks import rle_area, rle_bbox
+from use_search.types import Segment
 
 # SAM's ResizeLongestSide resizes with PIL's bilinear filter to this shape; the same here makes its own
 # resize of our output a no-op copy.
 RESAMPLE = Image.Resampling.BILINEAR
 TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "MPO")
+
+
+class ImageReadError(Exception):
+    """A file that is not a usable image; the message is the reason shown to the user."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and float greyscale: PIL's convert("RGB") clips instead of scaling.
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent pixels over white, like a viewer shows them.
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 @dataclass(frozen=True)
@@ -50,10 +71,10 @@ class PixelBudgetError(ImageReadError):
     """The image has more pixels than a request may decode."""
 
 
-def work_shape(height: int, width: int, side: int) -> tuple[int, int]:
-    """(h, w) with the long side at most ``side``: segment-anything's ``get_preprocess_shape`` rounding,
-    at least one pixel per side."""
-    if max(height, width) <= side:
+def work_shape(height: int, width: int, side: int | None) -> tuple[int, int]:
+    """(h, w) with the long side at most ``side`` (None: no limit): segment-anything's
+    ``get_preprocess_shape`` rounding, at least one pixel per side."""
+    if side is None or max(height, width) <= side:
         return height, width
     scale = side / max(height, width)
     return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
@@ -99,7 +120,50 @@ def probe(data: bytes, max_pixels: int) -> Probe:
     return _open(data, max_pixels)[1]
 
 
-def decode_work(data: bytes, max_pixels: int, side: int) -> WorkImage:
+def segmenter_side(segmenter: Any) -> int | None:
+    """The segmenter's input size (SAM's encoder resizes every image to this long side), if it says."""
+    for path in ("img_size", "generator.predictor.model.image_encoder.img_size"):
+        obj = segmenter
+        try:
+            for name in path.split("."):
+                obj = getattr(obj, name)
+            return int(obj)
+        except AttributeError:
+            continue
+    return None
+
+
+def working_side(segmenter: Any, configured: int | None) -> int | None:
+    """The long side images are segmented and embedded at: ``configured`` (setting ``work_side``; 0
+    means full resolution), else the segmenter's input size. None: full resolution."""
+    if configured is not None:
+        return configured or None
+    return segmenter_side(segmenter)
+
+
+def fit_side(pixels: np.ndarray, side: int | None) -> np.ndarray:
+    """``pixels`` (H×W×3 uint8) with the long side at most ``side``, resized as ``decode_work`` does."""
+    h, w = pixels.shape[:2]
+    th, tw = work_shape(h, w, side)
+    if (th, tw) == (h, w):
+        return pixels
+    return np.array(Image.fromarray(pixels).resize((tw, th), RESAMPLE), dtype=np.uint8)
+
+
+def to_original(segments: Sequence[Segment], height: int, width: int) -> list[Segment]:
+    """Segments found at the working size with their stored geometry (RLE, box, area) mapped to the
+    original ``height``×``width``; ``mask`` stays at the working size (the embedders' input)."""
+    out = []
+    for s in segments:
+        if s.mask.shape == (height, width):
+            out.append(s)
+            continue
+        rle = upscale_rle(s.mask, height, width)
+        out.append(dataclasses.replace(s, rle=rle, bbox=rle_bbox(rle), area=rle_area(rle)))
+    return out
+
+
+def decode_work(data: bytes, max_pixels: int, side: int | None) -> WorkImage:
     """Bytes → upright RGB with the long side at most ``side``, plus the original's upright size.
 
     ``ImageReadError`` (``PixelBudgetError`` past ``max_pixels``) for anything that is not a usable image.
@@ -120,9 +184,9 @@ def decode_work(data: bytes, max_pixels: int, side: int) -> WorkImage:
                 if img.mode == "1":
                     img = img.convert("L")  # a third of the RGB array at full size
                 elif img.mode not in ("L", "RGB", "RGBA", "LA"):
-                    img = _to_rgb(img)  # palette, 16-bit, CMYK...: resize an 8-bit mode
+                    img = to_rgb(img)  # palette, 16-bit, CMYK...: resize an 8-bit mode
                 img = img.resize((tw, th), RESAMPLE)
-            rgb = _to_rgb(img)
+            rgb = to_rgb(img)
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
