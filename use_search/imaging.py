@@ -20,7 +20,6 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
-from use_search.masks import rle_area, rle_bbox
 from use_search.types import Segment
 
 # SAM's ResizeLongestSide resizes with PIL's bilinear filter to this shape; the same here makes its own
@@ -153,6 +152,8 @@ def fit_side(pixels: np.ndarray, side: int | None) -> np.ndarray:
 def to_original(segments: Sequence[Segment], height: int, width: int) -> list[Segment]:
     """Segments found at the working size with their stored geometry (RLE, box, area) mapped to the
     original ``height``×``width``; ``mask`` stays at the working size (the embedders' input)."""
+    from use_search.masks import rle_area, rle_bbox  # scipy: not on the query path, which reads images
+
     out = []
     for s in segments:
         if s.mask.shape == (height, width):
