@@ -121,13 +121,13 @@ def test_query_help_stats_weights_import_no_image_stack(tmp_path):
 def test_api_search_imports_no_image_stack(tmp_path):
     data = tmp_path / "data"
     mf.store_indexed_with(data / "store", "crop-clip:clip-tiny-untrained", 64)
-    code = f"""
+    code = """
         from fastapi.testclient import TestClient
         from use_search.api import create_app
         from use_search.config import Settings
         app = create_app(Settings(preset="tiny", device="cpu", offline=True))
         with TestClient(app) as client:
-            r = client.post("/search", json={{"text": "a cat", "k": 2}})
+            r = client.post("/search", json={"text": "a cat", "k": 2})
             print("STATUS", r.status_code, len(r.json()["hits"]))
     """
     r = _imports_after(code, {"USE_SEARCH_DATA_DIR": str(data)})
