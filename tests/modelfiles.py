@@ -118,3 +118,13 @@ def store_indexed_with(store_dir: Path, model: str, dim: int, images: int = 2, s
             segment = Segment(mask, mask_bbox(mask), int(mask.sum()))
             store.upsert_segments(segment_points(loaded, [segment], vectors, model))
             store.put_image(ImageEntry(rec.path, rec.sha256, 48, 32, 1, model, now_iso()))
+
+
+def randomize(model, seed: int = 1):  # type: ignore[no-untyped-def]
+    """Give a USE model's trainable parts (LayerNorm γ/β, scales, projection) non-initial values, as
+    after training, so tests see every part at work."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.trainable.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + p)
+    return model

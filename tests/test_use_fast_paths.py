@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 
+from modelfiles import randomize
 from use_search.config import Settings
 from use_search.model.use import (
     BackboneFeatures,
@@ -78,15 +79,6 @@ def reference_trainable(trainable, feats: BackboneFeatures, weights: torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------------
-
-
-def randomize(model: UseModel, seed: int = 1) -> UseModel:
-    """Non-initial trainable values (LayerNorm γ/β, scales), as after training."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + p)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from modelfiles import randomize
 from use_search.config import Settings
 from use_search.factory import Runtime
 from use_search.masks import patch_weights
@@ -44,15 +45,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory) -> Settings:
     return Settings(data_dir=tmp_path_factory.mktemp("data"), preset="tiny", device="cpu", offline=True)
-
-
-def randomize(model: UseModel, seed: int = 1) -> UseModel:
-    """Give the trainable parts non-initial values (scales included), as after training."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + p)
-    return model
 
 
 @pytest.fixture(scope="module")
