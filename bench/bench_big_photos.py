@@ -6,6 +6,8 @@ Each arm indexes the same folder of `--images` JPEGs of `--size` into a fresh st
 alternating order; the table gives the median wall time per image (process start included) and the
 process's peak resident memory (from wait4). `--preset base` writes random-init checkpoints of the real
 SAM ViT-B / CLIP ViT-B/16 architectures to a scratch folder first (real FLOPs, meaningless masks).
+The full-size work is per mask that passes SAM's score filters, and random ViT-B weights pass almost
+none: `--keep-all-masks` (thresholds 0) shows what masks that pass cost, as real weights' would.
 
     python bench/bench_big_photos.py --size 4032x3024 --images 3 --runs 2 [--preset base] [--json out.json]
 """
@@ -60,6 +62,9 @@ def main() -> None:
     ap.add_argument("--size", default="4032x3024", help="WIDTHxHEIGHT of the photos (a 12 MP phone photo by default)")
     ap.add_argument("--images", type=int, default=3)
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--points-per-side", type=int, help="SAM's point grid (default: the preset's)")
+    ap.add_argument("--keep-all-masks", action="store_true",
+                    help="SAM score thresholds 0: every grid mask is post-processed (random weights pass none otherwise)")
     ap.add_argument("--json")
     args = ap.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
@@ -73,13 +78,16 @@ def main() -> None:
             from use_search.config import Settings
 
             benchlib.write_random_checkpoints("base", Settings(data_dir=tmp_path / "w", weights_dir=weights, offline=True))
+        amg = {"USE_SEARCH_AMG__POINTS_PER_SIDE": str(args.points_per_side)} if args.points_per_side else {}
+        if args.keep_all_masks:
+            amg |= {"USE_SEARCH_AMG__PRED_IOU_THRESH": "0", "USE_SEARCH_AMG__STABILITY_SCORE_THRESH": "0"}
         samples: dict[str, list[tuple[float, float]]] = {arm: [] for arm in ARMS}
         for r in range(args.runs):
             for arm in (list(ARMS) if r % 2 == 0 else list(ARMS)[::-1]):
                 env = {
                     **os.environ, "PYTHONPATH": str(REPO), "USE_SEARCH_PRESET": args.preset, "USE_SEARCH_OFFLINE": "1",
                     "USE_SEARCH_DATA_DIR": str(tmp_path / f"data-{r}-{len(samples[arm])}-{hash(arm) & 0xFFFF}"),
-                    "USE_SEARCH_WEIGHTS_DIR": str(weights), "USE_SEARCH_CONFIG": "/nonexistent", **ARMS[arm],
+                    "USE_SEARCH_WEIGHTS_DIR": str(weights), "USE_SEARCH_CONFIG": "/nonexistent", **amg, **ARMS[arm],
                 }
                 samples[arm].append(run_index(env, folder))
                 print(f"run {r} {arm}: {samples[arm][-1][0]:.1f} s, {samples[arm][-1][1]:.0f} MB", file=sys.stderr)
@@ -94,7 +102,8 @@ def main() -> None:
     for row in rows:
         row["time vs default"] = row["s/image (median)"] / base
     benchlib.print_table(
-        f"index {args.images} × {width}×{height} JPEG, preset {args.preset}, {args.runs} runs each, process start included",
+        f"index {args.images} × {width}×{height} JPEG, preset {args.preset}, {args.runs} runs each, process start "
+        f"included, grid {args.points_per_side or 'preset'}{', all masks kept' if args.keep_all_masks else ''}",
         rows,
     )
     benchlib.write_json(args.json, {"machine": benchlib.machine(), "args": vars(args), "rows": rows})
