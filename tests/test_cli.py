@@ -102,6 +102,21 @@ def test_bad_settings_are_one_line_naming_the_setting_or_file(tmp_path):
     assert r.returncode == 0 and "images: 0" in r.stdout, r.stderr
 
 
+def test_serve_on_a_port_in_use_is_one_error_line(tmp_path):
+    """uvicorn found the port taken only after start-up and exited 3 (index's "some files failed")
+    among its log lines; the socket is now bound first."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run(["--preset", "tiny", "serve", "--port", str(port)], tmp_path / "data", timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use" in r.stderr
+    assert "Traceback" not in r.stderr and "Started server process" not in r.stderr
+
+
 def test_curate_run_and_stats(tmp_path, photos):
     data = tmp_path / "data"
     photos["chelsea"].with_suffix(".txt").write_text("A tabby cat with green eyes lies on a wooden floor.\n")

@@ -20,6 +20,8 @@ import ipaddress
 import logging
 import math
 import os
+import socket
+import sys
 import threading
 import uuid
 from contextlib import asynccontextmanager
@@ -646,7 +648,26 @@ def app_from_env() -> FastAPI:
     return create_app(Settings())
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before anything loads: a port in use is one clear error
+    (an ``OSError``), not uvicorn's log lines after start-up and its exit code 3."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e} (choose another --port or --host)") from None
+    return sock
+
+
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info", **kw: Any) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(settings, bind_host=host, **kw), host=host, port=port, log_level=log_level)
+    sock = listen(host, port)
+    config = uvicorn.Config(create_app(settings, bind_host=host, **kw), host=host, port=port, log_level=log_level)
+    shown = f"[{host}]" if ":" in host else host
+    # uvicorn names the address only for sockets it binds itself
+    print(f"serving on http://{shown}:{port} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    uvicorn.Server(config).run(sockets=[sock])
