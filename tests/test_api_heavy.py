@@ -66,7 +66,7 @@ def server_a(tmp_path_factory):
 def server_b(tmp_path_factory):
     root = tmp_path_factory.mktemp("heavy-b")
     env = {"USE_SEARCH_API__WORKER_QUEUE": "0", "USE_SEARCH_API__WORKER_TIMEOUT_S": "5",
-           "USE_SEARCH_API__WORK_SIDE": "4096", "USE_SEARCH_MAX_UPLOAD_BYTES": str(8 << 20)}
+           "USE_SEARCH_WORK_SIDE": "4096", "USE_SEARCH_MAX_UPLOAD_BYTES": str(8 << 20)}
     with api_server(root, **env) as base:
         with httpx.Client(base_url=base, timeout=300) as c:
             yield c

@@ -11,6 +11,8 @@ whatever paths and methods clients send.
 
 from __future__ import annotations
 
+import asyncio
+
 import hmac
 import json
 import time
@@ -153,6 +155,7 @@ class Guard:
                 await send_json(send, 400, {"detail": "malformed Content-Length header"})
                 return
             if int(declared) > limit:
+                await drain(receive, limit)
                 await send_json(send, 413, detail, [(b"connection", b"close")])
                 return
         received = 0
@@ -183,7 +186,30 @@ class Guard:
             if not over:
                 raise
         if over and not response_started:
+            await drain(receive, limit)
             await send_json(send, 413, detail, [(b"connection", b"close")])
+
+
+DRAIN_S = 2.0
+
+
+async def drain(receive: Receive, limit: int) -> None:
+    """Read and drop what the client is still sending before a 413, up to ``max(limit, 1 MiB)`` bytes
+    and ``DRAIN_S`` seconds. Closing a connection with unread data makes the kernel answer with a
+    reset, and a client still sending then never reads the 413 (it sees "connection reset")."""
+
+    async def read() -> None:
+        left = max(limit, 1 << 20)
+        while left > 0:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
+            left -= len(message.get("body", b""))
+
+    try:
+        await asyncio.wait_for(read(), DRAIN_S)
+    except asyncio.TimeoutError:
+        pass
 
 
 def _headers(scope: Scope) -> dict[str, str]:
