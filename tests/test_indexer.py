@@ -330,9 +330,9 @@ def test_pipeline_keeps_a_bounded_number_of_images_in_flight(tmp_path, parts, mo
     reads, ahead = [], []  # files opened so far; at each model call, files opened but not yet segmented
     real_read = runner.read_file
 
-    def counting_read(path):
+    def counting_read(path, *args):
         reads.append(path)
-        return real_read(path)
+        return real_read(path, *args)
 
     segmenter, embedder = parts
 

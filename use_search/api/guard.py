@@ -155,7 +155,8 @@ class Guard:
                 await send_json(send, 400, {"detail": "malformed Content-Length header"})
                 return
             if int(declared) > limit:
-                await drain(receive, limit)
+                if int(declared) <= limit + drain_budget(limit):
+                    await drain(receive, limit)
                 await send_json(send, 413, detail, [(b"connection", b"close")])
                 return
         received = 0
@@ -193,13 +194,18 @@ class Guard:
 DRAIN_S = 2.0
 
 
+def drain_budget(limit: int) -> int:
+    return max(limit, 16 << 20)
+
+
 async def drain(receive: Receive, limit: int) -> None:
-    """Read and drop what the client is still sending before a 413, up to ``max(limit, 1 MiB)`` bytes
-    and ``DRAIN_S`` seconds. Closing a connection with unread data makes the kernel answer with a
-    reset, and a client still sending then never reads the 413 (it sees "connection reset")."""
+    """Read and drop what the client is still sending before a 413, up to ``drain_budget`` bytes and
+    ``DRAIN_S`` seconds. Closing a connection with unread data makes the kernel answer with a reset,
+    and a client still sending then never reads the 413 (it sees "connection reset"). A body declared
+    bigger than that is answered at once: its sender is cut off either way."""
 
     async def read() -> None:
-        left = max(limit, 1 << 20)
+        left = drain_budget(limit)
         while left > 0:
             message = await receive()
             if message["type"] != "http.request" or not message.get("more_body", False):

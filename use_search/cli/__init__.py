@@ -761,6 +761,7 @@ def eval_retrieval(
 ) -> None:
     """Text → segment recall@k and mAP: index the images, query every category name."""
     from use_search.eval import RetrievalDataset, index_and_evaluate
+    from use_search.imaging import working_side
 
     cutoffs = [int(k) for k in ks.split(",") if k.strip()]
     ds = RetrievalDataset(images, annotations)
@@ -773,6 +774,7 @@ def eval_retrieval(
                 ds, segmenter, embedder, store, ks=cutoffs, depth=depth, iou_threshold=iou,
                 max_image_pixels=state.settings.max_image_pixels, extensions=state.settings.image_extensions,
                 on_image=lambda ev: bar.update(task, advance=1, name=Path(ev.path).name),
+                work_side=working_side(segmenter, state.settings.work_side),  # what `index` does
             )
 
     if into_store:

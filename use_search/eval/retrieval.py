@@ -219,8 +219,10 @@ def index_and_evaluate(
     max_image_pixels: int = 50_000_000,
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
     on_image: Callable[[ImageEvent], None] | None = None,
+    work_side: int | None = None,
 ) -> RetrievalResult:
-    """Index ``dataset.images_dir`` into ``store`` (a temporary embedded store when None), then score."""
+    """Index ``dataset.images_dir`` into ``store`` (a temporary embedded store when None), then score.
+    ``work_side``: as the indexer's (``imaging.working_side``); None: full resolution."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="use-search-eval-") as tmp:
         owned = store is None
@@ -230,7 +232,8 @@ def index_and_evaluate(
             store = EdgeStore(Path(tmp), "eval")
         try:
             indexer = Indexer(
-                store, segmenter, embedder, max_image_pixels=max_image_pixels, batch_images=8, extensions=extensions
+                store, segmenter, embedder, max_image_pixels=max_image_pixels, batch_images=8, extensions=extensions,
+                work_side=work_side,
             )
             report = indexer.index(dataset.images_dir, on_image=on_image)
             if report.failed:
