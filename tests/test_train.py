@@ -283,6 +283,7 @@ seg = F.normalize(layer(data["x"][rows]), dim=-1)
 loss = global_contrastive_loss(seg, data["t"][rows], text_ids(data["texts"][rows]), 30.0)
 (loss * world).backward()
 torch.save({"loss": loss.detach(), "grad": layer.module.weight.grad}, sys.argv[2] + f".{rank}")
+dist.barrier()  # rank 0 hosts the store: leaving first made rank 1 abort (SIGABRT) in its teardown, now and then
 dist.destroy_process_group()
 """
 

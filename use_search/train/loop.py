@@ -387,7 +387,9 @@ def run(config: TrainConfig, settings: Settings | None = None) -> TrainResult:
     settings = settings or Settings()
     ctx = _Dist.setup(config, settings)
     try:
-        return Trainer(config, settings, ctx).fit()
+        result = Trainer(config, settings, ctx).fit()
+        ctx.barrier()  # rank 0 hosts the rendezvous store: no rank tears down while another still needs it
+        return result
     finally:
         if ctx.owns_group:
             dist.destroy_process_group()
