@@ -180,7 +180,9 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         img = Image.open(io.BytesIO(data))
         w, h = img.size
         if w * h > max_pixels:
-            raise ImageReadError(f"image is {w}×{h} = {w * h:,} pixels, over the {max_pixels:,} limit")
+            raise ImageReadError(
+                f"image is {w}×{h} = {w * h:,} pixels, over the {max_pixels:,}-pixel limit (setting max_image_pixels)"
+            )
         img.load()
         img = ImageOps.exif_transpose(img) or img
         rgb = to_rgb(img)
