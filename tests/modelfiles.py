@@ -128,3 +128,13 @@ def randomize(model, seed: int = 1):  # type: ignore[no-untyped-def]
         for p in model.trainable.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.2 + p)
     return model
+
+
+def official_files(folder: Path) -> dict[str, Path]:
+    """One good file per official format, random weights: a SAM state dict, a traced OpenAI CLIP
+    archive and a plain OpenAI CLIP state dict."""
+    return {
+        "sam": sam_file(folder / "sam_custom.pth"),
+        "clip_torchscript": openai_torchscript(folder / "ViT-tiny.pt"),
+        "clip_openai_sd": openai_state_dict(folder / "openai_state_dict.pt"),
+    }

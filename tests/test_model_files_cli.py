@@ -31,12 +31,7 @@ def assert_user_error(r, *needles: str) -> None:  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
-    d = tmp_path_factory.mktemp("good")
-    return {
-        "sam": mf.sam_file(d / "sam.pth"),
-        "torchscript": mf.openai_torchscript(d / "ViT-tiny.pt"),
-        "openai_sd": mf.openai_state_dict(d / "openai_sd.pt"),
-    }
+    return mf.official_files(tmp_path_factory.mktemp("good"))
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +52,8 @@ def test_corrupt_sam_checkpoint(tmp_path, good, one_photo, variant):
 
 
 @pytest.mark.parametrize("fmt,variant", [
-    ("torchscript", "truncated"), ("openai_sd", "truncated"), ("torchscript", "html"), ("torchscript", "empty"),
+    ("clip_torchscript", "truncated"), ("clip_openai_sd", "truncated"), ("clip_torchscript", "html"),
+    ("clip_torchscript", "empty"),
 ])
 def test_corrupt_clip_checkpoint_on_the_query_path(tmp_path, good, fmt, variant):
     data = tmp_path / "data"
@@ -68,7 +64,7 @@ def test_corrupt_clip_checkpoint_on_the_query_path(tmp_path, good, fmt, variant)
 
 def test_corrupt_clip_checkpoint_on_the_index_path(tmp_path, good, one_photo):
     data = tmp_path / "data"
-    bad = mf.corrupt(good["openai_sd"], "html", data / "weights" / "ViT-L-14-336px.pt")
+    bad = mf.corrupt(good["clip_openai_sd"], "html", data / "weights" / "ViT-L-14-336px.pt")
     r = mf.run_cli(["--preset", "tiny", "--clip", "clip_vit_l14_336_openai", "index", str(one_photo.parent)], data)
     assert_user_error(r, f"checkpoint {bad} " + UNREADABLE.format("clip_vit_l14_336_openai"))
 
@@ -129,7 +125,7 @@ def test_clip_from_a_file_is_recorded_by_identity_and_checked_at_query(tmp_path,
     """--clip FILE (OpenAI's TorchScript archive) for index; USE_SEARCH_CLIP for the query; a query
     with the preset's own CLIP is refused, naming the file-based model."""
     data = tmp_path / "data"
-    archive = good["torchscript"]
+    archive = good["clip_torchscript"]
     r = mf.run_cli(["--preset", "tiny", "--clip", str(archive), "index", str(one_photo.parent)], data)
     assert r.returncode == 0, r.stderr
     digest = __import__("hashlib").sha256(archive.read_bytes()).hexdigest()[:8]

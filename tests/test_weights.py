@@ -51,12 +51,7 @@ def http_dir(tmp_path):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Good files in the official formats, random weights."""
-    d = tmp_path_factory.mktemp("official")
-    return {
-        "sam": mf.sam_file(d / "sam_custom.pth"),
-        "clip_torchscript": mf.openai_torchscript(d / "ViT-tiny.pt"),
-        "clip_openai_sd": mf.openai_state_dict(d / "openai_state_dict.pt"),
-    }
+    return mf.official_files(tmp_path_factory.mktemp("official"))
 
 
 def offline(tmp_path) -> Settings:
