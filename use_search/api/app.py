@@ -152,12 +152,20 @@ def repair_uploads(store: VectorStore, uploads: Path) -> list[str]:
     for part in sorted(uploads.glob("*.part")) if uploads.is_dir() else []:
         digest, ext = part.name.split(".")[:2]
         dest = uploads / f"{digest}.{ext}"
-        if complete_upload(store, dest, digest) is None:
-            if store.dim is not None:
-                store.delete_image(str(dest))
+        if drop_unfinished(store, dest, digest):
             undone.append(str(dest))
         part.unlink(missing_ok=True)
     return undone
+
+
+def drop_unfinished(store: VectorStore, dest: Path, digest: str) -> bool:
+    """Delete what an upload to ``dest`` wrote, unless the upload is complete (another request of the
+    same image may have finished it). True when it was unfinished."""
+    if complete_upload(store, dest, digest) is not None:
+        return False
+    if store.dim is not None:
+        store.delete_image(str(dest))
+    return True
 
 
 def undo_upload(st: AppState, dest: Path, digest: str, tmp: Path) -> None:
@@ -165,9 +173,7 @@ def undo_upload(st: AppState, dest: Path, digest: str, tmp: Path) -> None:
     cannot be written (closing, failing), the .part file stays and the next start undoes it."""
     try:
         with st.store_lock:
-            store = st.require_store()
-            if complete_upload(store, dest, digest) is None and store.dim is not None:
-                store.delete_image(str(dest))
+            drop_unfinished(st.require_store(), dest, digest)
         tmp.unlink(missing_ok=True)
     except Exception:  # noqa: BLE001 - the request's own error is the one to report
         pass
