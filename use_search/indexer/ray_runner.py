@@ -42,7 +42,7 @@ from use_search.imaging import fit_side, working_side
 from use_search.indexer.read import (
     ImageReadError, find_images, load_image, max_file_bytes, read_file, route_warnings, sha256_bytes, stat_file,
 )
-from use_search.indexer.runner import ImageEvent, IndexReport, Write, commit, now_iso, prune_store, segment_points
+from use_search.indexer.runner import ImageEvent, IndexReport, Write, commit, now_iso, prune_store, segment_and_embed
 from use_search.model.base import Embedder
 from use_search.store.base import ImageEntry, StoreError, VectorStore
 from use_search.types import SegmentPoint
@@ -154,15 +154,6 @@ class SegmentEmbed:
         self.segmenter, self.embedder = build_parts(settings)
         self.side = working_side(self.segmenter, settings.work_side)  # the read stage decodes at full size
 
-    def _segment_all(self, images: list[np.ndarray]) -> list[Any]:
-        batch_fn = getattr(self.segmenter, "segment_batch", None)
-        if batch_fn is not None and len(images) > 1:
-            try:
-                return list(batch_fn(images))
-            except Exception:  # find the culprit image by image below
-                pass
-        return [None] * len(images)
-
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         from use_search.indexer.read import LoadedImage
         from use_search.types import ImageRecord
@@ -170,20 +161,19 @@ class SegmentEmbed:
         out = []
         rows = _rows(batch)
         ok = [i for i, r in enumerate(rows) if not r["error"]]
-        images = [fit_side(np.array(rows[i]["pixels"], dtype=np.uint8), self.side) for i in ok]  # a writable copy
-        segmented = self._segment_all(images)
+        loaded = [
+            LoadedImage(
+                ImageRecord(str(rows[i]["path"]), str(rows[i]["sha256"]), int(rows[i]["width"]), int(rows[i]["height"])),
+                fit_side(np.array(rows[i]["pixels"], dtype=np.uint8), self.side),  # a writable copy
+            )
+            for i in ok
+        ]
         results: dict[int, dict[str, Any]] = {}
-        for i, image, segs in zip(ok, images, segmented):
-            r = rows[i]
-            try:
-                if segs is None:
-                    segs = self.segmenter.segment(image)
-                vectors = np.asarray(self.embedder.embed_segments(image, segs), dtype=np.float32)
-                record = ImageRecord(str(r["path"]), str(r["sha256"]), int(r["width"]), int(r["height"]))
-                points = segment_points(LoadedImage(record, image), segs, vectors, self.embedder.model_id)
-            except Exception as e:  # as Indexer: report the image, go on
-                results[i] = {"error": f"{type(e).__name__}: {e}"}
+        for i, points in zip(ok, segment_and_embed(self.segmenter, self.embedder, loaded)):
+            if isinstance(points, str):  # as Indexer: report the image, go on
+                results[i] = {"error": points}
                 continue
+            vectors = np.asarray([p.vector for p in points], dtype=np.float32).reshape(len(points), self.embedder.dim)
             results[i] = {
                 "points": json.dumps([[p.id, p.payload] for p in points]),
                 "vectors": base64.b64encode(vectors.tobytes()).decode("ascii"),

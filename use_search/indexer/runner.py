@@ -124,6 +124,42 @@ def segment_points(loaded: LoadedImage, segments: Sequence[Segment], vectors: np
     ]
 
 
+def segment_and_embed(segmenter: Segmenter, embedder: Embedder, images: Sequence[LoadedImage]) -> list[list[SegmentPoint] | str]:
+    """Each image's points, or the reason it failed: the group through ``segment_batch`` and
+    ``embed_batch``, image by image where a batched call fails, so one bad image fails alone."""
+    pixels = [lo.pixels for lo in images]
+    segmented: list[list[Segment] | None] = [None] * len(images)
+    batch_fn = getattr(segmenter, "segment_batch", None)
+    if batch_fn is not None:
+        try:
+            segmented = list(batch_fn(pixels))
+        except Exception:  # find the culprit image by image below
+            pass
+    out: list[list[SegmentPoint] | str | None] = [None] * len(images)
+    for i, px in enumerate(pixels):
+        if segmented[i] is None:
+            try:
+                segmented[i] = segmenter.segment(px)
+            except Exception as e:
+                out[i] = f"{type(e).__name__}: {e}"
+    ok = [i for i in range(len(images)) if out[i] is None]
+    vectors: list[np.ndarray | None] = [None] * len(images)
+    try:
+        for i, v in zip(ok, embedder.embed_batch([pixels[i] for i in ok], [segmented[i] for i in ok])):
+            vectors[i] = v
+    except Exception:
+        pass
+    for i in ok:
+        try:
+            v = vectors[i]
+            if v is None:
+                v = embedder.embed_segments(pixels[i], segmented[i])
+            out[i] = segment_points(images[i], segmented[i], v, embedder.model_id)  # type: ignore[arg-type]
+        except Exception as e:
+            out[i] = f"{type(e).__name__}: {e}"
+    return out  # type: ignore[return-value]
+
+
 # Work items between the steps -----------------------------------------------------------------------
 @dataclass
 class _Candidate:  # planned: must be read
@@ -368,42 +404,11 @@ class Indexer:
         return Write(event, drop=True) if old is not None else event  # the indexed version is outdated
 
     def _segment_embed(self, group: list[_Decoded]) -> list[Write | ImageEvent]:
-        """A group of images through ``segment_batch`` and ``embed_batch``; if a batched call fails, image
-        by image, so one bad image fails alone."""
-        images = [d.loaded.pixels for d in group]
-        segmented: list[list[Segment] | None] = [None] * len(group)
-        batch_fn = getattr(self.segmenter, "segment_batch", None)
-        if batch_fn is not None:
-            try:
-                segmented = list(batch_fn(images))
-            except Exception:
-                pass
-        out: list[Write | ImageEvent | None] = [None] * len(group)
-        for i, d in enumerate(group):
-            if segmented[i] is None:
-                try:
-                    segmented[i] = self.segmenter.segment(d.loaded.pixels)
-                except Exception as e:
-                    out[i] = self._failed(d.loaded.record.path, f"{type(e).__name__}: {e}", d.old, d.loaded.warnings)
-        ok = [i for i in range(len(group)) if out[i] is None]
-        vectors: list[np.ndarray | None] = [None] * len(group)
-        try:
-            for i, v in zip(ok, self.embedder.embed_batch([images[i] for i in ok], [segmented[i] for i in ok])):
-                vectors[i] = v
-        except Exception:
-            pass
-        for i in ok:
-            d = group[i]
-            try:
-                v = vectors[i]
-                if v is None:
-                    v = self.embedder.embed_segments(d.loaded.pixels, segmented[i])
-                points = segment_points(d.loaded, segmented[i], v, self.embedder.model_id)  # type: ignore[arg-type]
-            except Exception as e:
-                out[i] = self._failed(d.loaded.record.path, f"{type(e).__name__}: {e}", d.old, d.loaded.warnings)
-                continue
-            out[i] = self._indexed(d, points)
-        return out  # type: ignore[return-value]
+        results = segment_and_embed(self.segmenter, self.embedder, [d.loaded for d in group])
+        return [
+            self._indexed(d, r) if isinstance(r, list) else self._failed(d.loaded.record.path, r, d.old, d.loaded.warnings)
+            for d, r in zip(group, results)
+        ]
 
     def _process_one(self, d: _Decoded) -> Write | ImageEvent:
         try:
