@@ -117,13 +117,11 @@ def job_segment(parts: Parts, data: bytes, names: list[str], with_png: bool) -> 
 def job_index(parts: Parts, data: bytes, path: str, sha256: str) -> Indexed:
     """Segment and embed an upload at the working size; its points carry masks at the original size."""
     from use_search.imaging import decode_work
-    from use_search.indexer.runner import segment_points
+    from use_search.indexer.runner import index_image
 
     img = decode_work(data, parts.settings.api.max_pixels, parts.side)
-    segments = parts.segmenter.segment(img.pixels)
-    vectors = parts.embedder.embed_segments(img.pixels, segments)
     loaded = LoadedImage(ImageRecord(path, sha256, img.width, img.height), img.pixels)
-    points = segment_points(loaded, segments, vectors, parts.embedder.model_id)
+    points = index_image(parts.segmenter, parts.embedder, loaded)
     return Indexed(points, img.width, img.height, parts.embedder.model_id, parts.embedder.dim)
 
 

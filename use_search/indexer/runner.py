@@ -124,6 +124,13 @@ def segment_points(loaded: LoadedImage, segments: Sequence[Segment], vectors: np
     ]
 
 
+def index_image(segmenter: Segmenter, embedder: Embedder, loaded: LoadedImage) -> list[SegmentPoint]:
+    """Segment and embed one decoded image: its points (the sequential reference; the HTTP upload)."""
+    segments = segmenter.segment(loaded.pixels)
+    vectors = embedder.embed_segments(loaded.pixels, segments)
+    return segment_points(loaded, segments, vectors, embedder.model_id)
+
+
 def segment_and_embed(segmenter: Segmenter, embedder: Embedder, images: Sequence[LoadedImage]) -> list[list[SegmentPoint] | str]:
     """Each image's points, or the reason it failed: the group through ``segment_batch`` and
     ``embed_batch``, image by image where a batched call fails, so one bad image fails alone."""
@@ -266,12 +273,6 @@ class Indexer:
                 )
             return
 
-    def process(self, loaded: LoadedImage) -> list[SegmentPoint]:
-        """Segment and embed one decoded image."""
-        segments = self.segmenter.segment(loaded.pixels)
-        vectors = self.embedder.embed_segments(loaded.pixels, segments)
-        return segment_points(loaded, segments, vectors, self.embedder.model_id)
-
     def _commit(self, batch: list[tuple[LoadedImage, list[SegmentPoint]]]) -> None:
         """Write processed images (used by the HTTP API's upload): points, then records."""
         commit(self.store, [
@@ -412,7 +413,7 @@ class Indexer:
 
     def _process_one(self, d: _Decoded) -> Write | ImageEvent:
         try:
-            points = self.process(d.loaded)
+            points = index_image(self.segmenter, self.embedder, d.loaded)
         except Exception as e:  # one bad image must not end a long run
             return self._failed(d.loaded.record.path, f"{type(e).__name__}: {e}", d.old, d.loaded.warnings)
         return self._indexed(d, points)
