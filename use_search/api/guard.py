@@ -108,16 +108,16 @@ class Guard:
             await send(message)
 
         try:
-            refusal = self.refusal(scope)
+            headers = _headers(scope)
+            refusal = self.refusal(scope, headers)
             if refusal is not None:
                 await send_json(send_counted, refusal[0], {"detail": refusal[1]})
             else:
-                await self.limited(scope, receive, send_counted)
+                await self.limited(scope, headers, receive, send_counted)
         finally:
             self.metrics.observe(method, route, status, time.perf_counter() - started)
 
-    def refusal(self, scope: Scope) -> tuple[int, str] | None:
-        headers = _headers(scope)
+    def refusal(self, scope: Scope, headers: dict[str, str]) -> tuple[int, str] | None:
         p = self.policy
         host = headers.get("host", "")
         if p.allowed_hosts is not None and host_name(host) not in p.allowed_hosts:
@@ -144,12 +144,12 @@ class Guard:
                 return 401, "wrong API key"
         return None
 
-    async def limited(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def limited(self, scope: Scope, headers: dict[str, str], receive: Receive, send: Send) -> None:
         """Run the app with the body capped at the route's limit: up front from Content-Length, and
         while the body streams in (chunked uploads); past the limit the request ends with 413."""
         limit = self.policy.body_limit(scope["path"])
         detail = {"detail": f"request body over the {limit:,}-byte limit for {scope['path'][:100]}"}
-        declared = _headers(scope).get("content-length")
+        declared = headers.get("content-length")
         if declared is not None:
             if not declared.isdigit():
                 await send_json(send, 400, {"detail": "malformed Content-Length header"})
