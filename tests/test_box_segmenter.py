@@ -122,3 +122,50 @@ def test_very_thin_images_get_box_masks(sam):
     out = BoxSegmenter(sam, stability_score_offset=OFFSET).segment(thin, [(0.0, 0.0, 300.0, 1.0)])
     assert len(out) == 1 and out[0] is not None
     assert out[0].mask.shape == (1, 600) and out[0].area == int(out[0].mask.sum()) > 0
+
+
+def test_empty_candidates_never_win():
+    """§3.1 keeps each box's most stable candidate. segment-anything's stability of an empty candidate
+    is 0/0 = NaN, which argmax picks and a 0.6 threshold lets through; the stress-test SAM gives such
+    a candidate next to ones of stability ~0.99 (curation's §4.1 thresholds, no post-processing)."""
+    from amg_stress import stress_images, stress_sam
+
+    sam = stress_sam()
+    image = stress_images()[0]
+    h, w = image.shape[:2]
+    boxes = [(10.0, 10.0, 80.0, 90.0), (50.0, 20.0, 150.0, 100.0)]
+    seg = BoxSegmenter(sam, BoxPromptSettings(min_hole_area=0, min_island_area=0),
+                       pred_iou_thresh=0.6, stability_score_thresh=0.6)
+    out = seg.segment(image, boxes)
+
+    predictor = SamPredictor(sam)
+    predictor.set_image(image)
+    with torch.inference_mode():
+        tb = predictor.transform.apply_boxes_torch(torch.tensor(boxes), (h, w))
+        logits, iou, _ = predictor.predict_torch(None, None, boxes=tb, multimask_output=True, return_logits=True)
+    stability = calculate_stability_score(logits, sam.mask_threshold, 1.0).numpy()
+    binary = (logits > sam.mask_threshold).numpy()
+    empty = ~binary.reshape(len(boxes), 3, -1).any(-1)
+    assert np.isnan(stability[0]).any() and empty[0][np.isnan(stability[0])].all(), "the test needs an empty candidate"
+    for k, s in enumerate(out):
+        ranked = np.where(empty[k] | np.isnan(stability[k]), -np.inf, stability[k])
+        best = int(np.argmax(ranked))
+        assert np.isfinite(ranked[best]) and ranked[best] >= 0.6 and iou[k, best] >= 0.6
+        assert s is not None and s.area > 0
+        np.testing.assert_array_equal(s.mask, binary[k, best])
+        assert s.stability_score == pytest.approx(float(stability[k, best]))
+
+
+def test_most_stable_skips_empty_and_nan_candidates():
+    from use_search.segmenter.boxes import most_stable
+
+    logits = torch.full((3, 3, 4, 4), -5.0)  # every candidate empty (and NaN stability) ...
+    logits[0, 1, :2, :2] = 5.0  # box 0: one solid candidate
+    logits[0, 2, :, :] = 0.5  # box 0: a full but unstable one (above 0 but not above the offset of 1)
+    logits[1, 0, :, :] = -0.5  # box 1: empty at 0, yet not NaN (stability 0)
+    logits[1, 2, 0, 0] = 3.0  # box 1: one solid pixel
+    best, score = most_stable(logits, 0.0, 1.0)
+    assert best[:2].tolist() == [1, 2]
+    assert score[0, 1] == 1.0 and score[0, 2] == 0.0 and score[0, 0] == float("-inf")
+    assert score[1, 0] == float("-inf") and score[1, 2] == 1.0
+    assert torch.isneginf(score[2]).all()  # box 2: nothing to choose; the segmenter yields None

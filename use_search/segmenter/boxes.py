@@ -1,6 +1,6 @@
 """Box prompts → masks (paper §3.1, "Mask Generation with Box Prompt").
 
-For each box SAM predicts three masks; we keep the one with the highest stability score, fill small
+For each box SAM predicts three masks; we keep the non-empty one with the highest stability score, fill small
 holes and drop small islands (segment-anything's ``remove_small_regions``: 8-connected regions by size,
 see ``masks.remove_small_regions``), and a box covering more than 90% of the image
 becomes the whole-image mask without running SAM. §4.1 lowers SAM's predicted-IoU and stability
@@ -9,6 +9,7 @@ thresholds to 0.6 for curation; a box whose chosen mask falls below them yields 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -79,13 +80,14 @@ class BoxSegmenter:
                 None, None, boxes=tb, multimask_output=True, return_logits=True
             )
             threshold = self.predictor.model.mask_threshold
-            stability = calculate_stability_score(logits, threshold, self.stability_score_offset)
-            best = stability.argmax(dim=1)
+            best, stability = most_stable(logits, threshold, self.stability_score_offset)
             rows = torch.arange(len(idx), device=device)
             masks = (logits[rows, best] > threshold).cpu().numpy()
             best_iou = iou_preds[rows, best].float().cpu().tolist()
             best_stability = stability[rows, best].float().cpu().tolist()
             for k, i in enumerate(idx):
+                if not math.isfinite(best_stability[k]):  # every candidate of this box is empty
+                    continue
                 if self.pred_iou_thresh is not None and best_iou[k] < self.pred_iou_thresh:
                     continue
                 if self.stability_score_thresh is not None and best_stability[k] < self.stability_score_thresh:
@@ -105,6 +107,17 @@ class BoxSegmenter:
             mask=mask, bbox=mask_bbox(mask), area=area,
             predicted_iou=predicted_iou, stability_score=stability, source="box",
         )
+
+
+def most_stable(logits: torch.Tensor, threshold: float, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K, H, W) mask logits of K candidates per box → each box's candidate with the highest stability
+    score (§3.1) and the (B, K) scores, where an empty candidate scores -inf. segment-anything's
+    stability of a mask with no pixel above ``threshold - offset`` is 0/0 = NaN, which ``argmax`` would
+    pick and every threshold would let through; a box whose candidates are all empty scores -inf."""
+    stability = calculate_stability_score(logits, threshold, offset)
+    empty = ~(logits > threshold).flatten(-2).any(-1)
+    stability = stability.masked_fill(empty | stability.isnan(), float("-inf"))
+    return stability.argmax(dim=1), stability
 
 
 def clip_box(box: BoxXYXY, width: int, height: int) -> BoxXYXY:
