@@ -24,8 +24,10 @@ from use_search.query.voting import (
     EnsembleMember,
     combine_probabilities,
     load_ensemble,
+    ovseg_exponents,
     read_label_png,
     training_logit_scale,
+    vote,
 )
 from use_search.types import Segment
 
@@ -110,18 +112,57 @@ def test_combine_probabilities_by_hand():
     pa = np.array([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
     pb = np.array([[0.1, 0.8, 0.1], [0.3, 0.6, 0.1]])
     # (1·pa + 0.25·pb) / 1.25, computed on paper:
-    np.testing.assert_allclose(combine_probabilities([pa, pb], [1.0, 0.25]), [[0.5, 0.4, 0.1], [0.22, 0.28, 0.5]], atol=1e-6)
+    np.testing.assert_allclose(combine_probabilities([pa, pb], [1.0, 0.25], "mean"), [[0.5, 0.4, 0.1], [0.22, 0.28, 0.5]], atol=1e-6)
     # weights 1 and 4: (pa + 4·pb) / 5 → the first segment flips from class 0 to class 1
-    np.testing.assert_allclose(combine_probabilities([pa, pb], [1.0, 4.0]), [[0.2, 0.7, 0.1], [0.28, 0.52, 0.2]], atol=1e-6)
-    # geometric (OVSeg's form): pa^0.8 · pb^0.2, renormalised
+    np.testing.assert_allclose(combine_probabilities([pa, pb], [1.0, 4.0], "mean"), [[0.2, 0.7, 0.1], [0.28, 0.52, 0.2]], atol=1e-6)
+    # geometric: pa^0.8 · pb^0.2 (exponents w / Σw), renormalised
     g = pa ** 0.8 * pb ** 0.2
     np.testing.assert_allclose(combine_probabilities([pa, pb], [1.0, 0.25], "geometric"), g / g.sum(1, keepdims=True), atol=1e-6)
-    np.testing.assert_array_equal(combine_probabilities([pa], [0.3]), pa.astype(np.float32))  # one model: itself
+    # ovseg, the default: pa^(1-λ) · pb^λ with λ = 0.25, not renormalised; λ = 0.5: √(pa·pb)
+    np.testing.assert_allclose(combine_probabilities([pa, pb], [1.0, 0.25]), pa ** 0.75 * pb ** 0.25, rtol=1e-6)
+    np.testing.assert_allclose(combine_probabilities([pa, pb], [2.0, 1.0]), [[0.6 ** 0.5 * 0.1 ** 0.5, 0.3 ** 0.5 * 0.8 ** 0.5, 0.1],
+                                                                             [0.2 ** 0.5 * 0.3 ** 0.5, 0.2 ** 0.5 * 0.6 ** 0.5, 0.6 ** 0.5 * 0.1 ** 0.5]], rtol=1e-6)
+    for mode in ("ovseg", "mean", "geometric"):  # one model: itself
+        np.testing.assert_allclose(combine_probabilities([pa], [0.3], mode), pa.astype(np.float32), rtol=1e-6)
     for bad in ([1.0, 0.0], [1.0, -0.5], [1.0, float("nan")]):
         with pytest.raises(ValueError, match="positive"):
             combine_probabilities([pa, pb], bad)
+    for bad in ([1.0, 1.0], [1.0, 4.0], [0.25, 1.0], [1.0, 0.5, 0.5]):  # the λ must sum below 1
+        with pytest.raises(ValueError, match="sum below 1"):
+            combine_probabilities([pa, pb, pa][: len(bad)], bad)
     with pytest.raises(ValueError, match="unknown ensemble combination"):
         combine_probabilities([pa, pb], [1, 1], "max")
+    assert ovseg_exponents([1.0, 0.25]) == [0.75, 0.25] and ovseg_exponents([1.0, 0.2, 0.3]) == pytest.approx([0.5, 0.2, 0.3])
+
+
+def test_the_three_combinations_label_a_shared_pixel_differently():
+    """A.2's weights (curated model 1, COCO-GT model 0.25) on two segments that share one pixel: the
+    three forms, summed per pixel as §4.3 votes, give three different labels there. By hand:
+
+    mean:      (pa + 0.25·pb) / 1.25 per segment, summed: 0.60, 0.72, 0.68          → class 1
+    geometric: pa^0.8 · pb^0.2 renormalised per segment, summed: 0.656, 0.654, 0.690 → class 2
+    ovseg:     pa^0.75 · pb^0.25 per segment, summed: 0.583, 0.546, 0.530          → class 0
+    """
+    pa = np.array([[0.3, 0.6, 0.1], [0.2, 0.1, 0.7]])
+    pb = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1]])
+    masks = np.zeros((2, 1, 3), bool)
+    masks[0, 0, :2] = True  # segment 0: pixels 0, 1
+    masks[1, 0, 1:] = True  # segment 1: pixels 1, 2 (pixel 1 shared)
+    by_hand = {
+        "mean": (pa + 0.25 * pb) / 1.25,
+        "geometric": (pa ** 0.8 * pb ** 0.2) / (pa ** 0.8 * pb ** 0.2).sum(1, keepdims=True),
+        "ovseg": pa ** 0.75 * pb ** 0.25,
+    }
+    sums = {"mean": [0.60, 0.72, 0.68], "geometric": [0.6561, 0.6537, 0.6902], "ovseg": [0.5834, 0.5460, 0.5304]}
+    shared = {}
+    for mode, expected in by_hand.items():
+        combined = combine_probabilities([pa, pb], [1.0, 0.25], mode)
+        np.testing.assert_allclose(combined, expected, rtol=1e-6)
+        np.testing.assert_allclose(expected.sum(0), sums[mode], atol=1e-4)
+        labels = vote(masks, combined)
+        assert labels[0, 0] == expected[0].argmax() and labels[0, 2] == expected[1].argmax()
+        shared[mode] = int(labels[0, 1])
+    assert shared == {"mean": 1, "geometric": 2, "ovseg": 0}
 
 
 def test_weighted_model_specs():
@@ -159,10 +200,10 @@ def test_eval_semseg_two_checkpoints_is_the_weighted_combination(ckpts, tmp_path
     results = {}
     for wb in (0.25, 4.0):
         s = settings.model_copy(update={"voting": VotingSettings(
-            models=[f"{ckpts['a']}:1", f"{ckpts['b']}:{wb}"], templates="train4", fallback="none")})
+            models=[f"{ckpts['a']}:1", f"{ckpts['b']}:{wb}"], combine="mean", templates="train4", fallback="none")})
         ensemble = load_ensemble(s)
         counted = [CountingEmbedder(m.embedder) for m in ensemble.members]
-        ensemble = Ensemble([EnsembleMember(c, m.weight, source=m.source) for c, m in zip(counted, ensemble.members)])
+        ensemble = Ensemble([EnsembleMember(c, m.weight, source=m.source) for c, m in zip(counted, ensemble.members)], "mean")
         r = evaluate_semseg(ds, segmenter, ensemble, voting=s.voting, save_dir=tmp_path / f"pred{wb}")
         assert [c.segment_calls for c in counted] == [1, 1]  # one embedding pass per model per image
         combined = (1.0 * probs["a"] + wb * probs["b"]) / (1.0 + wb)
@@ -197,7 +238,8 @@ def test_eval_semseg_two_checkpoints_is_the_weighted_combination(ckpts, tmp_path
 
 
 def test_eval_parts_scores_are_the_combined_probabilities(ckpts):
-    """Parts: a detection's score is the combined probability of its top class."""
+    """Parts: a detection's score is the combined probability of its top class (the default
+    combination, OVSeg's p₀^(1-λ) · p₁^λ with λ = 0.7)."""
     from use_search.eval import PartsDataset, evaluate_parts
     from use_search.masks import encode_rle
 
@@ -216,7 +258,7 @@ def test_eval_parts_scores_are_the_combined_probabilities(ckpts):
     segs = TwoSegments().segment(ckpts["rgb"])
     p = [softmax_by_hand(m.embedder.embed_segments(ckpts["rgb"], segs), m.embedder.embed_texts(CLASSES, None), 30.0)
          for m in ensemble.members]
-    combined = (p[0] + 0.7 * p[1]) / 1.7
+    combined = p[0] ** 0.3 * p[1] ** 0.7
     expected = [(int(t) + 1, combined[i, t]) for i, t in enumerate(combined.argmax(1)) if t < 3]
     assert [(d["category_id"], d["score"]) for d in r.detections] == [(c, pytest.approx(v, rel=1e-5)) for c, v in expected]
     assert r.to_json()["settings"]["models"][1]["weight"] == 0.7
@@ -265,7 +307,8 @@ def cli(args: list[str], data_dir: Path, timeout: int = 300) -> subprocess.Compl
 
 def test_cli_eval_semseg_ensemble_matches_hand_computation(ckpts, tmp_path):
     """`eval semseg --model A:1 --model B:0.25` with the tiny SAM and AMG flags: the predicted labels
-    are the hand-combined vote over the same SAM segments; the JSON states models, scales, templates,
+    are the hand-combined vote (OVSeg's form, the default) over the same SAM segments, uncovered pixels
+    left unlabeled (the default for eval); the JSON states models, scales, combination, templates,
     fallback and the automatic-mask settings."""
     from use_search.factory import Runtime
     from use_search.model.use import load_use_embedder
@@ -273,14 +316,14 @@ def test_cli_eval_semseg_ensemble_matches_hand_computation(ckpts, tmp_path):
     root, settings = ckpts["root"], ckpts["settings"]
     r = cli(["--preset", "tiny", "eval", "semseg", str(root / "images"), str(root / "labels"),
              "--classes", str(root / "classes.txt"), "--model", f"{ckpts['a']}:1", "--model", f"{ckpts['b']}:0.25",
-             "--templates", "train4", "--fallback", "none", "--points-per-side", "4", "--pred-iou-thresh", "0.05",
+             "--templates", "train4", "--points-per-side", "4", "--pred-iou-thresh", "0.05",
              "--stability-thresh", "0", "--save-preds", str(tmp_path / "pred"), "--json"], tmp_path / "data")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     st = out["settings"]
     assert [(m["checkpoint"], m["weight"], m["logit_scale"]) for m in st["models"]] == [
         (str(ckpts["a"]), 1.0, 30.0), (str(ckpts["b"]), 0.25, 30.0)]
-    assert (st["combine"], st["templates"], st["n_templates"], st["fallback"]) == ("mean", "train4", 4, "none")
+    assert (st["combine"], st["templates"], st["n_templates"], st["fallback"]) == ("ovseg", "train4", 4, "none")
     assert (st["amg"]["points_per_side"], st["amg"]["pred_iou_thresh"], st["amg"]["stability_score_thresh"]) == (4, 0.05, 0.0)
     assert "weight 0.25" in r.stderr and "UNTRAINED MODELS" in r.stderr
 
@@ -290,7 +333,7 @@ def test_cli_eval_semseg_ensemble_matches_hand_computation(ckpts, tmp_path):
     assert segs and all(s.predicted_iou >= 0.05 for s in segs)  # the tiny SAM's random masks score ~0.1
     pa, pb = (softmax_by_hand(e.embed_segments(ckpts["rgb"], segs), e.embed_texts(CLASSES, None), 30.0)
               for e in (load_use_embedder(ckpts[k], settings, "cpu") for k in ("a", "b")))
-    expected = vote_by_hand([s.mask for s in segs], (pa + 0.25 * pb) / 1.25)
+    expected = vote_by_hand([s.mask for s in segs], pa ** 0.75 * pb ** 0.25)  # the default: OVSeg's form, λ = 0.25
     np.testing.assert_array_equal(read_label_png((tmp_path / "pred" / "chelsea.png").read_bytes()), expected)
     assert out["per_image"][0]["segments"] == len(segs)
     assert out["per_image"][0]["uncovered_pixels"] == int((expected == UNLABELED).sum())
@@ -306,6 +349,7 @@ def test_cli_voting_options_refuse_bad_input(ckpts, tmp_path):
         (["--model", str(ckpts["a"]), "--model", f"{ckpts['a']}:0.5"], "same checkpoint twice"),
         (["--fallback", "zeros"], "fallback"),
         (["--combine", "max"], "combine"),
+        (["--model", f"{ckpts['a']}:1", "--model", f"{ckpts['b']}:4"], "sum below 1"),
         (["--logit-scale", "0"], "logit_scale"),
     ]:
         r = cli(base + extra, tmp_path / "data")

@@ -199,7 +199,29 @@ def test_semseg_16bit_tiff_labels_with_65535_ignored(data, tmp_path):
     ref = evaluate_semseg(SemsegDataset.from_folders(root / "images", root / "labels", root / "classes.txt"),
                           OracleSegmenter(data["semantic"]), OracleEmbedder(data["names"], data["truth"]))
     assert r.scores.miou == 100.0 and (r.scores.gt_pixels == ref.scores.gt_pixels).all()
-    assert r.to_json()["per_image"][0]["unlabeled_pixels"] == 0
+    out = r.to_json()  # the oracle covers every scored pixel; only the ignored border is left unlabeled
+    assert out["unlabeled_pixels"] == 0 and out["per_image"][0]["unlabeled_pixels"] == out["per_image"][0]["uncovered_pixels"]
+
+
+def test_semseg_leaves_uncovered_pixels_unlabeled_by_default(data):
+    """§4.3 says nothing of pixels no segment covers: eval scores them as misses unless a fallback is
+    asked for, and says which one ran. Here the cat's segment is left out, so its pixels are uncovered."""
+    root = data["root"]
+    ds = SemsegDataset.from_folders(root / "images", root / "labels", root / "classes.txt")
+    cat_label = np.asarray(Image.open(root / "labels" / "sub" / "chelsea.png"))
+    cat, ignored = cat_label == data["names"].index("cat"), cat_label == 255
+    gaps = {k: [m for m in v if not np.array_equal(m, cat)] for k, v in data["semantic"].items()}
+    assert sum(map(len, gaps.values())) == sum(map(len, data["semantic"].values())) - 1
+    oracle = OracleEmbedder(data["names"], data["truth"])
+    plain = evaluate_semseg(ds, OracleSegmenter(gaps), oracle).to_json()
+    assert plain["settings"]["fallback"] == "none"
+    assert plain["uncovered_pixels"] == int(cat.sum() + ignored.sum())  # the ignored border is no segment's either
+    assert plain["unlabeled_pixels"] == int(cat.sum())  # scored pixels left unlabeled: misses
+    filled = evaluate_semseg(ds, OracleSegmenter(gaps), oracle, voting=VotingSettings(fallback="nearest")).to_json()
+    assert filled["settings"]["fallback"] == "nearest" and filled["unlabeled_pixels"] == 0
+    assert filled["uncovered_pixels"] == plain["uncovered_pixels"]
+    ds_parts, _, embedder = _parts_setup(data)
+    assert evaluate_parts(ds_parts, OracleSegmenter(data["instances"]), embedder).to_json()["settings"]["fallback"] == "none"
 
 
 def test_semseg_missing_label_is_an_error(data, tmp_path):

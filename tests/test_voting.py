@@ -119,7 +119,8 @@ def test_semantic_segmentation_tiny_preset_on_photo(photos, tiny_settings):
     covered = np.stack([s.mask for s in segments]).any(0)
     assert not covered.all()  # the tiny SAM leaves gaps, so the fallback has work to do
     np.testing.assert_array_equal(labels != UNLABELED, covered)
-    # The default fallback (nearest labelled pixel) keeps every covered pixel and fills the rest.
+    # segment's default fallback (nearest labelled pixel) keeps every covered pixel and fills the rest.
+    assert VotingSettings().fallback is None
     filled, _ = semantic_segmentation(pixels, classes, segmenter, embedder, VotingSettings(templates="train4"))
     np.testing.assert_array_equal(filled[covered], labels[covered])
     assert (filled != UNLABELED).all()
@@ -157,18 +158,34 @@ def test_fill_nearest_matches_brute_force():
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_vote_with_a_prior_matches_reference(seed):
+def test_vote_fill_labels_only_uncovered_pixels(seed):
     rng = np.random.default_rng(seed)
     n, c, h, w = 5, 4, 11, 9
     masks = rng.random((n, h, w)) < 0.2
     probs = rng.dirichlet(np.ones(c), size=n).astype(np.float32)
-    prior = (0.05 * rng.dirichlet(np.ones(c))).astype(np.float32)
-    labels = vote(masks, probs, prior)
-    np.testing.assert_array_equal(labels, reference_vote(masks, probs, prior))
-    assert (labels != UNLABELED).all()
-    np.testing.assert_array_equal(labels[~masks.any(0)], int(prior.argmax()))
-    # No segment at all: the prior labels everything.
-    assert (vote(np.zeros((0, h, w), bool), np.zeros((0, c)), prior) == int(prior.argmax())).all()
+    labels = vote(masks, probs, fill=2)
+    covered = masks.any(0)
+    assert not covered.all()
+    np.testing.assert_array_equal(labels[covered], reference_vote(masks, probs)[covered])
+    assert (labels[~covered] == 2).all()
+    # No segment at all: the fill labels everything.
+    assert (vote(np.zeros((0, h, w), bool), np.zeros((0, c)), fill=1) == 1).all()
+
+
+def test_whole_image_fallback_never_changes_a_covered_pixel():
+    """The whole image's class fills the gaps only. It used to vote everywhere with weight 0.05, which
+    decided near-ties on covered pixels too. By hand, on a 1×5 image: segment 0 covers pixels 0-1 with
+    (0.51, 0.49), segment 1 pixels 1-2 with (0.5, 0.5), the whole image says (0.1, 0.9). Votes:
+    pixel 0 → 0; pixel 1 sums (1.01, 0.99) → 0; pixel 2 ties (0.5, 0.5) → 0 (the lower index); pixels
+    3-4 → the whole image's class 1. With the 0.05 × (0.1, 0.9) voter added everywhere, pixel 0 would
+    sum (0.515, 0.535), pixel 1 (1.015, 1.035) and pixel 2 (0.505, 0.545): all three flipped to 1."""
+    masks = np.zeros((2, 1, 5), bool)
+    masks[0, 0, :2] = True
+    masks[1, 0, 1:3] = True
+    probs = np.array([[0.51, 0.49], [0.5, 0.5]], np.float32)
+    whole = np.array([0.1, 0.9], np.float32)
+    assert vote(masks, probs, fill=int(whole.argmax())).tolist() == [[0, 0, 0, 1, 1]]
+    assert reference_vote(masks, probs, 0.05 * whole).tolist() == [[1, 1, 1, 1, 1]]  # the old rule
 
 
 class FixedSegmenter:
@@ -183,7 +200,7 @@ class FixedSegmenter:
 
 def test_predict_labels_fallbacks_on_a_hand_example(photos, tiny_settings):
     """Two segments leaving a gap; the real tiny embedder. none: the gap is unlabeled; nearest: filled
-    from its neighbours; image: the whole image is one more segment voting with weight w everywhere."""
+    from its neighbours; image: filled with the class of the whole image taken as one more segment."""
     from use_search.factory import Runtime
     from use_search.indexer import read_image
 
@@ -207,12 +224,12 @@ def test_predict_labels_fallbacks_on_a_hand_example(photos, tiny_settings):
     assert nearest.unlabeled_pixels == 0 and nearest.uncovered_pixels == none.uncovered_pixels
     np.testing.assert_array_equal(nearest.labels, fill_nearest(none.labels))
 
-    w = 0.05
-    image = predict_labels(pixels, seg, embedder, cv, fallback="image", fallback_weight=w)
+    image = predict_labels(pixels, seg, embedder, cv, fallback="image")
     whole = Segment(mask=np.ones((40, 50), bool), bbox=(0, 0, 50, 40), area=2000)
     p_img = class_probabilities(embedder.embed_segments(pixels, [whole]), cv, 100.0)[0]
-    np.testing.assert_array_equal(image.labels, reference_vote(np.stack([a, b]), p, w * p_img))
+    np.testing.assert_array_equal(image.labels[a | b], none.labels[a | b])
     assert image.unlabeled_pixels == 0 and (image.labels[~(a | b)] == p_img.argmax()).all()
+    assert (none.fallback, nearest.fallback, image.fallback) == ("none", "nearest", "image")
 
     with pytest.raises(ValueError, match="unknown fallback"):
         predict_labels(pixels, seg, embedder, cv, fallback="zeros")

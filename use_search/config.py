@@ -131,12 +131,16 @@ class VotingSettings(BaseModel):
     # (A.2: curated-data model 1, COCO-ground-truth model 0.7 on PC-59, 0.25 elsewhere).
     # Empty: the one configured model (``use_checkpoint``, else crop-CLIP).
     models: list[WeightedModel] = []
-    combine: Literal["mean", "geometric"] = "mean"  # Σ wᵢpᵢ/Σ wᵢ, or OVSeg's Π pᵢ^(wᵢ/Σ w) renormalised
+    # "ovseg" (A.2, "same as OVSeg"): p₀^(1-λ) · p₁^λ with λ = the second model's weight relative to the
+    # first (``query.voting.ovseg_exponents``), not renormalised; "mean": Σ wᵢpᵢ / Σ wᵢ;
+    # "geometric": Π pᵢ^(wᵢ/Σ w), renormalised per segment.
+    combine: Literal["ovseg", "mean", "geometric"] = "ovseg"
     templates: str = "imagenet80"  # a named set (train4, imagenet80) or a file, one template per line
     logit_scale: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # None: each model's training scale (CLIP: 100)
-    # Pixels no segment covers: "nearest" labelled pixel, a low-weight whole-"image" voter, or "none".
-    fallback: Literal["nearest", "image", "none"] = "nearest"
-    fallback_weight: float = Field(default=0.05, gt=0, allow_inf_nan=False)  # the whole-image voter's weight ("image")
+    # Pixels no segment covers: the "nearest" labelled pixel's class, the whole "image"'s class (taken
+    # as one more segment; covered pixels keep their vote), or "none" (unlabeled: a miss in eval).
+    # None: "nearest" for segment and /segment, "none" for eval semseg (§4.3 says nothing of them).
+    fallback: Literal["nearest", "image", "none"] | None = None
 
     @field_validator("models", mode="after")
     @classmethod
@@ -145,6 +149,14 @@ class VotingSettings(BaseModel):
         if len(set(paths)) != len(paths):
             raise ValueError("an ensemble lists the same checkpoint twice: give each once, with its weight")
         return v
+
+    @model_validator(mode="after")
+    def _ovseg_weights(self) -> "VotingSettings":
+        if self.combine == "ovseg" and len(self.models) > 1:
+            from use_search.query.voting import ovseg_exponents
+
+            ovseg_exponents([m.weight for m in self.models])
+        return self
 
 
 class StoreSettings(BaseModel):

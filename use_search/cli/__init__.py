@@ -295,11 +295,20 @@ MODELS_HELP = (
     "always use the one global --model (a store holds one vector space). Default: the global --model, else crop-CLIP."
 )
 OPT_MODELS = typer.Option(None, "--model", "-m", help=MODELS_HELP)
-OPT_COMBINE = typer.Option(None, "--combine", help="Ensemble combination: mean (Σ w·p / Σ w, default) or geometric (OVSeg's Π p^w).")
+OPT_COMBINE = typer.Option(
+    None, "--combine",
+    help="Ensemble combination: ovseg (default, A.2 \"same as OVSeg\": p1^(1-λ)·p2^λ with λ = the second --model's "
+    "weight relative to the first, so -m curated:1 -m cocogt:0.25 gives p1^0.75·p2^0.25; the λ must sum below 1), "
+    "mean (Σ w·p / Σ w) or geometric (Π p^(w/Σw), renormalised per segment).",
+)
 OPT_TEMPLATES = typer.Option(None, "--templates", help="Class-name templates: train4, imagenet80 (default) or a file, one per line with {}.")
 OPT_LOGIT_SCALE = typer.Option(None, "--logit-scale", help="Softmax scale on cosines (default: each model's training scale; crop-CLIP 100).")
-OPT_FALLBACK = typer.Option(None, "--fallback", help="Pixels no segment covers: nearest (default), image (a low-weight whole-image voter) or none (a miss).")
-OPT_FALLBACK_WEIGHT = typer.Option(None, "--fallback-weight", help="Weight of the whole-image voter (--fallback image; default 0.05).")
+OPT_FALLBACK = typer.Option(
+    None, "--fallback",
+    help="Pixels no segment covers: nearest (the nearest labelled pixel's class; default of segment), image (the "
+    "whole image's class; covered pixels keep their vote) or none (unlabeled, 255; default of eval semseg, the "
+    "paper's protocol: a miss).",
+)
 OPT_POINTS = typer.Option(None, "--points-per-side", min=1, help="SAM point grid side (default: the preset's; SAM's 32).")
 OPT_PRED_IOU = typer.Option(None, "--pred-iou-thresh", min=0.0, max=1.0, help="SAM predicted-IoU filter (default: SAM's 0.88).")
 OPT_STABILITY = typer.Option(None, "--stability-thresh", min=0.0, max=1.0, help="SAM stability-score filter (default: SAM's 0.95).")
@@ -307,14 +316,13 @@ OPT_STABILITY = typer.Option(None, "--stability-thresh", min=0.0, max=1.0, help=
 
 def _voting_settings(
     models: Optional[list[str]], combine: Optional[str], templates: Optional[str], logit_scale: Optional[float],
-    fallback: Optional[str], fallback_weight: Optional[float], points_per_side: Optional[int],
+    fallback: Optional[str], points_per_side: Optional[int],
     pred_iou_thresh: Optional[float], stability_thresh: Optional[float],
 ) -> Settings:
     """``state.settings`` with the voting and automatic-mask flags applied (validated by the settings model)."""
     s = state.settings
     voting = {k: v for k, v in dict(
         models=models or None, combine=combine, templates=templates, logit_scale=logit_scale, fallback=fallback,
-        fallback_weight=fallback_weight,
     ).items() if v is not None}
     amg = {k: v for k, v in dict(
         points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_thresh,
@@ -354,14 +362,13 @@ def segment(
     templates: Optional[str] = OPT_TEMPLATES,
     logit_scale: Optional[float] = OPT_LOGIT_SCALE,
     fallback: Optional[str] = OPT_FALLBACK,
-    fallback_weight: Optional[float] = OPT_FALLBACK_WEIGHT,
     points_per_side: Optional[int] = OPT_POINTS,
     pred_iou_thresh: Optional[float] = OPT_PRED_IOU,
     stability_thresh: Optional[float] = OPT_STABILITY,
 ) -> None:
     """Semantic segmentation by voting (paper §4.3): SAM segments, softmax over classes (combined over
     an ensemble of models, A.2), per-pixel sum."""
-    settings = _voting_settings(models, combine, templates, logit_scale, fallback, fallback_weight,
+    settings = _voting_settings(models, combine, templates, logit_scale, fallback,
                                 points_per_side, pred_iou_thresh, stability_thresh)
     from use_search.indexer.read import ImageReadError, read_image
     from use_search.query.voting import check_class_names, label_png, segment_by_voting
@@ -382,7 +389,7 @@ def segment(
         t.add_row(str(i), name, str(int(m.sum())))
     t.add_row("255", "(unlabeled)", str(votes.unlabeled_pixels))
     out.print(t)
-    err.print(f"{votes.uncovered_pixels} pixels no segment covered (fallback: {settings.voting.fallback}); "
+    err.print(f"{votes.uncovered_pixels} pixels no segment covered (fallback: {votes.fallback}); "
               f"labels written to {out_path}", highlight=False)
 
 
@@ -663,7 +670,6 @@ def eval_semseg(
     templates: Optional[str] = OPT_TEMPLATES,
     logit_scale: Optional[float] = OPT_LOGIT_SCALE,
     fallback: Optional[str] = OPT_FALLBACK,
-    fallback_weight: Optional[float] = OPT_FALLBACK_WEIGHT,
     points_per_side: Optional[int] = OPT_POINTS,
     pred_iou_thresh: Optional[float] = OPT_PRED_IOU,
     stability_thresh: Optional[float] = OPT_STABILITY,
@@ -673,7 +679,7 @@ def eval_semseg(
 ) -> None:
     """mIoU / pAcc / mAcc of §4.3 voting over SAM segments on ADE20K / Pascal-Context-style data.
     Several --model PATH:WEIGHT vote as an ensemble (A.2)."""
-    settings = _voting_settings(models, combine, templates, logit_scale, fallback, fallback_weight,
+    settings = _voting_settings(models, combine, templates, logit_scale, fallback,
                                 points_per_side, pred_iou_thresh, stability_thresh)
     from use_search.eval import SemsegDataset, evaluate_semseg
     from use_search.model.text import template_set
@@ -718,7 +724,7 @@ def eval_parts(
 ) -> None:
     """Mask mAP@[.5:.95] (COCOeval) of the SAM segments whose top class is a part (§4.4).
     Several --model PATH:WEIGHT vote as an ensemble (A.2)."""
-    settings = _voting_settings(models, combine, templates, logit_scale, None, None,
+    settings = _voting_settings(models, combine, templates, logit_scale, None,
                                 points_per_side, pred_iou_thresh, stability_thresh)
     from use_search.eval import PartsDataset, evaluate_parts
     from use_search.eval.common import read_class_list

@@ -206,7 +206,9 @@ def evaluate_parts(
     t = time.perf_counter()
     ap = mask_map(dataset.coco, detections, cat_ids=part_ids, img_ids=dataset.img_ids, max_dets=max_dets)
     timer.add("cocoeval", t)
-    settings = {"models": ens.describe(), "combine": ens.combine, "templates": v.templates, "n_templates": len(templates)}
+    # "fallback": mask AP scores SAM's masks themselves, so no uncovered pixel is ever filled.
+    settings = {"models": ens.describe(), "combine": ens.combine, "templates": v.templates, "n_templates": len(templates),
+                "fallback": "none"}
     return PartsResult(
         ap, part_names, bg, len(dataset.img_ids), n_segments, time.perf_counter() - started, timer.seconds, detections,
         settings,

@@ -11,8 +11,8 @@ pass ``reduce_zero_label=True`` (0 → ignore, v → v - 1), as mmsegmentation d
 
 Each image goes through SAM automatic masks → segment embeddings (every model of the ensemble) →
 softmax over the class text embeddings → weighted combination → per-pixel vote (``query.voting``);
-pixels no segment covers get the fallback (default: the nearest labelled pixel's class) and any pixel
-left unlabeled counts as a miss. Confusion counts are pooled over all images (mmsegmentation's
+pixels no segment covers get the fallback (default ``none``: they stay unlabeled) and any pixel left
+unlabeled counts as a miss. Confusion counts are pooled over all images (mmsegmentation's
 convention); ``per_image`` reports each image's segments, uncovered and unlabeled pixels.
 """
 
@@ -39,6 +39,10 @@ from use_search.indexer.read import read_image
 from use_search.model.base import Embedder
 from use_search.query.voting import Ensemble, label_png, predict_labels
 from use_search.types import Segmenter
+
+# §4.3 says nothing of pixels no segment covers: by default they stay unlabeled and score as misses,
+# the paper's protocol as written (``segment`` fills them instead, ``query.voting.SEGMENT_FALLBACK``).
+EVAL_FALLBACK = "none"
 
 
 @dataclass
@@ -153,6 +157,7 @@ def evaluate_semseg(
 
     started = time.perf_counter()
     v = voting or VotingSettings()
+    fallback = v.fallback or EVAL_FALLBACK
     ens = Ensemble.of(models).with_logit_scale(v.logit_scale)
     templates = template_set(v.templates)
     timer = Timer()
@@ -174,9 +179,7 @@ def evaluate_semseg(
                 f"{lab_path}: label is {gt.shape[1]}×{gt.shape[0]}, image {img_path} is "
                 f"{pixels.shape[1]}×{pixels.shape[0]} (after EXIF orientation)"
             )
-        votes = predict_labels(
-            pixels, segmenter, ens, class_vectors, fallback=v.fallback, fallback_weight=v.fallback_weight, timer=timer
-        )
+        votes = predict_labels(pixels, segmenter, ens, class_vectors, fallback=fallback, timer=timer)
         n_segments += votes.segments
         per_image.append({
             "image": str(dataset.relative(img_path)), "segments": votes.segments,
@@ -193,7 +196,7 @@ def evaluate_semseg(
             on_image(i + 1, len(dataset.pairs), img_path.name)
     settings = {
         "models": ens.describe(), "combine": ens.combine, "templates": v.templates, "n_templates": len(templates),
-        "fallback": v.fallback, **({"fallback_weight": v.fallback_weight} if v.fallback == "image" else {}),
+        "fallback": fallback,
     }
     return SemsegResult(
         dataset.classes, cm.scores(), len(dataset.pairs), n_segments, time.perf_counter() - started, timer.seconds,

@@ -3,10 +3,12 @@
 Class-agnostic masks (SAM, point grid + NMS) are computed once per image and embedded by every model
 of the ensemble; each model turns its segment embeddings into a softmax over the target classes of
 (cosine similarity × its logit scale); the models' probabilities are combined per segment with their
-weights; every pixel sums the combined probabilities of the segments that cover it and takes the
+weights (by default OVSeg's weighted geometric mean, as A.2 says); every pixel sums the combined probabilities of the segments that cover it and takes the
 class with the highest total. Pixels no segment covers get the fallback (``VotingSettings.fallback``):
-the nearest labelled pixel's class, a low-weight whole-image voter, or none (``UNLABELED``: -1 in
-the label map, 255 in a label PNG).
+the nearest labelled pixel's class, the class of the whole image taken as one more segment, or none
+(``UNLABELED``: -1 in the label map, 255 in a label PNG). §4.3 says nothing of them: ``eval semseg``
+leaves them unlabeled by default (``eval.semseg.EVAL_FALLBACK``), ``segment`` fills them
+(``SEGMENT_FALLBACK``).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ UNLABELED = -1
 UNLABELED_PNG = 255
 CLIP_LOGIT_SCALE = 100.0  # CLIP's learned logit scale (saturated at 100): crop-CLIP's softmax scale
 PIXEL_CHUNK = 1 << 18  # pixels per matrix product: bounds the (classes × pixels) buffer
-COMBINE_MODES = ("mean", "geometric")
+COMBINE_MODES = ("ovseg", "mean", "geometric")
 FALLBACKS = ("nearest", "image", "none")
+SEGMENT_FALLBACK = "nearest"  # segment and /segment, unless set: users there want a full label map
 
 
 class StageTimer(Protocol):
@@ -54,12 +57,34 @@ def class_probabilities(
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def combine_probabilities(probs: Sequence[np.ndarray], weights: Sequence[float], mode: str = "mean") -> np.ndarray:
-    """Per-segment class probabilities of several models, (N, C) each → one (N, C), rows summing to 1.
+def ovseg_exponents(weights: Sequence[float]) -> list[float]:
+    """The exponents of OVSeg's ensemble ``p₀^(1-λ) · p₁^λ`` for A.2's weights (``PATH:WEIGHT``).
 
-    ``mean``: Σᵢ wᵢ·pᵢ / Σᵢ wᵢ (the weights of A.2: curated-data model 1, COCO-GT model 0.7 / 0.25).
-    ``geometric``: Πᵢ pᵢ^(wᵢ/Σ w), renormalised: OVSeg's ensemble (pᵃ^λ · pᵇ^(1-λ)), which A.2 says it
-    follows, generalised to any number of models. Both reduce to the model itself for one model.
+    The first model is the base (A.2: the curated-data model, weight 1); each other model's weight
+    relative to it is its exponent λᵢ, and the base gets 1 - Σ λᵢ. So weights 1 and 0.25 give
+    p₀^0.75 · p₁^0.25. The λᵢ must sum below 1 (the base keeps a positive exponent).
+    """
+    if len(weights) < 2:
+        return [1.0] * len(weights)
+    lams = [w / weights[0] for w in weights[1:]]
+    if sum(lams) >= 1:
+        raise ValueError(
+            f"combine 'ovseg': the other models' weights relative to the first ({', '.join(f'{w:g}' for w in weights)}) "
+            f"are exponents that must sum below 1 (A.2: the curated-data model first at 1, e.g. PATH:1 PATH:0.25); "
+            "list the base model first or use combine 'mean'"
+        )
+    return [1.0 - sum(lams), *lams]
+
+
+def combine_probabilities(probs: Sequence[np.ndarray], weights: Sequence[float], mode: str = "ovseg") -> np.ndarray:
+    """Per-segment class probabilities of several models, (N, C) each → one (N, C).
+
+    ``ovseg`` (A.2, "same as OVSeg"): OVSeg's weighted geometric mean Πᵢ pᵢ^eᵢ with the exponents of
+    ``ovseg_exponents`` (two models: p₀^(1-λ) · p₁^λ), not renormalised: a segment on which the models
+    disagree keeps less mass in the per-pixel sum.
+    ``mean``: Σᵢ wᵢ·pᵢ / Σᵢ wᵢ. ``geometric``: Πᵢ pᵢ^(wᵢ/Σ w), each row renormalised to sum to 1
+    (other exponents than ``ovseg`` for the same weights, and every segment votes with mass 1).
+    All reduce to the model itself for one model.
     """
     if len(probs) != len(weights) or not probs:
         raise ValueError(f"{len(probs)} probability arrays but {len(weights)} weights")
@@ -67,23 +92,24 @@ def combine_probabilities(probs: Sequence[np.ndarray], weights: Sequence[float],
     if not np.all(np.isfinite(w)) or (w <= 0).any():
         raise ValueError(f"ensemble weights must be positive numbers, got {list(weights)}")
     p = np.stack([np.asarray(x, dtype=np.float64) for x in probs])  # (M, N, C); raises on unequal shapes
-    w = w / w.sum()
-    if mode == "mean":
-        out = np.tensordot(w, p, axes=1)
+    if mode == "ovseg":
+        out = np.prod(p ** np.asarray(ovseg_exponents(list(w)))[:, None, None], axis=0)
+    elif mode == "mean":
+        out = np.tensordot(w / w.sum(), p, axes=1)
     elif mode == "geometric":
-        out = np.exp(np.tensordot(w, np.log(np.maximum(p, 1e-300)), axes=1))
+        out = np.exp(np.tensordot(w / w.sum(), np.log(np.maximum(p, 1e-300)), axes=1))
         out /= np.maximum(out.sum(axis=-1, keepdims=True), 1e-300)
     else:
         raise ValueError(f"unknown ensemble combination {mode!r}; choose one of {', '.join(COMBINE_MODES)}")
     return out.astype(np.float32)
 
 
-def vote(masks: np.ndarray | Sequence[np.ndarray], probs: np.ndarray, prior: np.ndarray | None = None) -> np.ndarray:
+def vote(masks: np.ndarray | Sequence[np.ndarray], probs: np.ndarray, fill: int | None = None) -> np.ndarray:
     """(N, H, W) bool masks and (N, C) per-segment class probabilities → (H, W) int32 labels.
 
-    Each pixel's score for class c is the sum of ``probs[i, c]`` over the segments i covering it, plus
-    ``prior[c]`` when given (a voter covering every pixel, e.g. the whole image × a small weight); the
-    label is the argmax (ties → the lower class index), ``UNLABELED`` where nothing votes.
+    Each pixel's score for class c is the sum of ``probs[i, c]`` over the segments i covering it; the
+    label is the argmax (ties → the lower class index). Pixels no segment covers get ``fill`` (None:
+    ``UNLABELED``).
     """
     m = np.asarray(masks, dtype=bool)
     p = np.asarray(probs, dtype=np.float32)
@@ -92,15 +118,7 @@ def vote(masks: np.ndarray | Sequence[np.ndarray], probs: np.ndarray, prior: np.
     n, h, w = m.shape
     if p.ndim != 2 or p.shape[0] != n:
         raise ValueError(f"probs must be (N={n}, C), got {p.shape}")
-    if prior is not None:
-        prior = np.asarray(prior, dtype=np.float32)
-        if n and prior.shape != (p.shape[1],):
-            raise ValueError(f"prior must be (C={p.shape[1]},), got {prior.shape}")
-    labels = np.full(h * w, UNLABELED, dtype=np.int32)
-    if prior is not None and prior.size:
-        labels[:] = int(prior.argmax())
-        if n == 0:
-            return labels.reshape(h, w)
+    labels = np.full(h * w, UNLABELED if fill is None else fill, dtype=np.int32)
     if n == 0 or p.shape[1] == 0:
         return labels.reshape(h, w)
     flat = m.reshape(n, h * w)
@@ -109,11 +127,8 @@ def vote(masks: np.ndarray | Sequence[np.ndarray], probs: np.ndarray, prior: np.
     for start in range(0, h * w, PIXEL_CHUNK):
         block = flat[:, start : start + PIXEL_CHUNK]
         scores = pt @ block.astype(np.float32)  # (C, chunk): summed probabilities per class
-        if prior is not None:
-            scores += prior[:, None]
-        labels[start : start + block.shape[1]] = scores.argmax(axis=0)
-    if prior is None:
-        labels[~covered] = UNLABELED
+        chunk = slice(start, start + block.shape[1])
+        labels[chunk] = np.where(covered[chunk], scores.argmax(axis=0), labels[chunk])
     return labels.reshape(h, w)
 
 
@@ -169,7 +184,7 @@ class Ensemble:
     """Models whose per-segment class probabilities are combined before the vote (A.2). A single
     model is an ensemble of one (its probabilities pass through unchanged)."""
 
-    def __init__(self, members: Sequence[EnsembleMember], combine: str = "mean") -> None:
+    def __init__(self, members: Sequence[EnsembleMember], combine: str = "ovseg") -> None:
         if not members:
             raise ValueError("an ensemble needs at least one model")
         if combine not in COMBINE_MODES:
@@ -179,6 +194,8 @@ class Ensemble:
                 raise ValueError(f"ensemble weights must be positive numbers, got {m.weight} for {m.source or m.embedder.model_id}")
             if not (np.isfinite(m.scale) and m.scale > 0):
                 raise ValueError(f"logit scale must be a positive number, got {m.scale}")
+        if combine == "ovseg":
+            ovseg_exponents([m.weight for m in members])
         self.members = list(members)
         self.combine = combine
         # Class-name embeddings per (classes, templates): a server answers the same class list many
@@ -271,6 +288,7 @@ class Votes:
     labels: np.ndarray  # (H, W) int32 class indices, UNLABELED = -1
     segments: int  # SAM segments that voted
     uncovered_pixels: int  # pixels no segment covers (before the fallback)
+    fallback: str  # what labelled them (``FALLBACKS``)
 
     @property
     def unlabeled_pixels(self) -> int:
@@ -307,11 +325,11 @@ def predict_labels(
     models: "Embedder | Ensemble",
     class_vectors: np.ndarray | Sequence[np.ndarray],
     *,
-    fallback: str = "nearest",
-    fallback_weight: float = 0.05,
+    fallback: str = SEGMENT_FALLBACK,
     timer: StageTimer | None = None,
 ) -> Votes:
-    """§4.3 voting on one image, the fallback (``FALLBACKS``) for pixels no segment covers."""
+    """§4.3 voting on one image, the fallback (``FALLBACKS``) for pixels no segment covers; the
+    fallback never changes a covered pixel."""
     if fallback not in FALLBACKS:
         raise ValueError(f"unknown fallback {fallback!r}; choose one of {', '.join(FALLBACKS)}")
     ens = Ensemble.of(models)
@@ -325,17 +343,17 @@ def predict_labels(
     voters = segments + [whole_image_segment(h, w)] if fallback == "image" else segments
     probs = ens.probabilities(pixels, voters, cvs, timer) if voters else np.zeros((0, len(cvs[0])), np.float32)
     t = time.perf_counter()
-    prior = None
+    fill = None
     if fallback == "image":
-        prior, probs = fallback_weight * probs[-1], probs[:-1]
+        fill, probs = int(probs[-1].argmax()), probs[:-1]
     masks = np.stack([s.mask for s in segments]) if segments else np.zeros((0, h, w), bool)
     uncovered = h * w - int(masks.any(axis=0).sum()) if segments else h * w
-    labels = vote(masks, probs, prior)
+    labels = vote(masks, probs, fill)
     if fallback == "nearest":
         labels = fill_nearest(labels)
     if timer:
         timer.add("vote", t)
-    return Votes(labels, len(segments), uncovered)
+    return Votes(labels, len(segments), uncovered, fallback)
 
 
 def check_class_names(classes: Sequence[str]) -> list[str]:
@@ -365,7 +383,7 @@ def segment_by_voting(
         raise ValueError(f"image must be H×W×3, got {image.shape}")
     ens = Ensemble.of(models).with_logit_scale(v.logit_scale)
     class_vectors = ens.class_vectors(names, template_set(v.templates))
-    return predict_labels(image, segmenter, ens, class_vectors, fallback=v.fallback, fallback_weight=v.fallback_weight)
+    return predict_labels(image, segmenter, ens, class_vectors, fallback=v.fallback or SEGMENT_FALLBACK)
 
 
 def semantic_segmentation(
