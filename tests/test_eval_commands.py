@@ -224,6 +224,23 @@ def test_semseg_leaves_uncovered_pixels_unlabeled_by_default(data):
     assert evaluate_parts(ds_parts, OracleSegmenter(data["instances"]), embedder).to_json()["settings"]["fallback"] == "none"
 
 
+def test_semseg_label_outside_the_classes_names_value_and_file(data, tmp_path):
+    root = data["root"]
+    lab = np.asarray(Image.open(root / "labels" / "voc.png")).copy()
+    lab[5, 5] = 30  # VOC has 21 classes; 255 is the ignore index
+    (tmp_path / "labels" / "sub").mkdir(parents=True)
+    Image.fromarray(lab).save(tmp_path / "labels" / "voc.png")
+    Image.open(root / "labels" / "sub" / "chelsea.png").save(tmp_path / "labels" / "sub" / "chelsea.png")
+    ds = SemsegDataset.from_folders(root / "images", tmp_path / "labels", root / "classes.txt")
+    oracle = OracleSegmenter(data["semantic"]), OracleEmbedder(data["names"], data["truth"])
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'labels' / 'voc.png'} holds 30: outside the 21 classes"):
+        evaluate_semseg(ds, *oracle)
+    # With reduce_zero_label (0 → ignore, v → v - 1) the message names the file's own value.
+    ds0 = SemsegDataset.from_folders(root / "images", tmp_path / "labels", data["names"][1:], reduce_zero_label=True)
+    with pytest.raises(ValueError, match=r"voc\.png holds 30 \(29 after reduce_zero_label\): outside the 20 classes"):
+        evaluate_semseg(ds0, *oracle)
+
+
 def test_semseg_missing_label_is_an_error(data, tmp_path):
     (tmp_path / "img").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "img" / "x.png")

@@ -30,7 +30,7 @@ def reference_semseg(preds, gts, n_classes, ignore=IGNORE):
     gt_count = np.zeros(n_classes)
     valid_total = 0
     for p, g in zip(preds, gts):
-        valid = (g != ignore) & (g >= 0) & (g < n_classes)
+        valid = g != ignore
         valid_total += int(valid.sum())
         for c in range(n_classes):
             g_c = (g == c) & valid
@@ -52,7 +52,6 @@ def test_miou_matches_independent_set_computation(seed):
         h, w = rng.integers(20, 60, size=2)
         g = rng.integers(0, n, size=(h, w))
         g[rng.random((h, w)) < 0.1] = IGNORE  # ignored pixels
-        g[0, 0] = n + 3  # an out-of-range ground-truth value is ignored too
         p = np.where(rng.random((h, w)) < 0.6, g, rng.integers(0, n, size=(h, w)))
         p[rng.random((h, w)) < 0.05] = -1  # unlabeled (no segment) predictions
         gts.append(g)
@@ -91,6 +90,21 @@ def test_perfect_prediction_scores_100_and_accumulation_is_additive():
     np.testing.assert_array_equal(a.matrix, both.matrix)
     with pytest.raises(ValueError):
         a.update(pred[:2], g)
+
+
+def test_ground_truth_outside_the_classes_is_an_error():
+    """mmseg leaves only the ignore index out; any other value outside 0..C-1 would be counted
+    inconsistently (its pixels dropped from the truth, kept as false positives), so it is refused."""
+    g = np.array([[0, 1, IGNORE, 7], [2, 9, 7, 0]])
+    p = np.zeros_like(g)
+    cm = ConfusionMatrix(3, IGNORE)
+    with pytest.raises(ValueError, match=r"ground truth of labels/x\.png holds 7, 9: outside the 3 classes \(0\.\.2\)"):
+        cm.update(p, g, source="labels/x.png")
+    with pytest.raises(ValueError, match="holds -1"):
+        cm.update(p[:1, :2], np.array([[0, -1]]))
+    assert cm.matrix.sum() == 0  # nothing half-counted
+    cm.update(p, np.where((g == 7) | (g == 9), IGNORE, g))  # the same map with those pixels ignored
+    assert cm.matrix.sum() == 4
 
 
 def test_unlabeled_pixels_are_misses_not_false_positives():

@@ -2,7 +2,9 @@
 
 Conventions (those of mmsegmentation and the papers in Table 2):
 
-- Ground-truth pixels equal to ``ignore_index`` (or outside ``0..n_classes-1``) are left out.
+- Ground-truth pixels equal to ``ignore_index`` are left out; any other ground-truth value outside
+  ``0..n_classes-1`` is an error naming the value (mmsegmentation would drop its pixels from the truth
+  yet count predictions on them as false positives: a wrong class list or label file, not data).
 - A predicted label outside ``0..n_classes-1`` (``UNLABELED`` = -1: no segment covers the pixel) is a
   miss for the ground-truth class and a false positive for no class.
 - IoU of a class = TP / (TP + FP + FN); a class that appears in neither ground truth nor prediction has
@@ -26,6 +28,22 @@ import numpy as np
 # Semantic segmentation
 
 
+def check_ground_truth(gt: np.ndarray, n_classes: int, ignore_index: int, source: str, shift: int = 0) -> None:
+    """Every ground-truth value must be a class index (``0..n_classes-1``) or ``ignore_index``;
+    otherwise a ValueError naming the values and ``source``. ``shift``: what was subtracted from the
+    file's values (``reduce_zero_label``), so the message gives the file's own values too."""
+    g = np.asarray(gt)
+    bad = (g != ignore_index) & ((g < 0) | (g >= n_classes))
+    if not bad.any():
+        return
+    values = [int(v) for v in np.unique(g[bad])]
+    shown = ", ".join(f"{v + shift} ({v} after reduce_zero_label)" if shift else str(v) for v in values)
+    raise ValueError(
+        f"{source} holds {shown}: outside the {n_classes} classes (0..{n_classes - 1}) and not the ignore "
+        f"index {ignore_index} (check the class list, --ignore-index and --reduce-zero-label)"
+    )
+
+
 class ConfusionMatrix:
     """Accumulates an (n_classes, n_classes + 1) pixel count matrix: rows = ground truth, columns =
     prediction, the last column = "no valid prediction" (unlabeled pixels)."""
@@ -37,14 +55,16 @@ class ConfusionMatrix:
         self.ignore_index = ignore_index
         self.matrix = np.zeros((n_classes, n_classes + 1), dtype=np.int64)
 
-    def update(self, pred: np.ndarray, gt: np.ndarray) -> None:
+    def update(self, pred: np.ndarray, gt: np.ndarray, source: str | None = None) -> None:
+        """Count one image; ``source`` (its label file) is named in errors."""
         pred = np.asarray(pred)
         gt = np.asarray(gt)
         if pred.shape != gt.shape:
             raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
+        check_ground_truth(gt, self.n, self.ignore_index, f"ground truth of {source}" if source else "ground truth")
         g = gt.ravel().astype(np.int64)
         p = pred.ravel().astype(np.int64)
-        valid = (g != self.ignore_index) & (g >= 0) & (g < self.n)
+        valid = g != self.ignore_index
         g, p = g[valid], p[valid]
         p = np.where((p >= 0) & (p < self.n), p, self.n)  # unlabeled / out of range → the last column
         cols = self.n + 1

@@ -34,7 +34,7 @@ from use_search.eval.common import (
     read_label_map,
 )
 from use_search.config import VotingSettings
-from use_search.eval.metrics import ConfusionMatrix, SemsegScores
+from use_search.eval.metrics import ConfusionMatrix, SemsegScores, check_ground_truth
 from use_search.indexer.read import read_image
 from use_search.model.base import Embedder
 from use_search.query.voting import Ensemble, label_png, predict_labels
@@ -93,9 +93,11 @@ class SemsegDataset:
             return Path(Path(image).name)
 
     def load_label(self, path: Path) -> np.ndarray:
+        """The label map as class indices; a value neither a class nor the ignore index is an error."""
         lab = read_label_map(path)
         if self.reduce_zero_label:
             lab = np.where(lab == 0, self.ignore_index, np.where(lab == self.ignore_index, lab, lab - 1))
+        check_ground_truth(lab, len(self.classes), self.ignore_index, str(path), shift=int(self.reduce_zero_label))
         return lab
 
 
@@ -186,7 +188,7 @@ def evaluate_semseg(
             "uncovered_pixels": votes.uncovered_pixels, "unlabeled_pixels": votes.unlabeled_pixels,
         })
         t = time.perf_counter()
-        cm.update(votes.labels, gt)
+        cm.update(votes.labels, gt, source=str(lab_path))
         timer.add("score", t)
         if save_dir is not None:
             dest = save_dir / dataset.relative(img_path).with_suffix(".png")
