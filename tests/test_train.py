@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from use_search.config import Settings
+from use_search.config import Settings, TrainSettings
 from use_search.masks import encode_rle
 from use_search.train import DataSpec, TrainConfig, coco_pairs, folder_pairs, run, shard_pairs
 from use_search.train.data import EpochBatches, PairDataset, decode_segmentation
@@ -57,14 +57,38 @@ def tiny_config(train: Path, out: Path, **kw) -> TrainConfig:
 # -- loss ---------------------------------------------------------------------------------------------
 
 
-def eq1(s: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Tensor:
-    """Eq. (1) written out term by term."""
+def eq1(s: torch.Tensor, t: torch.Tensor, scale: float, texts: list[str] | None = None) -> torch.Tensor:
+    """Eq. (1) written out term by term. With ``texts``, a pair j whose text equals pair i's (j ≠ i) is
+    left out of i's two denominators (``train.mask_same_text``)."""
     k = s.shape[0]
+
+    def negative(i: int, j: int) -> bool:
+        return texts is None or j == i or texts[j] != texts[i]
+
     total = 0.0
     for i in range(k):
-        total = total + torch.log(torch.exp(scale * s[i] @ t[i]) / sum(torch.exp(scale * s[i] @ t[j]) for j in range(k)))
-        total = total + torch.log(torch.exp(scale * s[i] @ t[i]) / sum(torch.exp(scale * s[j] @ t[i]) for j in range(k)))
+        total = total + torch.log(torch.exp(scale * s[i] @ t[i]) / sum(torch.exp(scale * s[i] @ t[j]) for j in range(k) if negative(i, j)))
+        total = total + torch.log(torch.exp(scale * s[i] @ t[i]) / sum(torch.exp(scale * s[j] @ t[i]) for j in range(k) if negative(i, j)))
     return -total / (2 * k)
+
+
+def test_repeated_texts_follow_the_mask_same_text_setting():
+    """Eq. (1) takes every other text of the batch as a negative, a repeated one too (two "person"
+    segments push each other away); ``train.mask_same_text`` (default on) leaves those out."""
+    g = torch.Generator().manual_seed(1)
+    texts = ["person", "dog", "person", "sky", "dog", "tree"]
+    t = F.normalize(torch.randn(6, 16, generator=g), dim=-1)
+    for j, text in enumerate(texts):  # a repeated text has one embedding
+        t[j] = t[texts.index(text)]
+    s = F.normalize(t + 0.5 * torch.randn(6, 16, generator=g), dim=-1)  # segments near their texts
+    ids = text_ids(texts)
+    literal, masked = eq1(s, t, 30.0), eq1(s, t, 30.0, texts)
+    assert float(literal - masked) > 0.1  # the two settings differ on this batch
+    assert torch.allclose(contrastive_loss(s, t, ids, 30.0, mask_same_text=False), literal, atol=1e-5)
+    assert torch.allclose(contrastive_loss(s, t, ids, 30.0, mask_same_text=True), masked, atol=1e-5)
+    assert torch.allclose(contrastive_loss(s, t, ids, 30.0), masked, atol=1e-5)  # the default
+    assert TrainSettings().mask_same_text is True
+    assert Settings(train={"mask_same_text": False}).train.mask_same_text is False
 
 
 def test_loss_is_eq1_and_ignores_false_negatives():
@@ -182,6 +206,18 @@ def test_resume_mid_run_reproduces_the_loss_curve(scenes, settings, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     with pytest.raises(ValueError, match="settings changed.*batch_size"):
         run(tiny_config(scenes["small"], tmp_path / "split", resume=True, epochs=2, batch_size=4), settings)
+
+
+def test_train_reads_mask_same_text_from_the_settings(scenes, settings, tmp_path):
+    """The setting reaches the loss (a batch of 8 scenes repeats cutout names, so the first step's
+    loss differs), and a run cannot be resumed under the other setting."""
+    literal = settings.model_copy(update={"train": TrainSettings(mask_same_text=False)})
+    kw = dict(epochs=1, batch_size=8, max_steps=1)
+    masked = run(tiny_config(scenes["small"], tmp_path / "masked", **kw), settings)
+    plain = run(tiny_config(scenes["small"], tmp_path / "plain", **kw), literal)
+    assert plain.losses[0][1] > masked.losses[0][1] + 1e-3  # eq. (1) pushes same-text pairs apart too
+    with pytest.raises(ValueError, match="settings changed.*mask_same_text"):
+        run(tiny_config(scenes["small"], tmp_path / "plain", resume=True, epochs=1, batch_size=8), settings)
 
 
 def write_coco(root: Path, scene_dir: Path) -> tuple[Path, Path]:

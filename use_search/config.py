@@ -159,6 +159,16 @@ class VotingSettings(BaseModel):
         return self
 
 
+class TrainSettings(BaseModel):
+    """Training the USE head (``use-search train``); the rest of the recipe (§4.2) is ``train.TrainConfig``."""
+
+    # Eq. (1) takes every other text of the batch as a negative, even one equal to the pair's own (two
+    # "person" segments, common with COCO's category names as texts). On: such pairs are left out of
+    # each other's softmax, so a segment is never pushed away from a text that describes it (a
+    # deviation from eq. 1, see docs/notes-model.md). Off: eq. (1) as written.
+    mask_same_text: bool = True
+
+
 class StoreSettings(BaseModel):
     backend: Literal["embedded", "server"] = "embedded"
     path: Path | None = None  # embedded store folder; default <data_dir>/store
@@ -240,6 +250,7 @@ class Settings(BaseSettings):
     box: BoxPromptSettings = BoxPromptSettings()
     store: StoreSettings = StoreSettings()
     voting: VotingSettings = VotingSettings()
+    train: TrainSettings = TrainSettings()
 
     @field_validator("data_dir", "weights_dir", mode="after")
     @classmethod

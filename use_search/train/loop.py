@@ -55,6 +55,9 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW
     poly_power: float = 0.9  # lr × (1 - step / total) ** power
     logit_scale: float = 30.0  # the paper's "τ = 30" (see loss.py)
+    # Same-text pairs are not each other's negatives (not eq. 1 as written, see loss.py). None: the
+    # setting ``train.mask_same_text`` (on).
+    mask_same_text: bool | None = None
     augment: bool = True  # random resize in scale_range + random crop
     scale_range: tuple[float, float] = (0.5, 2.0)
     max_segments_per_image: int = 32  # not in the paper: bounds k per image (random subset each step)
@@ -161,7 +164,7 @@ class _Dist:
 
 def contrastive_step(
     model: UseModel, trainable: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
-    txt: torch.Tensor, ids: torch.Tensor, *, logit_scale: float, amp: bool, world: int = 1,
+    txt: torch.Tensor, ids: torch.Tensor, *, logit_scale: float, amp: bool, world: int = 1, mask_same_text: bool = True,
 ) -> float:
     """One optimisation step on a batch: frozen towers (or cached features) → trainable parts →
     eq. (1) over the segments of all ranks → AdamW. ``trainable`` is ``model.trainable`` or its DDP
@@ -174,7 +177,7 @@ def contrastive_step(
             feats = model.backbones(batch.images.to(dev, non_blocking=True).float() / 255.0)
         emb = trainable(feats, batch.weights.to(dev, non_blocking=True))
     seg = emb[batch.valid.to(dev)]
-    loss = global_contrastive_loss(seg, txt, ids, logit_scale)
+    loss = global_contrastive_loss(seg, txt, ids, logit_scale, mask_same_text)
     optimizer.zero_grad(set_to_none=True)
     (loss * world).backward()  # DDP averages gradients over ranks; eq. (1) wants their sum
     optimizer.step()
@@ -183,6 +186,8 @@ def contrastive_step(
 
 class Trainer:
     def __init__(self, config: TrainConfig, settings: Settings, ctx: _Dist) -> None:
+        if config.mask_same_text is None:  # resolved here, so the resume check compares what ran
+            config = dataclasses.replace(config, mask_same_text=settings.train.mask_same_text)
         self.config, self.settings, self.ctx = config, settings, ctx
         self.device = ctx.device
         self.amp = config.amp if config.amp is not None else self.device.startswith("cuda")
@@ -245,7 +250,8 @@ class Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"nothing to resume: {path} does not exist")
         state = torch.load(path, map_location="cpu", weights_only=True)
-        saved, now = json.loads(state["config"]), resume_key(self.config)
+        # Runs saved before the setting existed masked same-text negatives.
+        saved, now = {"mask_same_text": True, **json.loads(state["config"])}, resume_key(self.config)
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         if diff:
             raise ValueError(f"cannot resume {self.out}: settings changed since the run started: {', '.join(diff)}")
@@ -305,7 +311,8 @@ class Trainer:
         txt = self.texts(batch.texts)
         ids = text_ids(batch.texts).to(self.device)
         loss = contrastive_step(self.model, self.trainable, self.optimizer, batch, txt, ids,
-                                logit_scale=self.config.logit_scale, amp=self.amp, world=self.ctx.world)
+                                logit_scale=self.config.logit_scale, amp=self.amp, world=self.ctx.world,
+                                mask_same_text=bool(self.config.mask_same_text))
         self.step += 1
         return loss
 

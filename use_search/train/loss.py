@@ -18,7 +18,9 @@ def text_ids(texts: Sequence[str]) -> torch.Tensor:
     )
 
 
-def contrastive_loss(seg: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, logit_scale: float) -> torch.Tensor:
+def contrastive_loss(
+    seg: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, logit_scale: float, mask_same_text: bool = True
+) -> torch.Tensor:
     """Symmetric InfoNCE over k segment-text pairs (eq. 1): rows of ``seg`` and ``txt`` are
     L2-normalised and pair i is (seg[i], txt[i]); ``ids`` identify the texts.
 
@@ -27,18 +29,21 @@ def contrastive_loss(seg: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, lo
     s·t × 30, i.e. a temperature of 1/30 ≈ 0.033, the same regime as CLIP's learned scale of 100.
     ``logit_scale`` is that multiplier.
 
-    False negatives: when two segments in the batch drew the same text (two "person" segments), each
-    is a correct match for the other's text. Their off-diagonal logits are removed from both
-    softmaxes (set to -inf), so neither is pushed away from a text that describes it; every row keeps
-    exactly one positive, its own pair, and eq. (1) is unchanged when all texts differ.
+    False negatives (``mask_same_text``, the setting ``train.mask_same_text``): when two segments in
+    the batch drew the same text (two "person" segments), each is a correct match for the other's
+    text, yet eq. (1) counts it as a negative. With the mask their off-diagonal logits are removed
+    from both softmaxes (set to -inf), so neither is pushed away from a text that describes it; every
+    row keeps exactly one positive, its own pair, and eq. (1) is unchanged when all texts differ.
+    Without it the loss is eq. (1) as written.
     """
     k = seg.shape[0]
     if k == 0:  # no segment survived the crops: a zero that keeps the graph (DDP needs a backward)
         return seg.sum() * 0.0
     logits = logit_scale * seg.float() @ txt.float().T
-    same = ids[:, None] == ids[None, :]
-    same.fill_diagonal_(False)
-    logits = logits.masked_fill(same, float("-inf"))
+    if mask_same_text:
+        same = ids[:, None] == ids[None, :]
+        same.fill_diagonal_(False)
+        logits = logits.masked_fill(same, float("-inf"))
     labels = torch.arange(k, device=logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
@@ -60,10 +65,12 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def global_contrastive_loss(seg: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, logit_scale: float) -> torch.Tensor:
+def global_contrastive_loss(
+    seg: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, logit_scale: float, mask_same_text: bool = True
+) -> torch.Tensor:
     """Eq. (1) over the segments of all ranks (every rank computes the same value). Each rank's
     backward gives the gradient through its own rows only; DDP averages those over ranks, so callers
     multiply this loss by the world size to get the full gradient of eq. (1)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return contrastive_loss(seg, txt, ids, logit_scale)
-    return contrastive_loss(gather_rows(seg), gather_rows(txt), gather_rows(ids), logit_scale)
+        return contrastive_loss(seg, txt, ids, logit_scale, mask_same_text)
+    return contrastive_loss(gather_rows(seg), gather_rows(txt), gather_rows(ids), logit_scale, mask_same_text)
