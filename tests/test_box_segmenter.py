@@ -31,15 +31,21 @@ def image() -> np.ndarray:
     return np.asarray(Image.fromarray(skimage.data.chelsea()).resize((W, H)))
 
 
+def sam_candidates(sam, image: np.ndarray, boxes) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """segment-anything's own three candidates per box: (B, 3, H, W) logits and (B, 3) predicted IoUs."""
+    predictor = SamPredictor(sam)
+    predictor.set_image(image)
+    with torch.inference_mode():
+        tb = predictor.transform.apply_boxes_torch(torch.tensor(boxes), image.shape[:2])
+        logits, iou, _ = predictor.predict_torch(None, None, boxes=tb, multimask_output=True, return_logits=True)
+    return logits, iou
+
+
 def test_best_stability_mask_per_box(sam, image):
     seg = BoxSegmenter(sam, BoxPromptSettings(min_hole_area=0, min_island_area=0), stability_score_offset=OFFSET)
     out = seg.segment(image, BOXES)
 
-    predictor = SamPredictor(sam)
-    predictor.set_image(image)
-    with torch.inference_mode():
-        boxes = predictor.transform.apply_boxes_torch(torch.tensor(BOXES), (H, W))
-        logits, iou, _ = predictor.predict_torch(None, None, boxes=boxes, multimask_output=True, return_logits=True)
+    logits, iou = sam_candidates(sam, image, BOXES)
     stability = calculate_stability_score(logits, sam.mask_threshold, OFFSET)
     best = stability.argmax(dim=1)
     assert (best != iou.argmax(dim=1)).any(), "the test needs a box whose best-stability mask is not its best-IoU one"
@@ -132,17 +138,12 @@ def test_empty_candidates_never_win():
 
     sam = stress_sam()
     image = stress_images()[0]
-    h, w = image.shape[:2]
     boxes = [(10.0, 10.0, 80.0, 90.0), (50.0, 20.0, 150.0, 100.0)]
     seg = BoxSegmenter(sam, BoxPromptSettings(min_hole_area=0, min_island_area=0),
                        pred_iou_thresh=0.6, stability_score_thresh=0.6)
     out = seg.segment(image, boxes)
 
-    predictor = SamPredictor(sam)
-    predictor.set_image(image)
-    with torch.inference_mode():
-        tb = predictor.transform.apply_boxes_torch(torch.tensor(boxes), (h, w))
-        logits, iou, _ = predictor.predict_torch(None, None, boxes=tb, multimask_output=True, return_logits=True)
+    logits, iou = sam_candidates(sam, image, boxes)
     stability = calculate_stability_score(logits, sam.mask_threshold, 1.0).numpy()
     binary = (logits > sam.mask_threshold).numpy()
     empty = ~binary.reshape(len(boxes), 3, -1).any(-1)
