@@ -3,12 +3,12 @@
 Class-agnostic masks (SAM, point grid + NMS) are computed once per image and embedded by every model
 of the ensemble; each model turns its segment embeddings into a softmax over the target classes of
 (cosine similarity × its logit scale); the models' probabilities are combined per segment with their
-weights (by default OVSeg's weighted geometric mean, as A.2 says); every pixel sums the combined probabilities of the segments that cover it and takes the
-class with the highest total. Pixels no segment covers get the fallback (``VotingSettings.fallback``):
-the nearest labelled pixel's class, the class of the whole image taken as one more segment, or none
-(``UNLABELED``: -1 in the label map, 255 in a label PNG). §4.3 says nothing of them: ``eval semseg``
-leaves them unlabeled by default (``eval.semseg.EVAL_FALLBACK``), ``segment`` fills them
-(``SEGMENT_FALLBACK``).
+weights (by default OVSeg's weighted geometric mean, as A.2 says); every pixel sums the combined
+probabilities of the segments that cover it and takes the class with the highest total. Pixels no
+segment covers get the fallback (``VotingSettings.fallback``): the nearest labelled pixel's class,
+the class of the whole image taken as one more segment, or none (``UNLABELED``: -1 in the label map,
+255 in a label PNG). §4.3 says nothing of them: ``eval semseg`` leaves them unlabeled by default
+(``eval.semseg.EVAL_FALLBACK``), ``segment`` fills them (``SEGMENT_FALLBACK``).
 """
 
 from __future__ import annotations
