@@ -45,20 +45,20 @@ def server(tmp_path_factory):
         "USE_SEARCH_API__LIMIT_CONCURRENCY": str(LIMIT), "USE_SEARCH_API__HEADER_TIMEOUT_S": str(HEADER_S),
         "USE_SEARCH_API__BODY_TIMEOUT_S": str(BODY_S), "TMPDIR": str(root / "tmp"),
     }
-    with api_server(root, **env) as base:
+    with api_server(root, **env) as base, httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=120) as c:
         yield {"base": base, "root": root, "pid": int((root / "server.pid").read_text()),
-               "port": int(base.rsplit(":", 1)[1])}
+               "port": int(base.rsplit(":", 1)[1]), "client": c}
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    with httpx.Client(base_url=server["base"], headers={"X-API-Key": KEY}, timeout=120) as c:
-        yield c
+    return server["client"]
 
 
 @pytest.fixture(scope="module")
 def upload(client):
-    r = client.post("/images", files={"file": ("coffee.png", photo_bytes("coffee", 96), "image/png")})
+    """One indexed photo to search, draw and refuse reads of."""
+    r = client.post("/images", files={"file": ("cup.png", photo_bytes("coffee", 96), "image/png")})
     assert r.status_code == 201, r.text
     return r.json()
 
@@ -276,6 +276,8 @@ def test_extra_multipart_parts_are_422(client, upload):
     assert "file" in detail(client.post("/segment", data={"classes": "cup"}, files=two), 422)
     assert "mode" in detail(client.post("/segment", data={"classes": "cup", "mode": "x"},
                                         files={"file": ("a.png", png, "image/png")}), 422)
+    assert "image_id" in detail(client.post("/segment", data={"classes": "cup", "image_id": ""},
+                                            files={"file": ("a.png", png, "image/png")}), 422)
     r = client.post("/segment", data={"classes": ["cup", "table"]}, files={"file": ("a.png", png, "image/png")})
     assert r.status_code == 200 and r.json()["classes"] == ["cup", "table"], r.text  # a repeated field is fine
 

@@ -246,11 +246,14 @@ class StrictJSONRoute(APIRoute):
 
 async def check_form_parts(request: Request, route: str) -> None:
     """A multipart body has only the route's parts, each at most as often as it may appear: a second
-    image, or a field the route does not take, is a 422 naming it (not silently ignored)."""
+    image, or a field the route does not take, is a 422 naming it (not silently ignored). An empty
+    field is refused too (FastAPI reads it as absent: ``image_id=`` beside a file went unnoticed)."""
     allowed = FORM_PARTS[route]
     form = await request.form()  # parsed once already, for the route's parameters
     seen: dict[str, int] = {}
-    for name, _ in form.multi_items():
+    for name, value in form.multi_items():
+        if value == "" and name in allowed:
+            raise HTTPException(422, f"form field {name!r} is empty: give a value or leave the field out")
         seen[name] = seen.get(name, 0) + 1
         if name not in allowed:
             raise HTTPException(422, f"unknown form field {_jsonable(name)!r}: this route takes {', '.join(sorted(allowed))}")

@@ -80,8 +80,10 @@ class DeadlineH11Protocol(H11Protocol):
 
     def _follow_request(self) -> None:
         state = self.conn.their_state
-        if state is h11.IDLE:
-            return  # still waiting for the headers: their deadline keeps running
+        if state is h11.IDLE:  # waiting for headers: their deadline keeps running, or starts (a
+            if self.waiting_since is None:  # request body that ended after its early response)
+                self._await_headers()
+            return
         self.waiting_since = None
         if state is h11.SEND_BODY:
             self._arm(self.body_timeout_s, "the request body stalled")  # from the last piece received
