@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import colorsys
 import io
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -217,11 +217,12 @@ def upload_name(name: str | None) -> str | None:
 
 def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object whose keys are all different (``json.loads`` keeps the last of duplicates)."""
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        dup = next(k for i, (k, _) in enumerate(pairs) if any(k == other for other, _ in pairs[:i]))
-        raise json.JSONDecodeError(f"duplicate key {_jsonable(dup)!r}", "", 0)
-    return out
+    seen: set[str] = set()
+    for k, _ in pairs:
+        if k in seen:
+            raise json.JSONDecodeError(f"duplicate key {_jsonable(k)!r}", "", 0)
+        seen.add(k)
+    return dict(pairs)
 
 
 class StrictJSONRequest(Request):
@@ -239,7 +240,7 @@ class StrictJSONRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def strict(request: Request) -> Response:
-            return await handler(StrictJSONRequest(request.scope, request.receive, request._send))
+            return await handler(StrictJSONRequest(request.scope, request.receive))
 
         return strict
 

@@ -26,7 +26,6 @@ from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -229,8 +228,6 @@ class Guard:
 
         try:
             await self.app(scope, receive_counted, send_unless_over)
-        except ClientDisconnect:
-            return  # the client left (or a read deadline closed its connection): nobody to answer
         except Exception:
             if not over:
                 raise
