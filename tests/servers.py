@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -37,9 +38,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def api_server(root: Path, **env_extra: str) -> Iterator[str]:
+def api_server(root: Path, nofile: int | None = None, **env_extra: str) -> Iterator[str]:
     """Start the server (tiny preset, store under ``root/data``), wait for /health, yield its URL, stop it.
-    Its process id is in ``root/server.pid`` while it runs."""
+    Its process id is in ``root/server.pid`` while it runs. ``nofile``: its limit of open file handles."""
     port = free_port()
     env = {
         **os.environ, "USE_SEARCH_DATA_DIR": str(root / "data"), "USE_SEARCH_PRESET": "tiny",
@@ -51,7 +52,8 @@ def api_server(root: Path, **env_extra: str) -> Iterator[str]:
     log_path = root / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "use_search", "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "use_search", "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=None if nofile is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)),
         )
         (root / "server.pid").write_text(str(proc.pid))
         url = f"http://127.0.0.1:{port}"

@@ -212,6 +212,14 @@ class ApiSettings(BaseModel):
     cors_origins: list[str] = []  # browser origins allowed to call the API from other pages; none by default
     # Host headers accepted (DNS rebinding); None: loopback names when serving on a loopback address.
     allowed_hosts: list[str] | None = None
+    # Connections (docs/deploy.md): open connections and requests at once (uvicorn's limit_concurrency;
+    # at the limit a new connection replaces the oldest one still waiting for its request headers);
+    # an idle kept-alive connection closes after timeout_keep_alive_s; the request line and headers
+    # must arrive within header_timeout_s; a body that sends nothing for body_timeout_s is cut.
+    limit_concurrency: int = Field(default=512, ge=2)
+    timeout_keep_alive_s: int = Field(default=5, ge=1)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0)
 
 
 class Settings(BaseSettings):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 from use_search.types import Segment
@@ -27,6 +27,10 @@ from use_search.types import Segment
 RESAMPLE = Image.Resampling.BILINEAR
 TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "MPO")
+# Pillow refuses a PNG metadata chunk over 1 MB after decompression ("text chunk"), and a PNG's
+# colour profile is such a chunk: cameras and editors embed profiles of several MB, which a JPEG
+# carries without limit. 16 MB per chunk; all of an image's text stays under MAX_TEXT_MEMORY (64 MB).
+PngImagePlugin.MAX_TEXT_CHUNK = 16 << 20
 
 
 class ImageReadError(Exception):

@@ -17,6 +17,7 @@ import base64
 import colorsys
 import io
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -33,11 +34,14 @@ from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFi
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from PIL import Image, ImageDraw
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from use_search.api.connections import DeadlineH11Protocol, quiet_logs, raise_file_limit
 from use_search.api.guard import LOOPBACK_HOSTS, Guard, Metrics, Policy
 from use_search.imaging import PixelBudgetError, decode_work, nearest_index, probe
 from use_search.api.schemas import (
@@ -54,9 +58,11 @@ from use_search.types import Hit
 
 STATIC = Path(__file__).parent / "static"
 OPEN_PATHS = ("/health",)  # no key needed; the page and docs hold no data (their data calls need the key)
-OPEN_PREFIXES = ("/static/",)
+DOCS_ASSETS = "/docs-assets"  # Swagger UI and ReDoc, as the fastapi-offline package ships them (no CDN)
+OPEN_PREFIXES = ("/static/", DOCS_ASSETS + "/")
 PAGE_PATHS = ("/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc", "/favicon.ico")
 UPLOAD_ROUTES = ("/images", "/segment")
+FORM_PARTS = {"/images": {"file": 1}, "/segment": {"file": 1, "image_id": 1, "labels_format": 1, "classes": None}}
 MULTIPART_OVERHEAD = 64 * 1024  # form fields and part headers around an upload
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp", "MPO": "jpg"}
 HIGHLIGHT = np.array([255, 64, 32], dtype=np.float32)
@@ -193,7 +199,8 @@ def hit_json(h: Hit, filename: str) -> dict[str, Any]:
 
 
 def upload_name(name: str | None) -> str | None:
-    """An upload's file name for display: the last path component, printable, at most 255 characters."""
+    """An upload's file name for display: the last path component, printable, at most 255 characters
+    (a longer name is cut before its extension)."""
     if not name:
         return None
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
@@ -202,7 +209,57 @@ def upload_name(name: str | None) -> str | None:
         base.encode("utf-8")
     except UnicodeEncodeError:
         base = base.encode("utf-8", "replace").decode("utf-8")
-    return base[:255] or None
+    if len(base) > 255:
+        stem, dot, ext = base.rpartition(".")
+        base = f"{stem[:254 - len(ext)]}.{ext}" if dot and stem and len(ext) <= 16 else base[:255]
+    return base or None
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different (``json.loads`` keeps the last of duplicates)."""
+    seen: set[str] = set()
+    for k, _ in pairs:
+        if k in seen:
+            raise json.JSONDecodeError(f"duplicate key {_jsonable(k)!r}", "", 0)
+        seen.add(k)
+    return dict(pairs)
+
+
+class StrictJSONRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), object_pairs_hook=unique_keys)
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """Routes whose JSON bodies refuse duplicate keys (FastAPI's documented way to change how a
+    request body is read: a route class with its own Request)."""
+
+    def get_route_handler(self):  # type: ignore[no-untyped-def]
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict
+
+
+async def check_form_parts(request: Request, route: str) -> None:
+    """A multipart body has only the route's parts, each at most as often as it may appear: a second
+    image, or a field the route does not take, is a 422 naming it (not silently ignored). An empty
+    field is refused too (FastAPI reads it as absent: ``image_id=`` beside a file went unnoticed)."""
+    allowed = FORM_PARTS[route]
+    form = await request.form()  # parsed once already, for the route's parameters
+    seen: dict[str, int] = {}
+    for name, value in form.multi_items():
+        if value == "" and name in allowed:
+            raise HTTPException(422, f"form field {name!r} is empty: give a value or leave the field out")
+        seen[name] = seen.get(name, 0) + 1
+        if name not in allowed:
+            raise HTTPException(422, f"unknown form field {_jsonable(name)!r}: this route takes {', '.join(sorted(allowed))}")
+        if allowed[name] is not None and seen[name] > allowed[name]:
+            raise HTTPException(422, f"more than one {name!r} part: send one per request")
 
 
 def _png(img: Image.Image) -> bytes:
@@ -305,11 +362,12 @@ def create_app(
                 st.store.close()
                 st.store = None
 
-    app = FastAPI(
-        title="use-search", version="0.1.0", lifespan=lifespan,
+    app = FastAPIOffline(
+        title="use-search", version="0.1.0", lifespan=lifespan, static_url=DOCS_ASSETS,
         description="Search image segments by text (USE: SAM segments, CLIP embeddings, Qdrant). "
         "When the server has an API key, every route but /health needs the header X-API-Key.",
     )
+    app.router.route_class = StrictJSONRoute
 
     registry = CollectorRegistry()
     metrics = Metrics(registry)
@@ -331,14 +389,7 @@ def create_app(
         allowed_hosts=hosts,
         cors_origins=frozenset(api.cors_origins),
     )
-    app.add_middleware(Guard, policy=policy, metrics=metrics, router=app.router)
-    if api.cors_origins:
-        from starlette.middleware.cors import CORSMiddleware
-
-        app.add_middleware(
-            CORSMiddleware, allow_origins=list(api.cors_origins), allow_methods=["GET", "POST"],
-            allow_headers=["X-API-Key", "Content-Type"],
-        )
+    app.add_middleware(Guard, policy=policy, metrics=metrics, router=app.router)  # CORS is inside it
 
     # Errors: always {"detail": str} (+ "errors" on 422) -------------------------------------------
     @app.exception_handler(StoreError)
@@ -372,7 +423,10 @@ def create_app(
         safe = _jsonable(errs)
         first = safe[0] if safe else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid request')}", "errors": safe}, status_code=422)
+        msg = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":  # say what is wrong with the JSON, not only that it is
+            msg = f"{msg}: {_jsonable(exc.errors()[0].get('ctx', {}).get('error', ''))}"
+        return JSONResponse({"detail": f"{where}: {msg}", "errors": safe}, status_code=422)
 
     # Routes -------------------------------------------------------------------------------------
     @app.get("/health", response_model=HealthOut, operation_id="health")
@@ -499,6 +553,7 @@ def create_app(
     async def upload_image(request: Request, file: UploadFile = File(...)) -> JSONResponse:
         """Upload an image and index it: segmented at the working size, masks stored at its own size."""
         st = _state(request)
+        await check_form_parts(request, "/images")
         data = await _read_upload(file)
         body = await run_in_threadpool(_index_upload, st, data, upload_name(file.filename))
         return JSONResponse(body, status_code=201 if body["status"] == "indexed" else 200)
@@ -572,6 +627,7 @@ def create_app(
         real models): the label map and masks are at ``width`` × ``height``; ``image_width`` ×
         ``image_height`` is the image's own size."""
         st = _state(request)
+        await check_form_parts(request, "/segment")
         names = [c.strip() for item in classes for c in item.split(",") if c.strip()]
         if not names:
             raise HTTPException(422, "give at least one class name")
@@ -632,6 +688,8 @@ def tidy_openapi(doc: dict[str, Any], keyed: bool) -> dict[str, Any]:
             options = [o for o in prop.pop("anyOf", []) if o.get("type") != "null"]
             if options:
                 prop.update(options[0])
+            if "contentMediaType" in prop:  # a file: generated clients need the OpenAPI 3.0 spelling to send bytes
+                prop["format"] = "binary"
     hit = {"get_segment": {"seg_id": "$response.body#/hits/0/id"}, "get_mask": {"seg_id": "$response.body#/hits/0/id"},
            "get_image": {"img_id": "$response.body#/hits/0/image_id"},
            "get_overlay": {"img_id": "$response.body#/hits/0/image_id", "segment": "$response.body#/hits/0/id"}}
@@ -672,7 +730,16 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000, *, log_
     import uvicorn
 
     sock = listen(host, port)
-    config = uvicorn.Config(create_app(settings, bind_host=host, **kw), host=host, port=port, log_level=log_level)
+    api = settings.api
+    config = uvicorn.Config(
+        create_app(settings, bind_host=host, **kw), host=host, port=port, log_level=log_level,
+        http=DeadlineH11Protocol.with_timeouts(api.header_timeout_s, api.body_timeout_s),
+        limit_concurrency=api.limit_concurrency, timeout_keep_alive=api.timeout_keep_alive_s,
+    )
+    quiet_logs()
+    short = raise_file_limit(api.limit_concurrency)
+    if short:
+        print(f"warning: {short}", file=sys.stderr, flush=True)
     shown = f"[{host}]" if ":" in host else host
     # uvicorn names the address only for sockets it binds itself
     print(f"serving on http://{shown}:{port} (Ctrl-C to stop)", file=sys.stderr, flush=True)

@@ -1,10 +1,14 @@
-"""The API's outer ASGI layer: metrics, Host and Origin checks, the API key, the body size limit.
+"""The API's outer ASGI layer: metrics, Host and Origin checks, CORS, the API key, the body size limit.
 
 Each request, in this order: the Host header must be one this server answers to (a DNS-rebinding page
-cannot reach a loopback server); a state-changing request from another browser origin is refused
-(a web page cannot make your browser POST to the local server: CORS is off unless origins are listed);
-data routes need the API key when one is set; the body may not exceed its route's limit, counted
-while it streams in (a chunked body has no Content-Length to check up front).
+cannot reach a loopback server; checked before CORS, so a preflight with a foreign Host is refused
+too); CORS, when origins are listed (its refusals are ``{"detail"}`` JSON like every other error); a
+state-changing request from another browser origin is refused (a web page cannot make your browser
+POST to the local server), and so is a read of a data route that the browser marks as coming from
+another site (``Sec-Fetch-Site``): an ``<img>`` on another site could otherwise learn whether a photo
+is indexed; data routes need the API key when one is set; the body may not exceed its route's limit,
+counted while it streams in (a chunked body has no Content-Length to check up front). Data responses
+carry ``Cross-Origin-Resource-Policy: same-origin`` for browsers that send no ``Sec-Fetch-Site``.
 Metrics are labelled by route template and a fixed set of methods, so their size stays bounded
 whatever paths and methods clients send.
 """
@@ -15,18 +19,23 @@ import asyncio
 
 import hmac
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
-from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+HOST_HEADER = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(:[0-9]{1,5})?")  # name or [IPv6], optional port
+HEADERS_KEY = "use_search.headers"  # the request's parsed headers, passed from the Host check to the others
+CORP = (b"cross-origin-resource-policy", b"same-origin")
 
 
 class BodyTooLarge(Exception):
@@ -68,12 +77,24 @@ def route_label(router: Router, scope: Scope) -> str:
     return partial or "unmatched"
 
 
-def host_name(host_header: str) -> str:
-    """'[::1]:8000' → '::1', 'Example.com:80' → 'example.com'."""
+def host_name(host_header: str) -> str | None:
+    """'[::1]:8000' → '::1', 'Example.com:80' → 'example.com'; None when it is not a host and port
+    ('127.0.0.1:8000@evil.com')."""
     h = host_header.strip().lower()
-    if h.startswith("["):
-        return h[1 : h.find("]")] if "]" in h else h
-    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+    m = HOST_HEADER.fullmatch(h)
+    return m.group(1).strip("[]") if m else None
+
+
+class JsonCORS(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight answered as ``{"detail"}`` JSON like every other error."""
+
+    def preflight_response(self, request_headers: Any) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code == 200:
+            return response
+        headers = {k: v for k, v in response.headers.items() if k not in ("content-type", "content-length")}
+        text = bytes(response.body).decode()
+        return JSONResponse({"detail": f"CORS preflight refused: {text} (api.cors_origins)"}, response.status_code, headers)
 
 
 async def send_json(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -91,6 +112,10 @@ class Guard:
         self.policy = policy
         self.metrics = metrics
         self.router = router
+        self.inner: ASGIApp = self.checked
+        if policy.cors_origins:
+            self.inner = JsonCORS(self.checked, allow_origins=sorted(policy.cors_origins), allow_methods=["GET", "POST"],
+                                  allow_headers=["X-API-Key", "Content-Type"])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -109,33 +134,53 @@ class Guard:
 
         try:
             headers = _headers(scope)
-            refusal = self.refusal(scope, headers)
-            if refusal is not None:
-                await send_json(send_counted, refusal[0], {"detail": refusal[1]})
+            host = headers.get("host", "")
+            hosts = self.policy.allowed_hosts
+            if hosts is not None and host_name(host) not in hosts:
+                await send_json(send_counted, 400, {"detail": (
+                    f"Host {host[:100]!r} is not served here (api.allowed_hosts: {', '.join(sorted(hosts))})")})
             else:
-                await self.limited(scope, headers, receive, send_counted)
+                scope[HEADERS_KEY] = headers
+                await self.inner(scope, receive, send_counted)
         finally:
             self.metrics.observe(method, route, status, time.perf_counter() - started)
 
+    async def checked(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Everything after the Host check and CORS: origin, API key, body limit, then the app."""
+        headers = scope.pop(HEADERS_KEY)
+        data = not self.policy.is_open(scope["path"])
+
+        async def send_marked(message: Message) -> None:
+            if data and message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), CORP]
+            await send(message)
+
+        refusal = self.refusal(scope, headers)
+        if refusal is not None:
+            await send_json(send_marked, refusal[0], {"detail": refusal[1]})
+        else:
+            await self.limited(scope, headers, receive, send_marked)
+
     def refusal(self, scope: Scope, headers: dict[str, str]) -> tuple[int, str] | None:
         p = self.policy
-        host = headers.get("host", "")
-        if p.allowed_hosts is not None and host_name(host) not in p.allowed_hosts:
-            return 400, (
-                f"Host {host[:100]!r} is not served here (api.allowed_hosts: {', '.join(sorted(p.allowed_hosts))})"
-            )
+        path = scope["path"]
+        origin = headers.get("origin")
+        site = headers.get("sec-fetch-site")
         if scope["method"] not in SAFE_METHODS:
-            origin = headers.get("origin")
             if origin is not None:
-                same = origin != "null" and urlsplit(origin).netloc.lower() == host.lower()
-                if not same and origin not in p.cors_origins:
+                ours = f"{scope.get('scheme', 'http')}://{headers.get('host', '')}".lower()
+                if origin.lower() != ours and origin not in p.cors_origins:
                     return 403, (
-                        f"cross-origin request refused: origin {origin[:100]!r} is not this server; "
+                        f"cross-origin request refused: origin {origin[:100]!r} is not this server ({ours[:100]}); "
                         "list it in api.cors_origins (USE_SEARCH_API__CORS_ORIGINS) to allow it"
                     )
-            elif headers.get("sec-fetch-site") in ("cross-site", "same-site"):
-                return 403, "cross-origin request refused (Sec-Fetch-Site: cross-site)"
-        path = scope["path"]
+            elif site in ("cross-site", "same-site"):
+                return 403, f"request from another page refused (Sec-Fetch-Site: {site})"
+        elif site in ("cross-site", "same-site") and not p.is_open(path) and origin not in p.cors_origins:
+            return 403, (
+                f"request from another page refused (Sec-Fetch-Site: {site}): data routes answer this server's "
+                "pages and the origins in api.cors_origins (USE_SEARCH_API__CORS_ORIGINS)"
+            )
         if p.key and not p.is_open(path):
             given = headers.get("x-api-key")
             if not given:

@@ -7,6 +7,7 @@ finite numbers, and text that is real Unicode with something visible in it.
 from __future__ import annotations
 
 import posixpath
+import unicodedata
 import uuid
 from typing import Annotated, Any, Literal, Optional
 
@@ -16,14 +17,21 @@ MAX_CLASSES = 255  # label PNGs are 8-bit with 255 = unlabeled
 MAX_CLASS_CHARS = 200
 
 
+VISIBLE_CATEGORIES = ("L", "N", "P", "S")  # Unicode letters, numbers, punctuation, symbols
+
+
 def checked_text(value: str, what: str) -> str:
-    """Text that can be encoded (no lone surrogates) and has a visible character."""
+    """Text that can be encoded (no lone surrogates) and has a visible character: a letter, number,
+    punctuation mark or symbol. Whitespace, control and format characters (NUL, zero-width space),
+    lone combining marks, private-use and unassigned code points show nothing."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError(f"{what} is not valid Unicode (it holds a lone surrogate)") from None
-    if not value.strip():
-        raise ValueError(f"{what} must contain a visible character, not only whitespace")
+    if not any(unicodedata.category(c).startswith(VISIBLE_CATEGORIES) for c in value):
+        raise ValueError(
+            f"{what} must contain a visible character, not only whitespace, control, zero-width or combining characters"
+        )
     return value
 
 
@@ -38,10 +46,13 @@ def checked_path(value: str, what: str) -> str:
     return "/" + norm.lstrip("/")  # normpath keeps a leading '//'
 
 
-# Documented patterns (the validators below say what is wrong in words): an absolute path; some
-# non-whitespace character.
+# Documented patterns (the validators below say what is wrong in words): an absolute path; a character
+# that is not whitespace, control, format (zero-width), combining or private use. JSON Schema's regex
+# has no Unicode categories: the common invisible blocks stand for what ``checked_text`` checks.
 ABSOLUTE = {"pattern": "^/"}
-VISIBLE = {"pattern": r"\S"}
+VISIBLE = {"pattern": (r"[^\s\x00-\x1f\x7f-\x9f\u00ad\u0300-\u036f\u0483-\u0489\u1ab0-\u1aff\u1dc0-\u1dff"
+                       r"\u200b-\u200f\u202a-\u202e\u2060-\u206f\u20d0-\u20ff\ue000-\uf8ff\ufe00-\ufe0f"
+                       r"\ufe20-\ufe2f\ufeff]")}
 
 
 # One /segment "classes" form value: a name, or several separated by commas.

@@ -253,7 +253,7 @@ def query(
                 hit_overlay(h, state.settings.max_image_pixels).save(dest)
                 saved[h.id] = str(dest)
             except (OSError, ValueError) as e:
-                err.print(f"[yellow]cannot render[/] {h.path}: {e}")
+                err.print(f"[yellow]cannot render[/] {escape(h.path)}: {escape(str(e))}")
     if as_json:
         for rank, h in enumerate(hits, 1):
             row = {"rank": rank, **h.to_json()}
@@ -261,11 +261,11 @@ def query(
                 row["overlay"] = saved[h.id]
             print(json.dumps(row))
         return
-    t = Table(title=f"{len(hits)} segments for “{text}”")
+    t = Table(title=f"{len(hits)} segments for “{escape(text)}”")
     for col in ("rank", "score", "image", "segment", "bbox (x,y,w,h)", "area"):
         t.add_column(col, justify="right" if col in ("rank", "score", "area", "segment") else "left")
     for rank, h in enumerate(hits, 1):
-        t.add_row(str(rank), f"{h.score:.4f}", h.path, str(h.segment_index), ",".join(map(str, h.bbox)), str(h.area))
+        t.add_row(str(rank), f"{h.score:.4f}", escape(h.path), str(h.segment_index), ",".join(map(str, h.bbox)), str(h.area))
     out.print(t)
     if save:
         err.print(f"overlays written to {save}")
@@ -382,11 +382,11 @@ def segment(
     votes = segment_by_voting(loaded.pixels, names, segmenter, ensemble, settings.voting)
     labels = votes.labels
     out_path.write_bytes(label_png(labels))
-    t = Table(title=f"{image.name}: {labels.shape[1]}×{labels.shape[0]}, {votes.segments} segments")
+    t = Table(title=f"{escape(image.name)}: {labels.shape[1]}×{labels.shape[0]}, {votes.segments} segments")
     for col, just in (("index", "right"), ("class", "left"), ("pixels", "right")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
     for i, (name, m) in enumerate(votes.masks(names).items()):
-        t.add_row(str(i), name, str(int(m.sum())))
+        t.add_row(str(i), escape(name), str(int(m.sum())))
     t.add_row("255", "(unlabeled)", str(votes.unlabeled_pixels))
     out.print(t)
     err.print(f"{votes.uncovered_pixels} pixels no segment covered (fallback: {votes.fallback}); "
@@ -446,7 +446,7 @@ def curate_run(
     if r.untrained:
         err.print(Panel(Text(UNTRAINED_BANNER, style="bold"), title="untrained models", border_style="red"))
     for path, reason in r.images_failed:
-        err.print(f"[yellow]failed[/] {path}: {reason}")
+        err.print(f"[yellow]failed[/] {escape(str(path))}: {escape(str(reason))}")
     t = Table(title="curation summary", show_header=False)
     for k, v in [
         ("images found / skipped / curated", f"{r.images_found} / {r.images_skipped} / {r.images_curated}"),
@@ -525,7 +525,7 @@ def model_init(out_path: Path = typer.Argument(..., help="Where to write the .sa
     from use_search.model.use import init_use_checkpoint
 
     path = init_use_checkpoint(preset_for(state.settings), state.settings, out_path)
-    err.print(f"untrained USE checkpoint for preset '{state.settings.preset}': {path}")
+    err.print(f"untrained USE checkpoint for preset '{state.settings.preset}': {escape(str(path))}")
 
 
 @app.command()
@@ -550,7 +550,7 @@ def weights_list() -> None:
         t.add_column(col)
     for spec in REGISTRY.values():
         path = state.settings.weights_path / spec.filename
-        t.add_row(spec.name, spec.kind, spec.arch, f"{spec.size_mb} MB", str(path), "yes" if path.is_file() else "no")
+        t.add_row(spec.name, spec.kind, spec.arch, f"{spec.size_mb} MB", escape(str(path)), "yes" if path.is_file() else "no")
     out.print(t)
     for p in PRESETS.values():
         out.print(f"preset [bold]{p.name}[/]: sam={p.sam} clip={p.clip} dinov2={p.dinov2}" + ("  (random init, untrained)" if p.untrained else ""))
@@ -589,7 +589,7 @@ def weights_fetch(
         elif s.is_offline:
             raise MissingWeightsError(missing_message(spec, s, "offline mode: not downloading"))
         path = fetch(spec, s)
-        out.print(f"{name}: {path}")
+        out.print(f"{name}: {escape(str(path))}")
 
 
 @weights_app.command("verify")
