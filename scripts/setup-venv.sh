@@ -13,3 +13,10 @@ if [ -n "$extras" ]; then
 else
   .venv/bin/python -m pip install -q -e .
 fi
+if [[ ",$extras," == *",dev,"* ]]; then
+  # The generator behind the generated-client API test pins typer<0.28 and httpx<0.29: a venv of its own
+  # keeps it from downgrading the project's.
+  python3 -m venv .venv/tools
+  .venv/tools/bin/python -m pip install -q --upgrade pip
+  .venv/tools/bin/python -m pip install -q "openapi-python-client==0.29.1"
+fi
