@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What ``precision="fast"`` (the CUDA default: bf16 encoder/decoder, fp16 mask upscaling, SDPA) does
-to the automatic masks, against ``precision="exact"`` (float32, segment-anything's arithmetic, equal to
-segment-anything mask for mask). Runs on CPU by forcing those dtypes, so it needs no GPU.
+to the automatic masks, against ``precision="exact"`` (float32, segment-anything's arithmetic: its masks
+up to pixels whose logit lies within float32 rounding of the mask threshold). Runs on CPU by forcing those dtypes, so it needs no GPU.
 
     python bench/bench_amg_precision.py                       # tiny SAM, 3 photos, 12×12 grid
     python bench/bench_amg_precision.py --arch vit_b --side 512 --images 2

@@ -78,12 +78,13 @@ class AutoMaskSettings(BaseModel):
     crop_overlap_ratio: float = 512 / 1500
     crop_n_points_downscale_factor: int = 1
     min_mask_region_area: int = 0
-    # Batched engine: "exact" = fp32 and segment-anything's arithmetic, mask for mask its output;
+    # Batched engine: "exact" = fp32 and segment-anything's arithmetic, its masks up to pixels whose logit
+    # is within fp32 rounding of the mask threshold (segmenter/batched.py);
     # "fast" = bf16 encoder/decoder + fp16 upscaling on CUDA and SDPA (borders and close calls move,
     # see README); "auto" = fast on CUDA, exact elsewhere.
     precision: Literal["auto", "fast", "exact"] = "auto"
     # "batched": BatchedAutoSegmenter (built for GPU throughput); "reference": segment-anything's
-    # SamAutomaticMaskGenerator loop. The same masks with precision "exact".
+    # SamAutomaticMaskGenerator loop. The same masks with precision "exact" (up to fp32 rounding).
     engine: Literal["batched", "reference"] = "batched"
 
 

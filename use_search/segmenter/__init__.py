@@ -33,7 +33,7 @@ def load_auto_segmenter(
     settings: Settings, preset: Preset, device: str
 ) -> tuple[AutoSegmenter | BatchedAutoSegmenter, str]:
     """The batched generator (``amg.engine="batched"``, the default) or segment-anything's own loop
-    (``"reference"``); both give the same masks (see segmenter/automatic.py)."""
+    (``"reference"``); with precision exact both give the same masks up to float32 rounding (segmenter/batched.py)."""
     sam, sam_id = load_sam(preset.sam, settings, device)
     params = auto_mask_params(settings, preset)
     if settings.amg.engine == "batched":

@@ -55,7 +55,8 @@ class AutoMaskParams:
     crop_n_points_downscale_factor: int = 1
     min_mask_region_area: int = 0
     # The batched engine's arithmetic. "exact": float32 and segment-anything's attention arithmetic,
-    # mask for mask segment-anything's output. "fast": bfloat16 encoder/decoder and float16 mask
+    # segment-anything's masks up to pixels whose logit is within float32 rounding of the mask
+    # threshold (see batched.py). "fast": bfloat16 encoder/decoder and float16 mask
     # upscaling on CUDA, scaled_dot_product_attention everywhere (see batched.py for what it costs).
     # "auto": fast on CUDA, exact elsewhere. The reference engine is always segment-anything's float32.
     precision: Literal["auto", "fast", "exact"] = "auto"

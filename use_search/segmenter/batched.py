@@ -21,16 +21,24 @@ What changes against the reference loop (one image or crop at a time, 64 prompts
   compression of the counts by pycocotools; no Python loop over pixels.
 
 Precision (``AutoMaskParams.precision``, setting ``USE_SEARCH_AMG__PRECISION``): ``exact`` (the default
-off CUDA) is float32 with segment-anything's explicit attention arithmetic, and the masks are
-segment-anything's mask for mask — the tests compare them RLE for RLE on weights edited so that dozens of
-masks survive per image, with and without ``min_mask_region_area`` and with a crop layer (on CUDA the
-float32 kernels are the GPU's, so expect that up to kernel rounding; its explicit attention also holds
-whole attention matrices: lower ``image_batch`` on small GPUs). ``fast`` (the default on CUDA) runs
-encoder and decoder in bfloat16, the mask upscaling in float16, and SDPA: logits move by bf16 rounding,
-so mask borders move and close calls in the filters and in NMS go the other way. Forced on CPU with the
-stress-test SAM (``bench/bench_amg_precision.py``, docs/benchmarks.md): per image the matched masks'
-median IoU is 0.81–1.00, the worst pair 0.015, and up to 5 masks per image have no twin; the bf16
-encoder/decoder is nearly all of it.
+off CUDA) is float32 with segment-anything's explicit attention arithmetic. What differs is only the order
+of float32 sums (the restructured decoder, other batch shapes, whichever GEMM and SIMD kernels the CPU
+picks), so a mask pixel can differ from segment-anything's only where its logit lies within float32
+rounding of ``mask_threshold``, and a candidate can pass or fail a filter the other way only where its
+score lies that close to the threshold. The tests bound that band from the arithmetic (2·γ_N times the
+logit's last sum in absolute values, tests/amg_stress.py) and check every pixel against it: on the tiny
+SAM's 202 masks, 0 to 3 masks differ from segment-anything's, by one pixel each, depending on the CPU's
+kernels. With segment-anything's modules at its batch sizes (``fast_decoder=False``, ``image_batch=1``,
+``decode_batch=points_per_batch``) the arithmetic is the reference's operation for operation and the masks
+are its masks RLE for RLE on any CPU; the tests check that with NMS, ``min_mask_region_area`` and a crop
+layer. On CUDA the float32 kernels are the GPU's; its explicit attention also holds whole attention
+matrices: lower ``image_batch`` on small GPUs. ``fast`` (the default on CUDA) runs encoder and decoder
+in bfloat16, the mask upscaling in float16, and SDPA: logits move by bf16 rounding, so mask borders move
+and close calls in the filters and in NMS go the other way. Forced on CPU with the stress-test SAM (three
+photos of long side 160, a 12×12 grid, SAM's default thresholds; ``bench/bench_amg_precision.py``,
+docs/benchmarks.md), per image the matched masks' median IoU was 0.81–1.00, the worst pair 0.015, and
+0 to 5 masks per image had no twin. That is a measurement on those photos, not a bound: other photos and
+settings leave more masks without a twin. The bf16 encoder/decoder is nearly all of it.
 """
 
 from __future__ import annotations
@@ -318,7 +326,13 @@ class BatchedAutoSegmenter:
         coords = self.transform.apply_coords(points, crop.orig_size)  # float64, as the reference
         in_points = torch.as_tensor(coords, device=self.device)
         in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=self.device)
-        sparse, dense = self.prompt_encoder(points=(in_points[:, None, :], in_labels[:, None]), boxes=None, masks=None)
+        # In the reference's batches of points_per_batch: the same shapes, so the same kernels.
+        step = self.params.points_per_batch
+        parts = [
+            self.prompt_encoder(points=(in_points[i : i + step, None, :], in_labels[i : i + step, None]), boxes=None, masks=None)
+            for i in range(0, in_points.shape[0], step)
+        ]
+        sparse, dense = torch.cat([sp for sp, _ in parts]), parts[0][1]
         cached = (sparse.to(self.dtype), dense[:1].to(self.dtype))
         if len(self._prompt_cache) > 64:
             self._prompt_cache.clear()
