@@ -1,6 +1,7 @@
 """Reference automatic masks: segment-anything's ``SamAutomaticMaskGenerator``, timed per image, split
 into the image encoder (``set_image``) and the rest (grid prompts → mask decoder → filtering → RLE →
-NMS). This is the baseline that issue 8's own automatic-mask path is compared against.
+NMS). This is the baseline that the project's batched automatic-mask path (``segmenter/batched.py``) is
+compared against.
 
     python bench/bench_amg.py --arch vit_h --device cuda --images 8                 # GPU, SAM ViT-H
     python bench/bench_amg.py --arch tiny --device cpu --images 2 --side 256        # CPU, tiny SAM

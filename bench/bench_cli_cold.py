@@ -4,7 +4,7 @@ older checkout of the code for comparison (`--old /work/base`).
 
 Rows, each timed `--runs` times in alternating order (one warm-up round first, discarded), medians:
   import torch                  python -c "import torch"
-  import torch, open_clip       the floor the issue sets the query against (goal: query <= 2x this)
+  import torch, open_clip       the floor for a cold query (goal: query <= 2x this)
   query tiny (new|old)          --preset tiny query "a dog": the tiny CLIP, a 64-d store
   query base (new|old)          --preset base query "a dog": ViT-B/16's real-size towers with random
                                 weights in the registry's cache file (OpenAI layout, fp16, ~300 MB), a

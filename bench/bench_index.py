@@ -11,12 +11,12 @@ embedder of ``load_embedder`` (crop-CLIP, or USE with ``--embedder use`` from a 
 ``init_use_checkpoint`` writes for the preset), and an embedded store in a scratch folder. For base
 and paper, random-init checkpoints of the real architectures are first written in the official file
 layouts into a scratch weights folder (``benchlib.write_random_checkpoints``), so the same loading
-code runs with the real FLOPs (DESIGN.md: speed is measured with random weights).
+code runs with the real FLOPs (docs/design.md: speed is measured with random weights).
 
 Random weights make SAM's score filters keep few or no masks. The segmenter still runs in full (its
 time is the masks stage), but by default what it returns is replaced by ``--masks`` fixed masks per
 image (deterministic shapes, with their RLE), so that embed and write see a realistic, equal load
-(DESIGN.md: mask-count-dependent stages use a fixed mask set); ``--masks 0`` passes SAM's own output.
+(docs/design.md: mask-count-dependent stages use a fixed mask set); ``--masks 0`` passes SAM's own output.
 
 Stage split: the segmenter, the embedder and the store are wrapped in timers that add up the seconds
 spent in their calls (``segment``/``segment_batch``; ``embed_segments``/``embed_batch``;

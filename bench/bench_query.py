@@ -25,7 +25,7 @@ architecture) plus the store search for the clustered query vector: the same wor
 
 The server backend runs against qdrant-client's in-process ``:memory:`` mode unless ``--qdrant-url``
 names a real server: that mode is a numpy brute-force scan in Python, not Qdrant's engine
-(DESIGN.md), so its latencies are not server figures and its recall is 1 by construction.
+(docs/design.md), so its latencies are not server figures and its recall is 1 by construction.
 """
 
 from __future__ import annotations

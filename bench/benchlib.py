@@ -1,7 +1,7 @@
 """Shared helpers of bench_index.py, bench_query.py and bench_amg.py: machine description, random-weight
 models of a preset's real architectures, photos, fixed mask sets, timing and memory probes.
 
-Random weights in the real architectures have the real FLOPs (DESIGN.md: speed is measured that way);
+Random weights in the real architectures have the real FLOPs (docs/design.md: speed is measured that way);
 the figures say nothing about quality. The ``tiny`` preset's models are the project's own small ones.
 """
 

@@ -1,4 +1,4 @@
-"""Training-step throughput and peak memory of the USE model (issue-4 benchmark).
+"""Training-step throughput and peak memory of the USE model (paper §4.2 recipe).
 
     python bench/train_step.py --preset paper --device cuda --batch 32          # paper recipe: 560 crops
     python bench/train_step.py --preset paper --device cuda --batch 32 --cached # feature-cache mode

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install use-search into it. Usage: scripts/setup-venv.sh [EXTRAS], e.g. "dev".
-# torch/torchvision are installed first as the pinned pair (DESIGN.md: a looser pin pulls another
+# torch/torchvision are installed first as the pinned pair (docs/design.md: a looser pin pulls another
 # multi-GB build, and PyPI's torchvision does not import beside other torch builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."

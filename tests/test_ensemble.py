@@ -282,7 +282,7 @@ def test_logit_scale_comes_from_the_checkpoint(ckpts, tmp_path):
 def test_training_writes_its_scale_and_resumes(tmp_path):
     """A run at logit_scale 20 records 20 in every checkpoint, and resuming it still matches."""
     from use_search.train import DataSpec, TrainConfig, run
-    from use_search.train.scenes import compose_scenes, real_backgrounds, real_cutouts
+    from scenes import compose_scenes, real_backgrounds, real_cutouts
 
     compose_scenes(tmp_path / "scenes", 8, list(real_backgrounds().values())[:3], real_cutouts(), size=96, seed=5)
     settings = Settings(data_dir=tmp_path / "data", preset="tiny", device="cpu", offline=True)

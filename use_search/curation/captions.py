@@ -242,17 +242,12 @@ def load_mllm_captioner(
     trust_remote_code: bool = False,
     batch_size: int = 8,
 ) -> MLLMCaptioner:
-    """A Hugging Face model id or local folder, or ``tiny`` (random-init, tests and smoke runs only).
+    """A Hugging Face model id or local folder. (The pipeline builds ``tiny`` itself, from ``curation.tiny``.)
 
     ``processor``: another id or folder for the processor or tokenizer, for checkpoints that ship none
     (CogVLM: ``lmsys/vicuna-7b-v1.5``). ``trust_remote_code``: allow checkpoints that ship their own
     Python code (CogVLM); that code runs with this process's rights, so only for sources you trust.
     """
-    if name_or_path == "tiny":
-        from use_search.curation.tiny import build_tiny_mllm
-
-        model, proc = build_tiny_mllm()
-        return MLLMCaptioner(model, proc, params, device=device, model_id="mllm-tiny-untrained", batch_size=batch_size)
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     model, proc = load_pretrained(

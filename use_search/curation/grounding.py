@@ -176,19 +176,13 @@ def load_grounder(
     box_threshold: float = 0.05,
     nms_threshold: float = 0.7,
 ) -> GroundingDinoGrounder:
-    """A Hugging Face model id or local folder, or ``tiny`` (random-init, tests and smoke runs only)."""
-    if name_or_path == "tiny":
-        from use_search.curation.tiny import build_tiny_grounding_dino
+    """A Hugging Face model id or local folder. (The pipeline builds ``tiny`` itself, from ``curation.tiny``.)"""
+    from transformers import AutoModelForZeroShotObjectDetection
 
-        model, processor = build_tiny_grounding_dino()
-        model_id = "grounding-dino-tiny-untrained"
-    else:
-        from transformers import AutoModelForZeroShotObjectDetection
-
-        model, processor = load_pretrained(
-            name_or_path, AutoModelForZeroShotObjectDetection, offline=offline, what="Grounding DINO"
-        )
-        model_id = name_or_path
+    model, processor = load_pretrained(
+        name_or_path, AutoModelForZeroShotObjectDetection, offline=offline, what="Grounding DINO"
+    )
     return GroundingDinoGrounder(
-        model, processor, box_threshold=box_threshold, nms_threshold=nms_threshold, device=device, model_id=model_id
+        model, processor, box_threshold=box_threshold, nms_threshold=nms_threshold, device=device,
+        model_id=name_or_path,
     )

@@ -32,6 +32,7 @@ from use_search.curation.grounding import DEFAULT_GROUNDING_MODEL, GroundingDino
 from use_search.curation.pairs import BoxText, SegmentTexts, TextEntry, merge_by_mask_nms
 from use_search.curation.phrases import PhraseExtractor, load_phrase_extractor
 from use_search.curation.shards import ShardWriter, done_images
+from use_search.curation.tiny import tiny_grounder, tiny_mllm_captioner
 from use_search.indexer.read import ImageReadError, LoadedImage, find_images, read_image
 from use_search.segmenter.boxes import BoxSegmenter
 from use_search.segmenter.sam import load_sam
@@ -128,20 +129,25 @@ def build_components(config: CurationConfig) -> CurationComponents:
     if config.coco_captions:
         captioners.append(CocoCaptions(config.coco_captions))
     if config.mllm:
-        mllm = load_mllm_captioner(
-            config.mllm, device=device, offline=offline, params=config.generation, processor=config.mllm_processor,
-            trust_remote_code=config.trust_remote_code, batch_size=config.mllm_batch_size,
-        )
+        if config.mllm == "tiny":
+            mllm = tiny_mllm_captioner(config.generation, device=device, batch_size=config.mllm_batch_size)
+        else:
+            mllm = load_mllm_captioner(
+                config.mllm, device=device, offline=offline, params=config.generation,
+                processor=config.mllm_processor, trust_remote_code=config.trust_remote_code,
+                batch_size=config.mllm_batch_size,
+            )
         captioners.append(mllm)
         models["captioner"] = mllm.model_id
     phrases = grounder = None
     if captioners:
         phrases = load_phrase_extractor(config.spacy_model)
         models["spacy"] = f"{phrases.nlp.meta['lang']}_{phrases.nlp.meta['name']}-{phrases.nlp.meta['version']}"
-        grounder = load_grounder(
-            config.grounding_model, device=device, offline=offline,
-            box_threshold=config.box_threshold, nms_threshold=config.grounding_nms,
-        )
+        thresholds = {"box_threshold": config.box_threshold, "nms_threshold": config.grounding_nms}
+        if config.grounding_model == "tiny":
+            grounder = tiny_grounder(device=device, **thresholds)
+        else:
+            grounder = load_grounder(config.grounding_model, device=device, offline=offline, **thresholds)
         models["grounding"] = grounder.model_id
     sam, sam_id = load_sam(config.sam, settings, device)
     models["sam"] = sam_id

@@ -3,6 +3,8 @@
 No weights exist on these machines, so the ``tiny`` curation models are real transformers
 architectures (the same classes and processors the real checkpoints load into) with small widths and
 seeded random weights. Their boxes and captions are meaningless; they only show the pipeline runs.
+The pipeline resolves the name ``tiny`` to these builders; the production loaders never see it, so
+this module depends on the captioner and grounder, never the reverse.
 
 Tokenizers are built from an in-code vocabulary: a BERT-style WordPiece whose special ids match
 ``bert-base-uncased`` where Grounding DINO hard-codes them ([PAD]=0, [CLS]=101, [SEP]=102, "."=1012,
@@ -17,6 +19,9 @@ import string
 from typing import Any
 
 import torch
+
+from use_search.curation.captions import PART_AWARE_PROMPT, GenerationParams, MLLMCaptioner
+from use_search.curation.grounding import GroundingDinoGrounder
 
 TINY_SEED = 0
 
@@ -101,8 +106,6 @@ def build_tiny_mllm() -> tuple[Any, Any]:
         PreTrainedTokenizerFast,
     )
 
-    from use_search.curation.captions import PART_AWARE_PROMPT
-
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "<image>": 4}
     # The chat roles and every word of the paper's prompt are whole tokens: the prompt reaches the model intact.
     prompt_words = re.findall(r"[a-z]+", f"user assistant {PART_AWARE_PROMPT}".lower())
@@ -141,3 +144,18 @@ def build_tiny_mllm() -> tuple[Any, Any]:
         chat_template=TINY_CHAT_TEMPLATE, num_additional_image_tokens=1,  # CLIP's class token
     )
     return model, processor
+
+
+def tiny_mllm_captioner(params: GenerationParams | None, *, device: str, batch_size: int) -> MLLMCaptioner:
+    """The captioner ``--mllm tiny`` names (what ``load_mllm_captioner`` gives for a real model)."""
+    return MLLMCaptioner(
+        *build_tiny_mllm(), params, device=device, model_id="mllm-tiny-untrained", batch_size=batch_size
+    )
+
+
+def tiny_grounder(*, device: str, box_threshold: float, nms_threshold: float) -> GroundingDinoGrounder:
+    """The grounder ``--grounding-model tiny`` names (what ``load_grounder`` gives for a real model)."""
+    return GroundingDinoGrounder(
+        *build_tiny_grounding_dino(), box_threshold=box_threshold, nms_threshold=nms_threshold, device=device,
+        model_id="grounding-dino-tiny-untrained",
+    )

@@ -117,11 +117,6 @@ def dinov2_source(name_or_path: str, settings: Settings, arch: str | None = None
     return resolve(name, settings), arch, None  # raises: neither a file nor a known name
 
 
-def load_dinov2_state(path: Path, model: VisionTransformer, name: str | None = None) -> dict[str, torch.Tensor]:
-    """Meta's ``.pth`` or a timm ``.safetensors``/``.pth`` file, converted to ``model``'s keys and grid."""
-    return checkpoint_filter_fn(read_dinov2_state(path, name), model)
-
-
 def load_dinov2(
     name_or_path: str, settings: Settings, grid: int, arch: str | None = None, device: str = "cpu"
 ) -> Dinov2Bundle:

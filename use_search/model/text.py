@@ -62,7 +62,7 @@ class TextEncoder:
         self.batch = batch
 
     def encode_raw(self, texts: Sequence[str]) -> torch.Tensor:
-        """Unnormalised... no: L2-normalised text embeddings of the exact strings, (n, dim) float32."""
+        """L2-normalised embeddings of the exact strings (no templates), an (n, dim) float32 tensor."""
         out = []
         for i in range(0, len(texts), self.batch):
             tokens = self.clip.tokenizer(list(texts[i : i + self.batch])).to(self.device)

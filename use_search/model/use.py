@@ -318,10 +318,6 @@ class UseTrainable(nn.Module):
         return F.normalize(self.head(z).float(), dim=-1) * used
 
 
-def trainable_parameter_count(config: UseConfig) -> int:
-    return sum(p.numel() for p in UseTrainable(config).parameters())
-
-
 # ---------------------------------------------------------------------------------------------------
 # The whole model
 

