@@ -230,7 +230,8 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default_factory=default_data_dir)
     weights_dir: Path | None = None  # default <data_dir>/weights
-    preset: Literal["paper", "base", "tiny"] = "paper"
+    # "auto": paper where CUDA is available, base elsewhere (presets.resolve prints which, once)
+    preset: Literal["auto", "paper", "base", "tiny"] = "auto"
     use_checkpoint: Path | None = None  # trained USE head; when unset the crop-CLIP baseline embeds
     # Models instead of the preset's (env USE_SEARCH_SAM / _CLIP / _DINOV2): a registry name
     # (`use-search weights list`) or a checkpoint file; CLIP and DINOv2 also take ARCH:FILE.

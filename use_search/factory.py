@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from use_search.config import Settings
 from use_search.presets import Preset, preset_for
-from use_search.weights import MissingWeightsError, resolve
+from use_search.weights import MissingWeightsError, missing_weights_error, resolve
 
 if TYPE_CHECKING:
     from use_search.indexer.runner import Indexer
@@ -63,9 +63,7 @@ def preflight(settings: Settings, preset: Preset, parts: tuple[str, ...] = ("sam
         except MissingWeightsError as e:
             errors.append(str(e))
     if errors:
-        raise MissingWeightsError(
-            f"this run needs {len(errors)} checkpoint(s) that are not here:\n" + "\n".join(errors)
-        )
+        raise missing_weights_error(errors)
 
 
 @dataclass

@@ -228,6 +228,25 @@ def missing_message(spec: WeightSpec, settings: Settings, reason: str = "") -> s
     )
 
 
+TRY_TINY = (
+    "Only to check that the pipeline runs, without any download: --preset tiny (small random-init "
+    "networks, meaningless results)."
+)
+
+
+def missing_weights_error(messages: list[str]) -> MissingWeightsError:
+    """One error for every checkpoint a run lacks (each message from ``missing_message``), ending with
+    the way to try the pipeline without them."""
+    head = f"this run needs {len(messages)} checkpoint(s) that are not here:\n" if len(messages) > 1 else ""
+    return MissingWeightsError(head + "\n".join(messages) + "\n" + TRY_TINY)
+
+
+def download_size(specs: list[WeightSpec]) -> str:
+    """Their total size for a person: ``"2.8 GB"``, ``"375 MB"`` (registry sizes)."""
+    mb = sum(s.size_mb for s in specs)
+    return f"{mb / 1000:.1f} GB" if mb >= 1000 else f"{mb} MB"
+
+
 def resolve(name_or_path: str | Path, settings: Settings, *, download: bool = True) -> Path:
     """A local file path, or the cached file of a registry name (downloading it if allowed and online)."""
     p = Path(name_or_path).expanduser()

@@ -18,13 +18,14 @@ from rich.text import Text
 if TYPE_CHECKING:
     from use_search.config import Settings
 
-from use_search.presets import PRESETS, UNTRAINED_BANNER, get_preset, preset_for
+from use_search.presets import PRESET_CHOICES, PRESETS, UNTRAINED_BANNER, get_preset, preset_for, resolve
 from use_search.weights import (
     REGISTRY,
     ChecksumError,
     MissingWeightsError,
     UnreadableCheckpointError,
     cache_path,
+    download_size,
     fetch,
     missing_message,
     verify,
@@ -68,10 +69,10 @@ state = State()
 
 @app.callback()
 def common(
-    preset: Optional[str] = typer.Option(None, "--preset", "-p", help=f"Model preset: {', '.join(PRESETS)} (default: paper)."),
+    preset: Optional[str] = typer.Option(None, "--preset", "-p", help=f"Model preset: {', '.join(PRESET_CHOICES)} (default: auto = paper with CUDA, base without)."),
     store: Optional[Path] = typer.Option(None, "--store", help="Embedded store folder."),
     server: Optional[str] = typer.Option(None, "--server", help="Qdrant server URL (instead of the embedded store)."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="QDRANT_API_KEY", help="Qdrant server API key."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Qdrant server API key (default: env USE_SEARCH_STORE__API_KEY)."),
     collection: Optional[str] = typer.Option(None, "--collection", help="Collection name."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: auto)."),
     model: Optional[Path] = typer.Option(None, "--model", help="Trained USE checkpoint (default: crop-CLIP baseline)."),
@@ -107,13 +108,19 @@ def banner(untrained: bool | None = None) -> None:
 
 class RateColumn(ProgressColumn):
     """Images per second over the whole run (rich's own speed is a short window, and images land in
-    batches, so its figure jumps)."""
+    batches, so its figure jumps); below one image a second also seconds per image, and the time
+    left at that pace once the total is known."""
 
     def render(self, task) -> Text:  # type: ignore[override]
         elapsed = task.finished_time or task.elapsed
         if not elapsed or not task.completed:
             return Text("-- img/s", style="cyan")
-        return Text(f"{task.completed / elapsed:.2f} img/s", style="cyan")
+        rate = task.completed / elapsed
+        text = f"{rate:.2f} img/s" + (f" · {1 / rate:.1f} s/img" if rate < 1 else "")
+        if task.total is not None and not task.finished:
+            left = int((task.total - task.completed) / rate)
+            text += f" · ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+        return Text(text, style="cyan")
 
 
 EXIT_SOME_FAILED = 3  # `index`: some files failed (reported), every other file is indexed
@@ -215,7 +222,10 @@ def _store_label() -> str:
     return f"{s.store_path} / {s.store.collection}"
 
 
-@app.command()
+@app.command(
+    epilog="Exit codes: 0 the hits are printed (none when none passes --min-score); 2 a usage or setup error: "
+    "an empty store, --image / --under naming a missing path or one with nothing indexed, missing weights."
+)
 def query(
     text: str = typer.Argument(..., help="What to look for, e.g. \"car's license plate\"."),
     k: int = typer.Option(10, "-k", "--top", help="Number of results."),
@@ -242,6 +252,8 @@ def query(
         if store.dim is None or store.count_segments() == 0:
             raise StoreError(f"the store at {_store_label()} is empty: run `use-search index FOLDER` first")
         banner(embedder.untrained)
+        if not flt.is_empty() and store.count_segments(flt) == 0:
+            raise StoreError(_nothing_indexed(image, under))
         hits = Searcher(store, embedder).search(text, k, None if flt.is_empty() else flt, min_score, dedup)
     if save:
         save.mkdir(parents=True, exist_ok=True)
@@ -266,9 +278,19 @@ def query(
         t.add_column(col, justify="right" if col in ("rank", "score", "area", "segment") else "left")
     for rank, h in enumerate(hits, 1):
         t.add_row(str(rank), f"{h.score:.4f}", escape(h.path), str(h.segment_index), ",".join(map(str, h.bbox)), str(h.area))
-    out.print(t)
+    # Piped or redirected: wide enough for whole paths (a terminal's table cuts them to fit).
+    (out if out.is_terminal else Console(width=max(out.width, 120 + max((len(h.path) for h in hits), default=0)))).print(t)
     if save:
         err.print(f"overlays written to {save}")
+
+
+def _nothing_indexed(image: Optional[Path], under: Optional[Path]) -> str:
+    """Why ``--image`` / ``--under`` match no segment: the path is not there, or nothing is indexed there."""
+    for opt, path, there in (("--image", image, image and image.is_file()), ("--under", under, under and under.is_dir())):
+        if path is not None and not there:
+            return f"{opt} {path}: no such {'file' if opt == '--image' else 'folder'}"
+    where = f"{image}" if image else f"under {under}"
+    return f"nothing is indexed {'for ' if image else ''}{where} in {_store_label()}: run `use-search index {image or under}` first"
 
 
 @app.command()
@@ -434,7 +456,7 @@ def curate_run(
     banner()
     s = state.settings
     preset = preset_for(s)  # with --sam/--clip/--dinov2
-    tiny = get_preset(s.preset).untrained  # the tiny preset grounds with its tiny Grounding DINO too
+    tiny = get_preset(resolve(s)).untrained  # the tiny preset grounds with its tiny Grounding DINO too
     cfg = CurationConfig(
         images=images, out=out_dir, sidecar_captions=sidecar, coco_captions=coco_captions, mllm=mllm,
         mllm_processor=mllm_processor, trust_remote_code=trust_remote_code, mllm_batch_size=mllm_batch_size,
@@ -443,13 +465,14 @@ def curate_run(
         **({"grounding_model": grounding} if grounding else {"grounding_model": "tiny"} if tiny else {}),
     )
     r = run_curation(cfg)
-    if r.untrained:
-        err.print(Panel(Text(UNTRAINED_BANNER, style="bold"), title="untrained models", border_style="red"))
+    if r.untrained and not preset.untrained:  # a tiny model the preset did not announce (e.g. --grounding tiny)
+        banner(True)
     for path, reason in r.images_failed:
         err.print(f"[yellow]failed[/] {escape(str(path))}: {escape(str(reason))}")
     t = Table(title="curation summary", show_header=False)
     for k, v in [
-        ("images found / skipped / curated", f"{r.images_found} / {r.images_skipped} / {r.images_curated}"),
+        ("images found / skipped / curated / without text",
+         f"{r.images_found} / {r.images_skipped} / {r.images_curated} / {r.images_without_text}"),
         ("failed", len(r.images_failed)), ("pairs before NMS", r.pairs_before_nms), ("segments after NMS", r.segments),
         ("shards written", len(r.shards_written)), ("time", f"{r.seconds:.1f} s"),
     ]:
@@ -508,7 +531,7 @@ def train(
         raise ValueError("no training data: give --coco, --shards or --folder")
     banner()
     cfg = TrainConfig(
-        train=specs, out_dir=out_dir, preset=state.settings.preset,
+        train=specs, out_dir=out_dir, preset=resolve(state.settings),
         val=[DataSpec("shards", p) for p in val_shards or []], val_fraction=val_fraction, epochs=epochs,
         batch_size=batch_size, lr=lr, max_steps=max_steps, resume=resume, augment=augment,
         feature_cache=feature_cache, workers=workers, seed=seed,
@@ -524,8 +547,9 @@ def model_init(out_path: Path = typer.Argument(..., help="Where to write the .sa
     """Write an untrained USE head for the preset's backbones (a starting point; not a trained model)."""
     from use_search.model.use import init_use_checkpoint
 
-    path = init_use_checkpoint(preset_for(state.settings), state.settings, out_path)
-    err.print(f"untrained USE checkpoint for preset '{state.settings.preset}': {escape(str(path))}")
+    preset = preset_for(state.settings)
+    path = init_use_checkpoint(preset, state.settings, out_path)
+    err.print(f"untrained USE checkpoint for preset '{preset.name}': {escape(str(path))}")
 
 
 @app.command()
@@ -558,7 +582,7 @@ def weights_list() -> None:
 
 def _names(names: list[str], preset: Optional[str]) -> list[str]:
     if preset:
-        p = get_preset(preset)
+        p = get_preset(resolve(state.settings.model_copy(update={"preset": preset})))
         names = names + [n for n in (p.sam, p.clip, p.dinov2) if n != "tiny"]
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
@@ -574,30 +598,38 @@ def weights_fetch(
     preset: Optional[str] = typer.Option(None, "--preset", help="Every checkpoint a preset needs."),
 ) -> None:
     """Download checkpoints into the cache, verifying their size and sha256. With --offline it only
-    checks what is cached and never touches the network."""
+    checks what is cached and never touches the network. The total download size is printed first."""
     s = state.settings
-    for name in _names(names or [], preset):
-        spec = REGISTRY[name]
-        ok, msg = verify(spec, s)
+    checked = [(REGISTRY[name], *verify(REGISTRY[name], s)) for name in _names(names or [], preset)]
+    todo = [spec for spec, ok, _ in checked if not ok]
+    if todo and not s.is_offline:
+        err.print(f"downloading {len(todo)} checkpoint(s), {download_size(todo)} in total: "
+                  f"{', '.join(f'{t.name} ({t.size_mb} MB)' for t in todo)}", highlight=False, soft_wrap=True)
+    problems: list[str] = []
+    for spec, ok, msg in checked:
         if ok:
-            out.print(f"{name}: already cached")
+            out.print(f"{spec.name}: already cached")
             continue
         if cache_path(spec, s).is_file():  # there, but not the published file
             if s.is_offline:
-                raise ChecksumError(f"{name}: {msg} (offline: not downloading it again)")
-            err.print(f"[yellow]{name}[/]: {msg}; downloading it again")
+                problems.append(f"{spec.name}: {msg} (offline: not downloading it again)")
+                continue
+            err.print(f"[yellow]{spec.name}[/]: {msg}; downloading it again")
         elif s.is_offline:
-            raise MissingWeightsError(missing_message(spec, s, "offline mode: not downloading"))
-        path = fetch(spec, s)
-        out.print(f"{name}: {escape(str(path))}")
+            problems.append(missing_message(spec, s, "offline mode: not downloading"))
+            continue
+        out.print(f"{spec.name}: {escape(str(fetch(spec, s)))}")
+    if problems:
+        raise MissingWeightsError("\n".join(problems))
 
 
-@weights_app.command("verify")
+@weights_app.command("verify", epilog="Exit codes: 0 every checkpoint named is cached and matches; 1 one or more "
+                     "is missing or does not match (each is listed); 2 a usage error (unknown name).")
 def weights_verify(
     names: list[str] = typer.Argument(None, help="Checkpoint names (default: all)."),
     preset: Optional[str] = typer.Option(None, "--preset", help="Every checkpoint a preset needs."),
 ) -> None:
-    """Check cached checkpoints against their published sha256. Exit 1 if any is missing or wrong."""
+    """Check cached checkpoints against their published sha256."""
     chosen = _names(names or [], preset) if (names or preset) else list(REGISTRY)
     bad = 0
     for name in chosen:

@@ -8,6 +8,7 @@ ships its own Python code (``auto_map`` in its config, e.g. CogVLM) loads only w
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,38 @@ def load_pretrained(
     kw = dict(what=what, processor=processor, trust_remote_code=trust_remote_code, **kwargs)
     try:
         return _load(name_or_path, classes, local_files_only=True, **kw)
-    except MissingWeightsError:
+    except MissingWeightsError as e:
         if offline or all(looks_like_path(n) for n in names):
             raise
+        host = hub_host()
+        # The Hub client would retry for ~30 s before saying the same. (Behind a proxy a direct
+        # connection proves nothing: leave it to the client.)
+        proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+        if not proxied and not reachable(host):
+            raise MissingWeightsError(
+                str(e).replace("is not in the Hugging Face cache (offline)",
+                               f"is not in the Hugging Face cache and {host} cannot be reached (offline?)", 1)
+            ) from None
     return _load(name_or_path, classes, local_files_only=False, **kw)
+
+
+def hub_host() -> str:
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    return urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+
+
+def reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``host`` opens within ``timeout`` (DNS included)."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _load(

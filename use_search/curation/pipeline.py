@@ -95,6 +95,7 @@ class CurationSummary:
     models: dict[str, str]
     untrained: bool  # a tiny random-init model was used: the pairs are meaningless
     seconds: float
+    images_without_text: int = 0  # no caption or region: recorded as done, not counted as curated
 
 
 @dataclass
@@ -239,7 +240,7 @@ def run_curation(config: CurationConfig, components: CurationComponents | None =
     if config.limit is not None:
         todo = todo[: config.limit]
     failed: list[tuple[str, str]] = []
-    curated = pairs = segments = 0
+    curated = no_text = pairs = segments = 0
     columns = (
         TextColumn("[bold]curate"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[pairs]} pairs → {task.fields[segments]} segments"),
@@ -265,14 +266,18 @@ def run_curation(config: CurationConfig, components: CurationComponents | None =
                     failed.append((loaded.record.path, str(e)))
                     bar.advance(task)
                     continue
-                writer.write(record)
+                writer.write(record)  # also an image with no text: a rerun skips it
+                if not captions and not record["pairs_before_nms"]:
+                    no_text += 1
+                    bar.advance(task)
+                    continue
                 curated += 1
                 pairs += record["pairs_before_nms"]
                 segments += len(record["segments"])
                 bar.update(task, advance=1, pairs=pairs, segments=segments)
     return CurationSummary(
         out=out, images_found=len(found), images_skipped=skipped,
-        images_curated=curated, images_failed=failed, pairs_before_nms=pairs, segments=segments,
+        images_curated=curated, images_without_text=no_text, images_failed=failed, pairs_before_nms=pairs, segments=segments,
         shards_written=list(writer.written), models=parts.models, untrained=parts.untrained,
         seconds=time.perf_counter() - t0,
     )

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from use_search.curation.shards import iter_shard_records
+from use_search.curation.shards import SHARD_GLOB, iter_shard_records
 
 
 @dataclass
@@ -28,7 +28,13 @@ class CurationStats:
 
 
 def shard_stats(folder: Path) -> CurationStats:
-    """One pass over ``folder``'s shards. A record without ``pairs_before_nms`` counts its texts."""
+    """One pass over ``folder``'s shards. A record without ``pairs_before_nms`` counts its texts.
+    A missing folder, or one without shards, is an error naming it (not a table of zeros)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such folder: {folder}")
+    if not any(folder.glob(SHARD_GLOB)):
+        raise ValueError(f"no pair shards ({SHARD_GLOB}) in {folder}: `use-search curate run IMAGES --out {folder}` writes them")
     s = CurationStats()
     unique: set[str] = set()
     unique_kind: dict[str, set[str]] = {}

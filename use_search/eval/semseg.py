@@ -64,7 +64,7 @@ class SemsegDataset:
         limit: int | None = None,
     ) -> "SemsegDataset":
         names = read_class_list(Path(classes)) if isinstance(classes, (str, Path)) else [c.strip() for c in classes]
-        images, labels = Path(images), Path(labels)
+        images, labels = Path(images).absolute(), Path(labels).absolute()  # find_files yields absolute paths
         label_files = {p.relative_to(labels).with_suffix(""): p for p in find_files(labels, (".png", ".tif", ".tiff"))}
         pairs, missing = [], []
         for img in find_files(images):
@@ -83,7 +83,7 @@ class SemsegDataset:
             raise FileNotFoundError(f"no images under {images}")
         if limit is not None:
             pairs = pairs[:limit]
-        return cls(pairs, names, ignore_index, reduce_zero_label, images.absolute())
+        return cls(pairs, names, ignore_index, reduce_zero_label, images)
 
     def relative(self, image: Path) -> Path:
         """The image's path under ``images_root`` (its name alone when outside it or unknown)."""

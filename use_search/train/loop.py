@@ -210,8 +210,13 @@ class Trainer:
             images, val = split_holdout(images, config.val_fraction, config.seed)
         self.val_images = val
         self.steps_per_epoch = EpochBatches.steps_per_epoch(len(images), config.batch_size)
+        if not images:
+            raise ValueError("no training images with segments in the data given")
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(images)} training images with segments: fewer than one batch of {config.batch_size}")
+            raise ValueError(
+                f"{len(images)} training images with segments: fewer than one batch of {config.batch_size}; "
+                f"pass --batch-size {len(images)} or less (every image of a batch enters the loss) or add images"
+            )
         self.total_steps = config.epochs * self.steps_per_epoch
         self.dataset = PairDataset(
             images, crop=self.crop, grid=grid, seed=config.seed, augment=config.augment,
