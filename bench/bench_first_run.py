@@ -1,7 +1,7 @@
 """What a first `use-search index` costs on a machine without a GPU: seconds per image end to end for the
 `base` and `paper` presets, and the point-grid trade-off (32, 24, 16 points per side) for `base`.
 
-    python bench/bench_first_run.py --images 2 --masks 32 --threads 2 [--json out.json]
+    python bench/bench_first_run.py --images 2 --masks 8 --threads 2 [--arms "base 32,paper 32"] [--json out.json]
 
 Part 1, seconds per image. The parts are built as `use-search index` builds them
 (`Runtime.from_settings(settings).indexer(store)`, an embedded store in a scratch folder) from
@@ -23,6 +23,7 @@ falls with the grid, not a real SAM's counts.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -126,7 +127,9 @@ def main() -> None:
                 folder = tmp / f"img{i}-{n.replace(' ', '-')}"
                 write_images(folder, 1, args.side, offset=1000 * i + len(arms[n]["samples"]) + 100 * names.index(n))
                 arms[n]["samples"].append(index_one(arms[n], folder))
-                print(f"image {i} {n}: {arms[n]['samples'][-1]['wall_s']:.1f} s", file=sys.stderr, flush=True)
+                # Each image's split as it lands, so that a run cut short still says where the time went.
+                print(f"image {i} {n}: {arms[n]['samples'][-1]['wall_s']:.1f} s  "
+                      + json.dumps({"image": i, "arm": n, **arms[n]["samples"][-1]}), file=sys.stderr, flush=True)
         for arm in arms.values():
             arm["store"].close()
 

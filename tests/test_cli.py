@@ -124,8 +124,9 @@ def test_curate_run_and_stats(tmp_path, photos):
     shards = tmp_path / "shards"
     r = run(["--preset", "tiny", "curate", "run", str(photos["chelsea"].parent), "--out", str(shards), "--sidecar-captions"], data)
     assert r.returncode == 0, r.stderr
-    # Three images under sub/; astronaut has no caption, so it is done with no pairs.
-    assert "images found / skipped / curated" in r.stderr and "3 / 0 / 3" in r.stderr
+    # Three images under sub/; astronaut has no caption: done with no pairs, counted apart from the curated.
+    assert "images found / skipped / curated / without text" in r.stderr and "3 / 0 / 2 / 1" in r.stderr
+    assert r.stderr.count("UNTRAINED MODELS") == 1  # the banner, once
     from use_search.curation import shard_stats
 
     st = shard_stats(shards)
@@ -133,7 +134,7 @@ def test_curate_run_and_stats(tmp_path, photos):
     r = run(["curate", "stats", str(shards)], data)
     assert r.returncode == 0 and f"{st.pairs}" in r.stdout and f"{st.unique_expressions}" in r.stdout
     r = run(["--preset", "tiny", "curate", "run", str(photos["chelsea"].parent), "--out", str(shards), "--sidecar-captions"], data)
-    assert "3 / 3 / 0" in r.stderr  # resumed: every image already done
+    assert "3 / 3 / 0 / 0" in r.stderr  # resumed: every image already done
 
     # The shards train the USE head, and the checkpoint indexes and queries.
     ckpt_dir = tmp_path / "train"

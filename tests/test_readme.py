@@ -1,11 +1,12 @@
 """The README's shell blocks, taken from README.md itself (so the two cannot drift), run as written, in
 order, in a temp folder, with the tiny preset: once with the README's relative paths from that folder,
-once with every data path made absolute and run from another folder.
+once with every data path made absolute and run from another folder. ``use-search`` lines run the CLI
+in this process (no interpreter start per line); other lines run under bash.
 
 A block the tests cannot run (real weights, a download, a server that runs until stopped) carries the
 line ``<!-- readme-test: skip: REASON -->`` just above its opening fence; it is reported as skipped
-with that reason. Every other ```bash block runs, each under ``bash -euo pipefail``: a command that
-fails fails the test with its output.
+with that reason. Every other ```bash block runs, command by command: one that fails (non-zero exit)
+fails the test with its output.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import imgviz
@@ -87,18 +90,43 @@ def write_ground_truth(gt: Path) -> None:
 
 
 def shell_env(tmp: Path) -> dict[str, str]:
-    """``use-search`` and ``python`` on PATH as a user's venv has them; the tiny preset; no network."""
+    """The environment of a user's shell in a venv: ``python`` on PATH; the tiny preset; no network."""
     bin_dir = tmp / "bin"
     bin_dir.mkdir()
-    for name, command in (("use-search", f'"{sys.executable}" -m use_search'), ("python", f'"{sys.executable}"')):
-        (bin_dir / name).write_text(f'#!/bin/sh\nexec {command} "$@"\n')
-        (bin_dir / name).chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("USE_SEARCH_")}
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python").chmod(0o755)
     return {
-        **env, "PATH": f"{bin_dir}:{env['PATH']}", "PYTHONPATH": str(REPO), "USE_SEARCH_PRESET": "tiny",
+        "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(REPO), "USE_SEARCH_PRESET": "tiny",
         "USE_SEARCH_DEVICE": "cpu", "USE_SEARCH_DATA_DIR": str(tmp / "data"), "USE_SEARCH_CONFIG": "/nonexistent",
         "HF_HUB_OFFLINE": "1", "COLUMNS": "120",
+        # Lean: a 4×4 point grid (the tiny preset's is 8×8) and 4 class-name templates (instead of 80)
+        # cut SAM's and the text tower's work; every command still runs its whole path.
+        "USE_SEARCH_AMG__POINTS_PER_SIDE": "4", "USE_SEARCH_VOTING__TEMPLATES": "train4",
     }
+
+
+def commands(body: str) -> list[str]:
+    """The block's commands, one per logical line (``\\`` continuations joined), comments and blank lines left out."""
+    joined = re.sub(r"\s*\\\n\s*", " ", body)
+    return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def run_command(command: str, env: dict[str, str], cwd: Path) -> str | None:
+    """Run one README command; None when it succeeds, else what went wrong. ``use-search ...`` runs the
+    CLI in this process (the same code as the console script, without an interpreter start per line);
+    anything else (python, echo > file) runs under bash."""
+    if command.startswith("use-search "):
+        from typer.testing import CliRunner
+
+        from use_search.cli import app
+
+        r = CliRunner().invoke(app, shlex.split(command[len("use-search "):], comments=True))
+        if r.exit_code == 0:
+            return None
+        return f"exit {r.exit_code}: {r.output[-3000:]}{'' if r.exception is None else repr(r.exception)}"
+    r = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=cwd, env={**os.environ, **env},
+                       capture_output=True, text=True, timeout=300)
+    return None if r.returncode == 0 else f"exit {r.returncode}: {r.stdout[-2000:]}{r.stderr[-2000:]}"
 
 
 def test_readme_has_runnable_blocks_and_every_skip_says_why():
@@ -108,30 +136,33 @@ def test_readme_has_runnable_blocks_and_every_skip_says_why():
     text = "\n".join(body for _, body, _ in runnable)
     for command in ("index", "query", "curate run", "curate stats", "train", "eval semseg", "eval parts", "eval retrieval"):
         assert f"use-search {command}" in text or f" {command} " in text, command
+    assert commands("a \\\n  b # c\n# d\n\ne") == ["a b # c", "e"]
 
 
 @pytest.mark.parametrize("paths", ["relative", "absolute"])
-def test_readme_commands_run_as_written(tmp_path, paths):
+def test_readme_commands_run_as_written(tmp_path, monkeypatch, paths):
     work = tmp_path / "work"
     work.mkdir()
     write_ground_truth(work / "gt")
+    (work / "scripts").symlink_to(REPO / "scripts")
     env = shell_env(tmp_path)
-    if paths == "relative":
-        (work / "scripts").symlink_to(REPO / "scripts")
-        cwd = work
-    else:
-        (work / "scripts").symlink_to(REPO / "scripts")
-        cwd = tmp_path / "elsewhere"
-        cwd.mkdir()
-    skipped = []
+    for k in [k for k in os.environ if k.startswith("USE_SEARCH_")]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cwd = work if paths == "relative" else tmp_path / "elsewhere"
+    cwd.mkdir(exist_ok=True)
+    monkeypatch.chdir(cwd)
+    skipped, timings = [], []
     for line, body, reason in readme_blocks((REPO / "README.md").read_text()):
         if reason is not None:
             skipped.append(f"README.md:{line}: {reason}")
             continue
-        script = body if paths == "relative" else absolute(body, work)
-        r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env, capture_output=True,
-                           text=True, timeout=600)
-        assert r.returncode == 0, f"README.md:{line} ({paths} paths) exit {r.returncode}\n{script}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    print("\n".join(["skipped README blocks:", *skipped]))
+        for command in commands(body if paths == "relative" else absolute(body, work)):
+            started = time.perf_counter()
+            problem = run_command(command, env, cwd)
+            assert problem is None, f"README.md:{line} ({paths} paths): {command}\n{problem}"
+            timings.append(f"{time.perf_counter() - started:6.1f} s  {command[:100]}")
+    print("\n".join(["skipped README blocks:", *skipped, "commands:", *timings]))
     assert (work / "labels.png").is_file() and any((work / "pairs").glob("pairs-*.jsonl"))
     assert (work / "runs" / "use" / "last.safetensors").is_file()
