@@ -1,5 +1,6 @@
 """The API built from routers: the same OpenAPI document as the one-closure app it replaced, one
-overlay renderer for the CLI and the API. The app runs in-process (``TestClient``) and the CLI as a real subprocess."""
+overlay renderer for the CLI and the API, and ``/segment`` saying which fallback labelled the pixels no
+segment covers. The app runs in-process (``TestClient``) and the CLI as a real subprocess."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from use_search.api import create_app
-from use_search.config import Settings, StoreSettings
+from use_search.config import Settings, StoreSettings, VotingSettings
 from use_search.store.base import image_id
 
 import servers
@@ -33,8 +34,17 @@ def settings(tmp_path: Path, **kw) -> Settings:
 
 
 def expected_now(before: dict) -> dict:
-    """``before`` with the changes made since, each on purpose: none yet."""
-    return before
+    """``before`` with the changes made since, each on purpose:
+    - ``SegmentationOut.fallback``: /segment names what labelled the pixels no segment covers."""
+    doc = copy.deepcopy(before)
+    out = doc["components"]["schemas"]["SegmentationOut"]
+    out["properties"]["fallback"] = {
+        "type": "string", "enum": ["nearest", "image", "none"], "title": "Fallback",
+        "description": "What labelled the pixels no segment covers: the nearest labelled pixel's class, "
+                       "the whole image's class, or none (they stay unlabeled).",
+    }
+    out["required"].insert(out["required"].index("unlabeled_pixels") + 1, "fallback")
+    return doc
 
 
 @pytest.mark.parametrize("keyed", [True, False])
@@ -75,6 +85,22 @@ def test_cli_and_api_overlays_of_a_segment_are_pixel_identical(tmp_path, fmt):
             assert api.shape == cli.shape == (row["height"], row["width"], 3)
             assert np.array_equal(api, cli)
             assert (api != np.asarray(Image.open(photos / f"chelsea.{fmt.lower()}").convert("RGB"))).any()
+
+
+@pytest.mark.parametrize("fallback", ["image", "none"])
+def test_segment_names_the_fallback_it_used(tmp_path, fallback):
+    app = create_app(settings(tmp_path, voting=VotingSettings(fallback=fallback)))
+    with TestClient(app) as client:
+        data = servers.photo_bytes("coffee", 64)
+        r = client.post("/segment", data={"classes": "cup,table", "labels_format": "none"},
+                        files={"file": ("c.png", data, "image/png")})
+        assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["fallback"] == fallback
+    labelled = sum(m["area"] for m in body["masks"])
+    assert labelled + body["unlabeled_pixels"] == body["width"] * body["height"]
+    if fallback == "image":  # the whole image votes too: every pixel gets a class
+        assert body["unlabeled_pixels"] == 0
 
 
 def test_a_router_runs_alone_on_the_state_it_is_given(tmp_path):
