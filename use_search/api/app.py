@@ -28,7 +28,6 @@ from starlette.concurrency import run_in_threadpool
 
 from use_search.api.connections import DeadlineH11Protocol, quiet_logs, raise_file_limit
 from use_search.api.errors import add_error_handlers
-from use_search.api.forms import StrictJSONRoute
 from use_search.api.guard import LOOPBACK_HOSTS, Guard, Policy
 from use_search.api.openapi import OPEN_PATHS, document
 from use_search.api.routes import ROUTERS
@@ -80,7 +79,6 @@ def create_app(
         description="Search image segments by text (USE: SAM segments, CLIP embeddings, Qdrant). "
         "When the server has an API key, every route but /health needs the header X-API-Key.",
     )
-    app.router.route_class = StrictJSONRoute
     app.state.config = config
     app.add_middleware(Guard, policy=policy(config, bind_host), metrics=config.http, router=app.router)  # CORS is inside it
     add_error_handlers(app)
