@@ -65,10 +65,21 @@ class Metrics:
         self.latency.labels(method, route).observe(seconds)
 
 
+def served_routes(router: Router) -> list[Any]:
+    """The routes of ``router`` with those of the routers included in it: FastAPI 0.115 copies an included
+    router's routes into the app's list, newer versions keep it as one entry (``iter_route_contexts``
+    lists its routes, each with ``matches`` and ``path``)."""
+    try:
+        from fastapi.routing import iter_route_contexts
+    except ImportError:
+        return list(router.routes)
+    return list(iter_route_contexts(router.routes))
+
+
 def route_label(router: Router, scope: Scope) -> str:
     """The template of the route that serves ``scope`` ("/segments/{seg_id}", "/static"), else "unmatched"."""
     partial = None
-    for route in router.routes:
+    for route in served_routes(router):
         match, _ = route.matches(scope)
         if match == Match.FULL:
             return getattr(route, "path", "unmatched") or "unmatched"

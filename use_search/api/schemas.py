@@ -182,6 +182,10 @@ class SegmentationOut(BaseModel):
     classes: list[str]
     unlabeled_value: int = Field(255, description="Label PNG value of pixels no segment covers.")
     unlabeled_pixels: int
+    fallback: Literal["nearest", "image", "none"] = Field(
+        ..., description="What labelled the pixels no segment covers: the nearest labelled pixel's class, "
+        "the whole image's class, or none (they stay unlabeled).",
+    )
     masks: list[ClassMaskOut]
     labels_png: Optional[str] = Field(None, description="Base64 PNG: pixel = class index, 255 = unlabeled.")
 

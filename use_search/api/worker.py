@@ -19,7 +19,7 @@ import signal
 import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from use_search.config import Settings
 from use_search.imaging import working_side
 from use_search.indexer.read import ImageReadError, LoadedImage
 from use_search.types import ImageRecord, SegmentPoint
+
+if TYPE_CHECKING:
+    from use_search.query.voting import Votes
 
 
 class WorkerBusy(RuntimeError):
@@ -85,11 +88,11 @@ class Parts:
         return self._ensemble
 
 
-def classify(pixels: np.ndarray, names: Sequence[str], parts: Parts) -> np.ndarray:
-    """Semantic segmentation by voting (paper §4.3): the one call into the voting library."""
+def classify(pixels: np.ndarray, names: Sequence[str], parts: Parts) -> Votes:
+    """Semantic segmentation by voting (paper §4.3): the one call into the voting library (its ``Votes``)."""
     from use_search.query.voting import segment_by_voting
 
-    return segment_by_voting(pixels, names, parts.segmenter, parts.ensemble, parts.settings.voting).labels
+    return segment_by_voting(pixels, names, parts.segmenter, parts.ensemble, parts.settings.voting)
 
 
 def job_segment(parts: Parts, data: bytes, names: list[str], with_png: bool) -> dict[str, Any]:
@@ -99,11 +102,12 @@ def job_segment(parts: Parts, data: bytes, names: list[str], with_png: bool) -> 
     from use_search.query.voting import label_png
 
     img = decode_work(data, parts.settings.api.max_pixels, parts.side)
-    labels = classify(img.pixels, names, parts)
+    votes = classify(img.pixels, names, parts)
+    labels = votes.labels
     h, w = labels.shape
     out: dict[str, Any] = {
         "width": w, "height": h, "image_width": img.width, "image_height": img.height,
-        "unlabeled_pixels": int((labels < 0).sum()),
+        "unlabeled_pixels": votes.unlabeled_pixels, "fallback": votes.fallback,
         "masks": [
             {"class": n, "index": i, "area": int((labels == i).sum()), "rle": encode_rle(labels == i)}
             for i, n in enumerate(names)

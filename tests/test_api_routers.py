@@ -1,0 +1,134 @@
+"""The API built from routers: the same OpenAPI document as the one-closure app it replaced, one
+overlay renderer for the CLI and the API, and ``/segment`` saying which fallback labelled the pixels no
+segment covers. The app runs in-process (``TestClient``) and the CLI as a real subprocess."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from use_search.api import create_app
+from use_search.config import Settings, StoreSettings, VotingSettings
+from use_search.store.base import image_id
+
+import servers
+
+# /openapi.json of the app as it was before its routes became routers, with and without an API key.
+BEFORE = Path(__file__).parent / "data" / "openapi.json"
+
+
+def settings(tmp_path: Path, **kw) -> Settings:
+    return Settings(data_dir=tmp_path / "data", preset="tiny", device="cpu", offline=True,
+                    store=StoreSettings(path=tmp_path / "store"), **kw)
+
+
+def expected_now(before: dict) -> dict:
+    """``before`` with the changes made since, each on purpose:
+    - ``SegmentationOut.fallback``: /segment names what labelled the pixels no segment covers."""
+    doc = copy.deepcopy(before)
+    out = doc["components"]["schemas"]["SegmentationOut"]
+    out["properties"]["fallback"] = {
+        "type": "string", "enum": ["nearest", "image", "none"], "title": "Fallback",
+        "description": "What labelled the pixels no segment covers: the nearest labelled pixel's class, "
+                       "the whole image's class, or none (they stay unlabeled).",
+    }
+    out["required"].insert(out["required"].index("unlabeled_pixels") + 1, "fallback")
+    return doc
+
+
+@pytest.mark.parametrize("keyed", [True, False])
+def test_openapi_document_is_the_one_before_the_routers(tmp_path, keyed):
+    before = json.loads(BEFORE.read_text())["keyed" if keyed else "open"]
+    doc = create_app(settings(tmp_path), api_key="k" if keyed else None).openapi()
+    assert json.loads(json.dumps(doc)) == expected_now(before)
+    operations = {op["operationId"] for ops in doc["paths"].values() for op in ops.values()}
+    assert operations == {"health", "metrics", "search", "get_segment", "get_mask", "get_image", "get_overlay",
+                          "upload_image", "segment_image"}
+
+
+def run_cli(args: list[str], data: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "USE_SEARCH_DATA_DIR": str(data), "USE_SEARCH_CONFIG": "/nonexistent",
+           "USE_SEARCH_STORE__PATH": str(data.parent / "store"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "use_search", "--preset", "tiny", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_cli_and_api_overlays_of_a_segment_are_pixel_identical(tmp_path, fmt):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / f"chelsea.{fmt.lower()}").write_bytes(servers.photo_bytes("chelsea", 96, fmt))
+    data = tmp_path / "data"
+    assert run_cli(["index", str(photos)], data).returncode == 0
+    r = run_cli(["query", "a cat", "-k", "3", "--json", "--save", str(tmp_path / "ov")], data)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert rows  # the tiny SAM finds few segments on a small photo
+    app = create_app(settings(tmp_path))
+    with TestClient(app) as client:
+        for row in rows:
+            got = client.get(f"/images/{image_id(row['path'])}/overlay.png", params={"segment": row["id"]})
+            assert got.status_code == 200, got.text
+            api = np.asarray(Image.open(io.BytesIO(got.content)).convert("RGB"))
+            cli = np.asarray(Image.open(row["overlay"]).convert("RGB"))
+            assert api.shape == cli.shape == (row["height"], row["width"], 3)
+            assert np.array_equal(api, cli)
+            assert (api != np.asarray(Image.open(photos / f"chelsea.{fmt.lower()}").convert("RGB"))).any()
+
+
+@pytest.mark.parametrize("fallback", ["image", "none"])
+def test_segment_names_the_fallback_it_used(tmp_path, fallback):
+    app = create_app(settings(tmp_path, voting=VotingSettings(fallback=fallback)))
+    with TestClient(app) as client:
+        data = servers.photo_bytes("coffee", 64)
+        r = client.post("/segment", data={"classes": "cup,table", "labels_format": "none"},
+                        files={"file": ("c.png", data, "image/png")})
+        assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["fallback"] == fallback
+    labelled = sum(m["area"] for m in body["masks"])
+    assert labelled + body["unlabeled_pixels"] == body["width"] * body["height"]
+    if fallback == "image":  # the whole image votes too: every pixel gets a class
+        assert body["unlabeled_pixels"] == 0
+
+
+def test_a_router_runs_alone_on_the_state_it_is_given(tmp_path):
+    """One concern's router in a bare FastAPI app, its dependency given a state over a real store: the
+    routes no longer need the whole app around them."""
+    from fastapi import FastAPI
+
+    from use_search.api.routes import segments
+    from use_search.api.state import AppState
+    from use_search.store import EdgeStore
+
+    import modelfiles
+
+    modelfiles.store_indexed_with(tmp_path / "store", "crop-clip:clip-tiny-untrained", 8, images=1)
+    app = FastAPI()
+    app.include_router(segments.router)
+    st = AppState(settings(tmp_path))
+    with EdgeStore(tmp_path / "store", "segments") as store:
+        st.store = store
+        app.state.use = st
+        (hit,) = store.scroll_segments()
+        with TestClient(app) as client:
+            mask = np.asarray(Image.open(io.BytesIO(client.get(f"/segments/{hit.id}/mask.png").content))) > 0
+            record = client.get(f"/segments/{hit.id}").json()
+            missing = client.get("/segments/00000000-0000-0000-0000-000000000000")
+    expected = np.zeros((32, 48), bool)
+    expected[4:20, 6:30] = True  # what store_indexed_with wrote
+    assert np.array_equal(mask, expected)
+    assert record["id"] == hit.id and record["path"] == "/photos/img0.jpg" and record["filename"] == "img0.jpg"
+    assert record["mask_url"] == f"/segments/{hit.id}/mask.png" and record["area"] == int(expected.sum())
+    assert missing.status_code == 404
