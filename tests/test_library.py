@@ -61,7 +61,8 @@ def segments_by_content(store) -> dict[str, set[str]]:
 
 
 def paths_of(store, flt: SearchFilter) -> set[str]:
-    return {p for h in store.scroll_segments(flt) for p in h.paths}
+    """The paths the matching segments are shown under (one the filter asked for)."""
+    return {h.path for h in store.scroll_segments(flt)}
 
 
 def test_rename_and_prune_dance_keeps_every_segment(tmp_path, photos, parts):
