@@ -37,6 +37,7 @@ from use_search.store.base import ImageEntry, SearchFilter, VectorStore, referen
 from use_search.types import SegmentPoint
 
 Status = Literal["indexed", "skipped", "failed", "copy"]
+MAX_WRITES_PER_COMMIT = 256
 
 
 def now_iso() -> str:
@@ -184,11 +185,7 @@ class Planner:
 
     def collect(self) -> int:
         """After the run: delete the points of contents kept for copies that no path refers to in the end."""
-        gone = 0
-        for sha in self.kept:
-            if self.store.content_paths(sha) == []:
-                gone += self.store.delete_content(sha)
-        return gone
+        return self.store.delete_contents([sha for sha in self.kept if self.store.content_paths(sha) == []])
 
     def _release(self, sha: str) -> None:
         with self.lock:
@@ -210,14 +207,14 @@ class Planner:
 
 def commit(store: VectorStore, writes: Sequence[Write], keep: Collection[str] = (),
            failures: Mapping[str, str] | None = None) -> None:
-    """Apply one batch with the write order of ``store/base.py``: old records and references out, new
-    points in (listing their path), their records, then each copy's reference and record. A copy of
-    content whose indexing failed in this run fails too (``failures``: content → reason)."""
-    for w in writes:
-        if w.drop:
-            store.delete_image(w.event.path, keep)
-        elif w.points or w.copy_of is not None:  # a new reference: clear what a crash left for this path
-            store.clear_references(w.event.path, keep, but=w.copy_of or (w.entry.sha256 if w.entry else None))
+    """Apply one batch with the write order of ``store/base.py``, one write per step: old records and
+    references out, new points in (listing their path), their records, then the copies' references and
+    records. A copy of content whose indexing failed in this run fails too (``failures``: content → reason)."""
+    drops = [w.event.path for w in writes if w.drop]
+    store.delete_images(drops, keep)
+    fresh = {w.event.path: w.copy_of or w.points[0].payload["sha256"] for w in writes if not w.drop and (w.points or w.copy_of)}
+    if fresh:  # a new reference: clear what an interrupted run left for this path
+        store.clear_references(fresh, keep)
     points = [p for w in writes for p in _with_other_paths(store, w)]
     if points:
         store.upsert_segments(points)
@@ -235,10 +232,16 @@ def commit(store: VectorStore, writes: Sequence[Write], keep: Collection[str] = 
             continue
         w.entry = entry
         w.event.segments = entry.n_segments
-        store.add_reference(entry.path, w.copy_of)
         copies.append(entry)
     if copies:
+        store.add_references([(e.path, e.sha256) for e in copies])
         store.put_images(copies)
+
+
+def batch_full(pending: Sequence[Write], batch_images: int) -> bool:
+    """A commit's worth: ``batch_images`` images with new points, or many writes without (copies and
+    refreshed records cost one write per batch, not per file)."""
+    return sum(1 for w in pending if w.points) >= batch_images or len(pending) >= MAX_WRITES_PER_COMMIT
 
 
 def _with_other_paths(store: VectorStore, w: Write) -> list[SegmentPoint]:

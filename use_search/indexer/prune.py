@@ -39,5 +39,5 @@ def prune_store(store: VectorStore, root: Path | None = None, *, dry_run: bool =
         if p not in gone and not Path(p).exists() and store.get_image(p) is None
     )
     if not dry_run:
-        out.segments = sum(store.delete_image(p) for p in [*out.records, *out.orphans])
+        out.segments = store.delete_images([*out.records, *out.orphans])
     return out

@@ -44,7 +44,7 @@ from use_search.indexer.read import (
     route_warnings,
     sha256_bytes,
 )
-from use_search.indexer.plan import Candidate, ImageEvent, IndexReport, Planner, Write, commit, now_iso
+from use_search.indexer.plan import Candidate, ImageEvent, IndexReport, Planner, Write, batch_full, commit, now_iso
 from use_search.indexer.prune import prune_store
 from use_search.model.base import Embedder
 from use_search.store.base import ImageEntry, StoreError, VectorStore, segment_payload
@@ -346,7 +346,7 @@ class Indexer:
                 emit(out)
                 continue
             pending.append(out)
-            if len(pending) >= self.batch_images:
+            if batch_full(pending, self.batch_images):
                 flush()
         flush()
 
@@ -374,7 +374,7 @@ class Indexer:
                             emit(x)
                         else:
                             pending.append(x)
-                    if len(pending) >= self.batch_images:
+                    if batch_full(pending, self.batch_images):
                         writer.submit(list(pending))
                         pending.clear()
 

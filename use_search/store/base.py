@@ -28,7 +28,7 @@ import uuid
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
-from typing import Any, Collection, Iterable, Iterator, Sequence
+from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -161,61 +161,91 @@ class VectorStore(ABC):
         """Image records with this content hash (a file indexed under another path)."""
 
     @abstractmethod
-    def delete_record(self, path: str) -> None:
-        """Delete the image record of ``path`` (its content's points are left as they are)."""
+    def delete_records(self, paths: Sequence[str]) -> None:
+        """Delete the image records of ``paths`` (their contents' points are left as they are)."""
 
     @abstractmethod
-    def set_content_paths(self, sha256: str, paths: Sequence[str]) -> int:
-        """Make every point of content ``sha256`` list exactly ``paths`` (and their folders); returns how
-        many points there are."""
+    def set_content_paths(self, updates: Mapping[str, Sequence[str]]) -> dict[str, int]:
+        """Make every point of each content (sha256 → paths) list exactly those paths (and their
+        folders), in one write; returns each content's number of points."""
 
     @abstractmethod
-    def delete_content(self, sha256: str) -> int:
-        """Delete every point of content ``sha256``; returns how many went."""
+    def delete_contents(self, shas: Sequence[str]) -> int:
+        """Delete every point of these contents, in one write; returns how many went."""
 
     @abstractmethod
     def segment_values(self, field: str, flt: SearchFilter | None = None) -> Iterator[str]:
         """The distinct values of one payload field (the elements of an array field) over the segments
         matching ``flt``, reading that field only."""
 
-    # References: built on the primitives above ----------------------------------------------------
+    # References: built on the primitives above; each call is one write per collection ---------------
     def content_paths(self, sha256: str) -> list[str] | None:
         """The paths the points of ``sha256`` list; None when the content has no points."""
         found = self.get_segments([point_id(sha256, 0)])
         return list(found[0].paths) if found else None
 
+    def add_references(self, pairs: Sequence[tuple[str, str]]) -> dict[str, int]:
+        """List each path among the references of its content ((path, sha256) pairs); returns each
+        content's number of points (contents without points are left out)."""
+        wanted: dict[str, list[str]] = {}
+        for path, sha in pairs:
+            wanted.setdefault(sha, []).append(path)
+        updates = {}
+        for sha, paths in wanted.items():
+            current = self.content_paths(sha)
+            if current is not None:
+                updates[sha] = [*current, *paths]  # every point, even if some list it already
+        return self.set_content_paths(updates) if updates else {}
+
     def add_reference(self, path: str, sha256: str) -> int:
-        """List ``path`` among the references of content ``sha256``; returns its number of points."""
-        current = self.content_paths(sha256)
-        if current is None:
-            return 0
-        return self.set_content_paths(sha256, [*current, path])  # every point, even if some list it already
+        return self.add_references([(path, sha256)]).get(sha256, 0)
 
-    def remove_reference(self, path: str, sha256: str, keep: Collection[str] = ()) -> int:
-        """Drop ``path`` from the references of ``sha256``; the points go when no path is left, unless
-        the content is in ``keep`` (this run still refers to it). Returns how many points went."""
-        current = self.content_paths(sha256)
-        if current is None:
+    def delete_images(self, paths: Sequence[str], keep: Collection[str] = ()) -> int:
+        """Delete the records of ``paths`` and their references; a content's points go once no path
+        refers to it (``keep``: contents to keep even so). Returns how many segment points went."""
+        if not paths:
             return 0
-        rest = [p for p in current if p != path]
-        if rest or sha256 in keep:
-            if rest != current:
-                self.set_content_paths(sha256, rest)
-            return 0
-        return self.delete_content(sha256)
-
-    def clear_references(self, path: str, keep: Collection[str] = (), but: str | None = None) -> int:
-        """Drop ``path`` from every content that lists it (``but`` that one); returns the points deleted."""
-        if not self.count_segments(SearchFilter(path=path)):
-            return 0
-        shas = [s for s in self.segment_values("sha256", SearchFilter(path=path)) if s != but]
-        return sum(self.remove_reference(path, s, keep) for s in shas)
+        self.delete_records(paths)
+        return self._unreference(self._listing(paths), keep)
 
     def delete_image(self, path: str, keep: Collection[str] = ()) -> int:
-        """Delete the record of ``path`` and its references; a content's points go once no path refers
-        to it (``keep``: contents to keep even so). Returns how many segment points went."""
-        self.delete_record(path)
-        return self.clear_references(path, keep)
+        return self.delete_images([path], keep)
+
+    def clear_references(self, paths: Mapping[str, str | None], keep: Collection[str] = ()) -> int:
+        """Drop each path (path → the content it keeps, or None) from every other content that lists it:
+        what an interrupted run left. Returns the points deleted."""
+        return self._unreference(self._listing(list(paths), paths), keep)
+
+    def remove_reference(self, path: str, sha256: str, keep: Collection[str] = ()) -> int:
+        """Drop ``path`` from the references of ``sha256``; returns how many points went."""
+        return self._unreference({sha256: {path}}, keep)
+
+    def _listing(self, paths: Sequence[str], but: Mapping[str, str | None] | None = None) -> dict[str, set[str]]:
+        """content → the given paths its points list (one indexed count per path, a scroll when listed)."""
+        out: dict[str, set[str]] = {}
+        for p in paths:
+            if self.count_segments(SearchFilter(path=p)):
+                for sha in self.segment_values("sha256", SearchFilter(path=p)):
+                    if but is None or sha != but.get(p):
+                        out.setdefault(sha, set()).add(p)
+        return out
+
+    def _unreference(self, removals: Mapping[str, set[str]], keep: Collection[str]) -> int:
+        """Drop paths from contents (content → paths); a content left without a path goes, unless kept."""
+        updates, gone = {}, []
+        for sha, drop in removals.items():
+            current = self.content_paths(sha)
+            if current is None:
+                continue
+            rest = [p for p in current if p not in drop]
+            if rest or sha in keep:
+                if rest != current:
+                    updates[sha] = rest
+            else:
+                gone.append(sha)
+        if updates:
+            self.set_content_paths(updates)
+        return self.delete_contents(gone) if gone else 0
 
     def count_contents(self) -> int:
         """Distinct contents among the image records (``count_images`` counts paths)."""
@@ -246,8 +276,7 @@ class VectorStore(ABC):
         legacy: dict[str, set[str]] = {}
         for h in self.scroll_segments():
             legacy.setdefault(h.sha256, set()).update(h.paths)
-        for sha, paths in legacy.items():
-            self.set_content_paths(sha, sorted(recorded.get(sha) or paths))
+        self.set_content_paths({sha: sorted(recorded.get(sha) or paths) for sha, paths in legacy.items()})
         self._drop_legacy_path()
         return len(legacy)
 

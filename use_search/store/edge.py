@@ -30,7 +30,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import qdrant_edge as qe
@@ -185,29 +185,31 @@ class EdgeStore(VectorStore):
         shard.update(qe.UpdateOperation.upsert_points(points))
         shard.flush()
 
-    def delete_record(self, path: str) -> None:
-        if self._images is None:
+    def delete_records(self, paths: Sequence[str]) -> None:
+        if self._images is None or not paths:
             return
         self._check_space(DELETE_BYTES, "a delete")
-        self._images.update(qe.UpdateOperation.delete_points([image_id(path)]))
+        self._images.update(qe.UpdateOperation.delete_points([image_id(p) for p in paths]))
         self._images.flush()
 
-    def set_content_paths(self, sha256: str, paths: Sequence[str]) -> int:
+    def set_content_paths(self, updates: Mapping[str, Sequence[str]]) -> dict[str, int]:
         if self._segments is None:
-            return 0
-        flt = _filter(SearchFilter(sha256=sha256))
-        n = self._segments.count(qe.CountRequest(exact=True, filter=flt))
-        if n:
-            fields = references(paths)
-            self._check_space(WRITE_AMPLIFICATION * n * (len(str(fields)) + SEGMENT_OVERHEAD_BYTES), "updating references")
-            self._segments.update(qe.UpdateOperation.set_payload_by_filter(flt, fields))
-            self._segments.flush()
-        return n
+            return {}
+        counts = {}
+        for sha, paths in updates.items():
+            flt = _filter(SearchFilter(sha256=sha))
+            counts[sha] = n = self._segments.count(qe.CountRequest(exact=True, filter=flt))
+            if n:
+                fields = references(paths)
+                self._check_space(WRITE_AMPLIFICATION * n * (len(str(fields)) + SEGMENT_OVERHEAD_BYTES), "updating references")
+                self._segments.update(qe.UpdateOperation.set_payload_by_filter(flt, fields))
+        self._segments.flush()
+        return counts
 
-    def delete_content(self, sha256: str) -> int:
-        if self._segments is None:
+    def delete_contents(self, shas: Sequence[str]) -> int:
+        if self._segments is None or not shas:
             return 0
-        flt = _filter(SearchFilter(sha256=sha256))
+        flt = qe.Filter(must=[qe.FieldCondition(key="sha256", match=qe.MatchAny(list(shas)))])
         n = self._segments.count(qe.CountRequest(exact=True, filter=flt))
         if n:
             self._check_space(DELETE_BYTES, "a delete")

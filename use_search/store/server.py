@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 from qdrant_client import QdrantClient, models
@@ -140,28 +140,30 @@ class ServerStore(VectorStore):
             points = [models.PointStruct(id=image_id(e.path), vector={}, payload=e.payload()) for e in entries]
             self.client.upsert(self.images_collection, points=points, wait=True)
 
-    def delete_record(self, path: str) -> None:
+    def delete_records(self, paths: Sequence[str]) -> None:
         with self._errors():
-            if self._has(self.images_collection):
-                record = models.PointIdsList(points=[image_id(path)])
-                self.client.delete(self.images_collection, points_selector=record, wait=True)
+            if paths and self._has(self.images_collection):
+                records = models.PointIdsList(points=[image_id(p) for p in paths])
+                self.client.delete(self.images_collection, points_selector=records, wait=True)
 
-    def set_content_paths(self, sha256: str, paths: Sequence[str]) -> int:
+    def set_content_paths(self, updates: Mapping[str, Sequence[str]]) -> dict[str, int]:
+        counts = {}
         with self._errors():
             if not self._has(self.collection):
-                return 0
-            flt = _filter(SearchFilter(sha256=sha256))
-            n = self.client.count(self.collection, count_filter=flt, exact=True).count
-            if n:
-                selector = models.FilterSelector(filter=flt)
-                self.client.set_payload(self.collection, payload=references(paths), points=selector, wait=True)
-            return n
+                return {}
+            for sha, paths in updates.items():
+                flt = _filter(SearchFilter(sha256=sha))
+                counts[sha] = n = self.client.count(self.collection, count_filter=flt, exact=True).count
+                if n:
+                    selector = models.FilterSelector(filter=flt)
+                    self.client.set_payload(self.collection, payload=references(paths), points=selector, wait=True)
+        return counts
 
-    def delete_content(self, sha256: str) -> int:
+    def delete_contents(self, shas: Sequence[str]) -> int:
         with self._errors():
-            if not self._has(self.collection):
+            if not shas or not self._has(self.collection):
                 return 0
-            flt = _filter(SearchFilter(sha256=sha256))
+            flt = models.Filter(must=[models.FieldCondition(key="sha256", match=models.MatchAny(any=list(shas)))])
             n = self.client.count(self.collection, count_filter=flt, exact=True).count
             if n:
                 self.client.delete(self.collection, points_selector=models.FilterSelector(filter=flt), wait=True)
