@@ -245,3 +245,40 @@ def test_a_store_written_before_content_addressing_is_migrated(tmp_path):
         assert store.count_images() == 4 and store.count_contents() == 2
     with open_store(settings) as store:  # migrated once: reopening finds nothing to do
         assert store.migrate() == 0
+
+
+def test_cli_move_stats_and_prune(tmp_path, photos):
+    """As a user: move the folder, index it (no model work), stats by content and by path, prune --dry-run,
+    then `index OLD --prune` on the folder that no longer exists."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = {**os.environ, "USE_SEARCH_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "200", "USE_SEARCH_CONFIG": "/nonexistent"}
+
+    def run(*args):
+        r = subprocess.run([sys.executable, "-m", "use_search", "--preset", "tiny", *args], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    def stats():
+        return re.search(r"images: (\d+)  paths: (\d+)  segments: (\d+)", run("stats").stdout).groups()
+
+    root = photos["voc"].parent
+    run("index", str(root))
+    images, paths, segments = stats()
+    assert (images, paths) == ("4", "4")
+    moved = root.with_name("moved")
+    root.rename(moved)
+    r = run("index", str(moved))
+    assert re.search(r"known content under a new path \(referenced, not segmented\)\W+4\b", r.stderr), r.stderr
+    assert re.search(r"files hashed / decoded\W+4 / 0\b", r.stderr), r.stderr
+    assert stats() == ("4", "8", segments)
+
+    dry = run("prune", "--dry-run")
+    assert sorted(dry.stdout.split("\n")[:-1]) == sorted(f"would drop {p}" for p in map(str, photos.values()))
+    assert stats() == ("4", "8", segments)
+    run("index", str(root), "--prune")
+    assert stats() == ("4", "4", segments)
+    assert run("prune").stdout == ""
