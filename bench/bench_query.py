@@ -88,7 +88,7 @@ def make_points(start: int, vectors: np.ndarray) -> list[SegmentPoint]:
         img, seg = divmod(i, SEGMENTS_PER_IMAGE)
         sha = f"{img:064x}"
         payload = segment_payload(
-            path=f"{folder_of(i)}/img{img:07d}.jpg", sha256=sha, width=640, height=480,
+            paths=[f"{folder_of(i)}/img{img:07d}.jpg"], sha256=sha, width=640, height=480,
             segment_index=seg, n_segments=SEGMENTS_PER_IMAGE, rle={"size": [480, 640], "counts": RLE_COUNTS},
             bbox=(10, 20, 200, 150), area=12345, predicted_iou=0.9, stability_score=0.95, source="auto",
             model="bench", indexed_at="2026-01-01T00:00:00+00:00",

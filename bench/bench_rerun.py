@@ -79,7 +79,7 @@ def record(store: EdgeStore, paths: list[Path], model: str, dim: int) -> None:
             entries.append(ImageEntry(str(path), sha, w, h, 1, model, now_iso(), size=st.st_size, mtime_ns=st.st_mtime_ns))
             rle = {"size": [h, w], "counts": "0"}
             points.append(SegmentPoint(point_id(sha, 0), vec, segment_payload(
-                path=str(path), sha256=sha, width=w, height=h, segment_index=0, n_segments=1, rle=rle,
+                paths=[str(path)], sha256=sha, width=w, height=h, segment_index=0, n_segments=1, rle=rle,
                 bbox=(0, 0, w, h), area=w * h, predicted_iou=1.0, stability_score=1.0, source="auto",
                 model=model, indexed_at=now_iso(),
             )))

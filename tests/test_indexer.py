@@ -16,7 +16,7 @@ from use_search.masks import decode_rle, mask_bbox
 from use_search.model.crop_clip import CropClipEmbedder
 from use_search.query import ModelMismatchError, Searcher
 from use_search.store import EdgeStore, SearchFilter, StoreFullError
-from use_search.store.base import image_id
+from use_search.store.base import image_id, references
 from use_search.types import Segment, SegmentPoint, point_id
 
 
@@ -82,7 +82,7 @@ def test_index_rerun_prune_and_corrupt_file(tmp_path, photos, parts):
         assert store.get_image(str(gone)) is None
 
 
-def test_changed_file_replaces_its_segments_and_duplicate_content_is_skipped(tmp_path, photos, parts):
+def test_changed_file_replaces_its_segments_and_a_copy_refers_to_known_content(tmp_path, photos, parts):
     root = photos["voc"].parent
     with EdgeStore(tmp_path / "store", "segments") as store:
         ix = make_indexer(store, parts)
@@ -92,13 +92,17 @@ def test_changed_file_replaces_its_segments_and_duplicate_content_is_skipped(tmp
         Image.open(photos["chelsea"]).rotate(90, expand=True).save(photos["chelsea"])
 
         report = ix.index(root)
-        assert (report.indexed, report.duplicates, report.skipped) == (1, 1, 3)  # chelsea changed; copy = astronaut
+        assert (report.indexed, report.copies, report.skipped, report.decoded) == (1, 1, 3, 1)  # chelsea changed; copy = astronaut
         chelsea = store.get_image(str(photos["chelsea"]))
         assert chelsea.sha256 != old_sha
         hits = list(store.scroll_segments(SearchFilter(path=str(photos["chelsea"]))))
         assert len(hits) == chelsea.n_segments and all(h.sha256 == chelsea.sha256 for h in hits)
         assert store.count_segments(SearchFilter(sha256=old_sha)) == 0
-        assert store.get_image(str(root / "sub" / "copy.png")) is None
+        copy, astronaut = store.get_image(str(root / "sub" / "copy.png")), store.get_image(str(photos["astronaut"]))
+        assert copy.sha256 == astronaut.sha256 and copy.n_segments == astronaut.n_segments
+        same = {h.id for h in store.scroll_segments(SearchFilter(path=str(photos["astronaut"])))}
+        assert {h.id for h in store.scroll_segments(SearchFilter(path=copy.path))} == same
+        assert store.count_segments(SearchFilter(sha256=copy.sha256)) == len(same)  # one set of points
 
 
 def test_write_stage_with_real_instance_masks(tmp_path, voc, parts):
@@ -137,20 +141,21 @@ def test_query_refuses_vectors_of_another_model(tmp_path, photos, parts):
 
 
 def test_two_copies_in_one_batch_are_indexed_once(tmp_path, photos, parts):
-    """Both copies land in the same commit batch: the second must be a duplicate, not overwrite the first."""
+    """Both copies land in the same commit batch: the second refers to the first's points."""
     root = photos["voc"].parent
     (root / "sub" / "astronaut-copy.png").write_bytes(photos["astronaut"].read_bytes())
     with EdgeStore(tmp_path / "store", "segments") as store:
         ix = make_indexer(store, parts)
         ix.batch_images = 8  # everything in one batch
         report = ix.index(root)
-        assert (report.indexed, report.duplicates) == (4, 1)
+        assert (report.indexed, report.copies) == (4, 1)
         entries = {e.path: e for e in store.iter_images()}
         copies = {str(root / "sub" / "astronaut-copy.png"), str(photos["astronaut"])}
-        assert len(copies & entries.keys()) == 1  # the first in walk order is indexed, the other is the duplicate
+        assert copies <= entries.keys()
         for entry in entries.values():
             segs = list(store.scroll_segments(SearchFilter(sha256=entry.sha256)))
-            assert len(segs) == entry.n_segments and all(h.path == entry.path for h in segs)
+            want = sorted(copies) if entry.path in copies else [entry.path]
+            assert len(segs) == entry.n_segments and all(h.paths == want for h in segs)
 
 
 # Incremental fast path (issue 12 item 2) --------------------------------------------------------------
@@ -300,14 +305,14 @@ def test_pipelined_runner_writes_the_points_of_the_sequential_one(tmp_path, phot
 
     statuses = {e.path: e.status for e in seq_events}
     assert statuses[str(photos["chelsea"])] == "indexed"
-    assert statuses[str(root / "sub" / "astronaut-copy.png")] == "duplicate"
+    assert statuses[str(root / "sub" / "astronaut-copy.png")] == "copy"
     assert {statuses[str(root / n)] for n in ("broken.jpg", "empty.png", "pipe.jpg", "thin.png")} == {"failed"}
     assert dict(seq_report.failed)[str(root / "thin.png")] == "ValueError: image is 1×3000: too thin to segment"
     assert sorted((e.path, e.status, e.segments, e.reason) for e in pipe_events) == sorted(
         (e.path, e.status, e.segments, e.reason) for e in seq_events
     )
     assert len(pipe_events) == len(list(root.rglob("*.[jp][pn]g")))  # one event per file
-    for field_ in ("indexed", "skipped", "duplicates", "segments", "hashed", "decoded"):
+    for field_ in ("indexed", "skipped", "copies", "segments", "hashed", "decoded"):
         assert getattr(pipe_report, field_) == getattr(seq_report, field_), field_
     assert sorted(pipe_report.failed) == sorted(seq_report.failed)
 
@@ -391,6 +396,12 @@ def test_a_full_disk_stops_the_run_cleanly_and_the_rerun_completes(tmp_path, pho
         assert got_images.keys() == want_images.keys() and got_points.keys() == want_points.keys()
 
 
+def path_sha(path: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.encode()).hexdigest()
+
+
 # Prune (issue 15 item 16) -----------------------------------------------------------------------------
 def test_prune_drops_orphan_segments_left_by_a_crash(tmp_path, photos, parts):
     root = photos["voc"].parent
@@ -402,9 +413,10 @@ def test_prune_drops_orphan_segments_left_by_a_crash(tmp_path, photos, parts):
         template = next(iter(store.scroll_segments()))
         vec = np.ones(ix.embedder.dim, np.float32)
 
-        def leftover(path: str, n: int) -> None:
+        def leftover(path: str, n: int) -> None:  # the points of a content no record names, listing the path
+            sha = path_sha(path)
             store.upsert_segments([
-                SegmentPoint(point_id(path, i), vec, {**template.payload, "path": path, "dirs": [str(p) for p in Path(path).parents]})
+                SegmentPoint(point_id(sha, i), vec, {**template.payload, "sha256": sha, "segment_index": i, **references([path])})
                 for i in range(n)
             ])
 

@@ -26,7 +26,7 @@ from use_search.indexer.ray_runner import (
     plan_stat,
     read_row,
 )
-from use_search.store import EdgeStore, ServerStore, StoreError
+from use_search.store import EdgeStore, SearchFilter, ServerStore, StoreError
 
 EXTS = (".jpg", ".png")
 MAX_PIXELS = 50_000_000
@@ -165,16 +165,22 @@ def test_stages_without_ray_and_server_writer(tmp_path, photos, settings, parts,
     commit(server, touched.writes)
     assert plan_stat(server, paths)[0] == []
 
-    # Planned again: both skipped; a copy of one of them is a duplicate, also within one run.
+    # Planned again: both skipped; a copy of one of them refers to its points, also within one run
+    # (written after the run's pipeline then).
     copy = tmp_path / "copy.png"
     copy.write_bytes(photos["chelsea"].read_bytes())
     again = plan(server, [hash_row({"path": p}, MAX_PIXELS) for p in [paths[0], paths[1], str(copy)]])
-    assert again.todo == [] and [e.status for e in again.events] == ["skipped", "skipped", "duplicate"]
+    assert again.todo == [] and [e.status for e in again.events] == ["skipped", "skipped"]
+    assert [(w.event.path, w.event.status, w.copy_of) for w in again.writes] == [(str(copy), "copy", hashed[1]["sha256"])]
+    commit(server, again.writes)
+    chelsea = {h.id for h in server.scroll_segments(SearchFilter(path=paths[1]))}
+    assert chelsea and {h.id for h in server.scroll_segments(SearchFilter(path=str(copy)))} == chelsea
     twin = tmp_path / "copy2.png"
     twin.write_bytes(copy.read_bytes() + b"")
     fresh = ServerStore(QdrantClient(":memory:"), "segments")
     within = plan(fresh, [hash_row({"path": str(copy)}, MAX_PIXELS), hash_row({"path": str(twin)}, MAX_PIXELS)])
-    assert within.todo == [(str(copy), False)] and within.events[0].status == "duplicate"
+    assert within.todo == [(str(copy), False)] and within.events == []
+    assert [(w.event.path, w.event.status, w.first) for w in within.after] == [(str(twin), "copy", str(copy))]
 
     # Another model's vectors are refused before anything is written.
     results["model"] = ["crop-clip:something-else"] * 3

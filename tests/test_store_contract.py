@@ -50,7 +50,7 @@ def make_point(
     path: str, sha256: str, index: int, n: int, vector: np.ndarray, model: str = "m1"
 ) -> SegmentPoint:
     payload = segment_payload(
-        path=path,
+        paths=[path],
         sha256=sha256,
         width=64,
         height=48,
@@ -188,13 +188,13 @@ def test_search_filters(loaded) -> None:
     query = points[0].vector
 
     def ids_of(path_prefix: str) -> set[str]:
-        return {p.id for p in points if p.payload["path"].startswith(path_prefix)}
+        return {p.id for p in points if p.payload["paths"][0].startswith(path_prefix)}
 
     by_path = store.search(query, k=10, flt=SearchFilter(path="/photos/2023/b.jpg"))
     assert {h.id for h in by_path} == ids_of("/photos/2023/b.jpg")
     assert all(h.path == "/photos/2023/b.jpg" for h in by_path)
     # nearest first within the filtered set too
-    in_b = [p for p in points if p.payload["path"] == "/photos/2023/b.jpg"]
+    in_b = [p for p in points if p.payload["paths"] == ["/photos/2023/b.jpg"]]
     assert [h.id for h in by_path] == [i for i, _ in cosine_ranking(in_b, query)]
 
     under = store.search(query, k=10, flt=SearchFilter(under="/photos"))
@@ -288,11 +288,45 @@ def test_delete_image_removes_exactly_its_segments_and_record(loaded) -> None:
     assert store.delete_image("/photos/2024/a.jpg") == 3
     assert store.get_image("/photos/2024/a.jpg") is None
     assert store.count_images() == 2
-    remaining = {p.id for p in points if p.payload["path"] != "/photos/2024/a.jpg"}
+    remaining = {p.id for p in points if p.payload["paths"] != ["/photos/2024/a.jpg"]}
     assert {h.id for h in store.scroll_segments()} == remaining
     assert store.get_image("/photos/2023/b.jpg") is not None
     assert store.delete_image("/photos/2024/a.jpg") == 0
     assert store.delete_image("/never/indexed.jpg") == 0
+
+
+def test_one_content_under_several_paths_is_one_set_of_points(loaded) -> None:
+    store, points = loaded
+    a_ids = {p.id for p in points if p.payload["sha256"] == "a" * 64}
+    copy = "/copies/2025/a.jpg"
+    assert store.add_reference(copy, "a" * 64) == 3
+    store.put_image(entry(copy, sha256="a" * 64, n=3))
+    assert store.count_segments() == len(points)  # no new points
+    query = points[0].vector
+    for flt in (SearchFilter(path=copy), SearchFilter(under="/copies"), SearchFilter(under="/copies/2025", sha256="a" * 64)):
+        hits = store.search(query, k=10, flt=flt)
+        assert {h.id for h in hits} == a_ids and all(h.path == copy for h in hits)  # shown under the path asked for
+        assert {h.id for h in store.scroll_segments(flt)} == a_ids and store.count_segments(flt) == 3
+    for h in store.scroll_segments(SearchFilter(path="/photos/2024/a.jpg")):
+        assert h.path == "/photos/2024/a.jpg" and h.paths == ["/copies/2025/a.jpg", "/photos/2024/a.jpg"]
+        assert sorted(h.payload["dirs"]) == ["/", "/copies", "/copies/2025", "/photos", "/photos/2024"]
+    assert sorted(store.segment_paths(SearchFilter(sha256="a" * 64))) == [copy, "/photos/2024/a.jpg"]
+    assert store.count_images() == 4 and store.count_contents() == 3
+
+    # Deleting one path drops its reference only; the last one takes the points with it.
+    assert store.delete_image("/photos/2024/a.jpg") == 0
+    assert store.count_segments(SearchFilter(path="/photos/2024/a.jpg")) == 0
+    assert store.count_segments(SearchFilter(under="/photos/2024")) == 0
+    assert {h.id for h in store.scroll_segments(SearchFilter(path=copy))} == a_ids
+    assert store.delete_image(copy) == 3
+    assert store.count_segments(SearchFilter(sha256="a" * 64)) == 0 and store.count_segments() == len(points) - 3
+
+    # A content this run still needs is kept without references; a known content gets its path back.
+    assert store.remove_reference("/other/c.jpg", "c" * 64, keep={"c" * 64}) == 0
+    assert store.content_paths("c" * 64) == [] and store.count_segments(SearchFilter(sha256="c" * 64)) == 2
+    assert store.add_reference("/other/c.jpg", "c" * 64) == 2
+    assert store.content_paths("c" * 64) == ["/other/c.jpg"]
+    assert store.add_reference("/x.jpg", "f" * 64) == 0 and store.content_paths("f" * 64) is None
 
 
 def test_rerun_upsert_overwrites(loaded) -> None:
@@ -471,7 +505,7 @@ def test_edge_acknowledged_upsert_survives_sigkill(tmp_path: Path) -> None:
         from use_search.types import SegmentPoint, point_id
         store = EdgeStore({str(tmp_path)!r}, "segments")
         store.ensure(4)
-        points = [SegmentPoint(point_id("x", i), np.ones(4), {{"path": "/x.jpg"}}) for i in range(300)]
+        points = [SegmentPoint(point_id("x", i), np.ones(4), {{"paths": ["/x.jpg"]}}) for i in range(300)]
         store.upsert_segments(points)
         os.kill(os.getpid(), signal.SIGKILL)
         """

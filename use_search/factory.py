@@ -104,16 +104,22 @@ class Runtime:
         return load_auto_segmenter(self.settings, self.preset, self.device)[0]
 
     def indexer(self, store: "VectorStore") -> "Indexer":
+        """The indexer, whose segmenter and embedder are built on the first image that needs them: a
+        rerun that finds nothing new (or only moved and copied files) loads no model. Missing
+        checkpoints are still reported here, before any work."""
         from use_search.imaging import working_side
         from use_search.indexer.runner import Indexer
 
         preflight(self.settings, self.preset, ("sam", "clip"))
         s = self.settings
-        segmenter = self.segmenter()
+
+        def build() -> tuple:
+            segmenter = self.segmenter()
+            return segmenter, self.embedder(), working_side(segmenter, s.work_side)
+
         return Indexer(
-            store, segmenter, self.embedder(),
-            max_image_pixels=s.max_image_pixels, batch_images=s.batch_images, extensions=s.image_extensions,
-            pipeline=s.index_pipeline, decode_threads=s.decode_threads, work_side=working_side(segmenter, s.work_side),
+            store, build=build, max_image_pixels=s.max_image_pixels, batch_images=s.batch_images,
+            extensions=s.image_extensions, pipeline=s.index_pipeline, decode_threads=s.decode_threads,
         )
 
     def searcher(self, store: "VectorStore") -> "Searcher":

@@ -65,7 +65,8 @@ class SegmentPoint:
 
 @dataclass
 class Hit:
-    """A search result: one segment of one image, with its score."""
+    """A search result: one segment of one content, with its score. ``paths``: every indexed path with
+    this content; ``path``: the one this result is shown under (one a path/folder filter asked for)."""
 
     id: str
     score: float
@@ -79,13 +80,19 @@ class Hit:
     rle: dict[str, Any]
     model: str
     payload: dict[str, Any]
+    paths: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_payload(cls, id: str, score: float, payload: dict[str, Any]) -> "Hit":
+    def from_payload(
+        cls, id: str, score: float, payload: dict[str, Any], path: str | None = None, paths: list[str] | None = None
+    ) -> "Hit":
+        """``path``/``paths`` default to the payload's (``store.base.hit_from`` picks them for a filter)."""
+        paths = paths if paths is not None else list(payload.get("paths") or [payload.get("path", "")])
         return cls(
             id=str(id),
             score=float(score),
-            path=payload["path"],
+            path=path if path is not None else (paths[0] if paths else ""),
+            paths=paths,
             sha256=payload["sha256"],
             segment_index=int(payload["segment_index"]),
             bbox=tuple(payload["bbox"]),  # type: ignore[arg-type]

@@ -134,7 +134,9 @@ EXIT_SOME_FAILED = 3  # `index`: some files failed (reported), every other file 
 def index(
     folder: Path = typer.Argument(..., help="Folder of images (searched recursively) or one image."),
     prune: bool = typer.Option(
-        False, "--prune", help="Remove points of files under FOLDER that are gone (also segments an interrupted run left for them)."
+        False, "--prune", help="Also drop the references of files under FOLDER that are gone (FOLDER itself may be "
+        "gone: a moved or deleted folder); segments go with their content's last reference. `use-search prune` "
+        "does the whole store.",
     ),
     force: bool = typer.Option(False, "--force", help="Re-index images even if already indexed."),
     verify: bool = typer.Option(
@@ -154,8 +156,8 @@ def index(
     from use_search.store.base import StoreFullError
 
     rt = Runtime.from_settings(state.settings)
-    if not folder.exists():
-        raise FileNotFoundError(f"no such file or folder: {folder}")
+    if not folder.exists() and not prune:
+        raise FileNotFoundError(f"no such file or folder: {folder} (add --prune to drop what was indexed there)")
     rt.preflight(("sam", "clip"))  # missing weights fail before the store is even created
     with rt.store() as store:
         if ray is not None:
@@ -168,9 +170,9 @@ def index(
             def run(**kw):  # type: ignore[no-untyped-def]
                 return index_with_ray(state.settings, store, folder, options=opts, **kw)
         else:
-            indexer = rt.indexer(store)
-            banner(indexer.embedder.untrained)
-            err.print(f"store: {_store_label()}  ·  model: {indexer.embedder.model_id}  ·  device: {rt.device}")
+            indexer = rt.indexer(store)  # the models load on the first file with new content
+            banner()
+            err.print(f"store: {_store_label()}  ·  preset: {rt.settings.preset}  ·  device: {rt.device}")
 
             def run(**kw):  # type: ignore[no-untyped-def]
                 return indexer.index(folder, **kw)
@@ -188,7 +190,7 @@ def index(
                 nonlocal segs
                 if ev.status == "indexed":
                     segs += ev.segments
-                elif ev.status in ("failed", "duplicate"):
+                elif ev.status == "failed":
                     bar.console.print(f"[yellow]{ev.status}[/] {escape(ev.path)}: {escape(ev.reason)}", highlight=False)
                 for w in ev.warnings:
                     bar.console.print(f"[yellow]warning[/] {escape(ev.path)}: {escape(w)}", highlight=False)
@@ -202,10 +204,11 @@ def index(
     t = Table(title="index summary", show_header=False)
     for k, v in [
         ("indexed images", report.indexed), ("segments added", report.segments),
-        ("already indexed (skipped)", report.skipped), ("duplicates (skipped)", report.duplicates),
+        ("already indexed (skipped)", report.skipped),
+        ("known content under a new path (referenced, not segmented)", report.copies),
         ("files hashed / decoded", f"{report.hashed} / {report.decoded}"),
         ("failed", len(report.failed)), ("warnings", len(report.warnings)),
-        ("pruned images / segments / orphans", f"{report.pruned_images} / {report.pruned_segments} / {report.pruned_orphans}"),
+        ("pruned paths / segments / orphan references", f"{report.pruned_images} / {report.pruned_segments} / {report.pruned_orphans}"),
         ("time", f"{report.seconds:.1f} s"), ("speed", f"{report.images_per_s:.2f} images/s"),
     ]:
         t.add_row(k, str(v))
@@ -554,10 +557,12 @@ def model_init(out_path: Path = typer.Argument(..., help="Where to write the .sa
 
 @app.command()
 def stats() -> None:
-    """Counts of images and segments in the store."""
+    """Counts of images (by content and by path) and segments in the store."""
     with _open_store() as store:
         out.print(f"store: {_store_label()}")
-        out.print(f"images: {store.count_images()}  segments: {store.count_segments()}  dim: {store.dim}")
+        out.print(
+            f"images: {store.count_contents()}  paths: {store.count_images()}  segments: {store.count_segments()}  dim: {store.dim}"
+        )
 
 
 def _open_store():  # type: ignore[no-untyped-def]
@@ -827,6 +832,9 @@ def eval_retrieval(
         ("per_query", ["category_id", "text", "instances", "AP", "first_correct_rank"]) if per_class else None,
         as_json, out_file,
     )
+
+
+from use_search.cli import prune as _prune  # noqa: E402,F401 - registers `use-search prune`
 
 
 def error_text(e: BaseException) -> str:

@@ -3,13 +3,11 @@ commit rule as ``Indexer``, spread over a Ray cluster.
 
 Two passes over the files:
 
-1. **Plan**: the driver stats every file and skips, without opening it, a file whose size and mtime
-   match its image record (``verify``/``force`` turn this off), as ``Indexer`` does; Ray tasks read
-   and hash the others. The driver then decides, in sorted file order and with the store's image
-   records, exactly as ``Indexer`` does, which files are unreadable or not regular files (failed),
-   unchanged (skipped; a record with another size/mtime is refreshed), copies of an image already
-   indexed (duplicate), changed (re-index; the old segments are deleted just before the new ones are
-   written) or new.
+1. **Plan**: the driver stats every file (``Planner.stat``, the rules ``Indexer`` uses, see
+   ``indexer/plan.py``); Ray tasks read and hash the files that need it; the driver then decides each
+   file in sorted file order (``Planner.decide``): failed, skipped (a record with another size/mtime is
+   refreshed), a copy of known content (a new reference, written before the pipeline runs; a copy of
+   content this run indexes is written after it), or changed / new content for the pipeline.
 2. **Index** (one streaming Ray Data pipeline): read + decode in CPU tasks → segment + embed in an
    actor pool (one GPU per actor when the cluster has GPUs; ``segment_batch`` when the segmenter has
    it) → batched writes. Writes: to the embedded store from the driver (it owns the store's
@@ -31,7 +29,7 @@ import base64
 import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -39,10 +37,12 @@ import numpy as np
 
 from use_search.config import Settings
 from use_search.imaging import fit_side, working_side
+from use_search.indexer.plan import Candidate, ImageEvent, IndexReport, Planner, Write, commit, now_iso
+from use_search.indexer.prune import prune_store
 from use_search.indexer.read import (
-    ImageReadError, find_images, load_image, max_file_bytes, read_file, route_warnings, sha256_bytes, stat_file,
+    ImageReadError, find_images, load_image, max_file_bytes, read_file, route_warnings, sha256_bytes,
 )
-from use_search.indexer.runner import ImageEvent, IndexReport, Write, commit, now_iso, prune_store, segment_and_embed
+from use_search.indexer.runner import segment_and_embed
 from use_search.model.base import Embedder
 from use_search.store.base import ImageEntry, StoreError, VectorStore
 from use_search.types import SegmentPoint
@@ -247,8 +247,7 @@ class StoreWriter:
                 now_iso(), size=size if size >= 0 else None, mtime_ns=mtime if size >= 0 else None,
             )
             event = ImageEvent(path, "indexed", len(points), warnings=warnings)
-            replace = bool(row["replace"])
-            writes.append(Write(event, drop=replace, entry=entry, points=points, fresh=not replace))
+            writes.append(Write(event, drop=bool(row["replace"]), entry=entry, points=points))
         if model_dim is not None:
             self._prepare(*model_dim)
         commit(self.store, writes)
@@ -278,66 +277,44 @@ class WriterActor:
 @dataclass
 class Plan:
     todo: list[tuple[str, bool]] = field(default_factory=list)  # (path, replace: an old version is indexed)
-    events: list[ImageEvent] = field(default_factory=list)  # failed / skipped / duplicate, in file order
-    writes: list[Write] = field(default_factory=list)  # refreshed records, dropped outdated ones (with their events)
+    events: list[ImageEvent] = field(default_factory=list)  # failed / skipped, in file order
+    writes: list[Write] = field(default_factory=list)  # refreshed records, copies of stored content, dropped outdated ones
+    after: list[Write] = field(default_factory=list)  # copies of content this run indexes: written after it
 
 
-def plan_stat(store: VectorStore, paths: Iterable[str], *, force: bool = False, verify: bool = False) -> tuple[list[str], list[ImageEvent]]:
-    """The fast path, as ``Indexer``: (paths to hash, events of files failed or skipped on size and mtime)."""
+def plan_stat(
+    store: VectorStore, paths: Iterable[str], *, force: bool = False, verify: bool = False, planner: Planner | None = None
+) -> tuple[list[str], list[ImageEvent]]:
+    """The stat pass (``Planner.stat``): (paths to hash, events of files failed or skipped unread)."""
+    planner = planner or Planner(store, force=force, verify=verify)
     todo: list[str] = []
     events: list[ImageEvent] = []
     for path in paths:
-        try:
-            st = stat_file(Path(path))
-        except ImageReadError as e:
-            events.append(ImageEvent(path, "failed", reason=str(e)))
-            continue
-        old = store.get_image(path)
-        if old is not None and not (force or verify) and old.matches_stat(st.st_size, st.st_mtime_ns):
-            events.append(ImageEvent(path, "skipped", old.n_segments))
-        else:
+        out = planner.stat(Path(path))
+        if isinstance(out, Candidate):
             todo.append(path)
+        else:
+            events.append(out)
     return todo, events
 
 
-def plan(store: VectorStore, hashed: Iterable[dict[str, Any]], *, force: bool = False) -> Plan:
-    """``Indexer.index``'s per-file decisions, from (path, sha256, error, size, mtime_ns) rows in file order.
-
-    Unlike the single-process loop, which sees a twin only once its batch is committed, two files with
-    the same content in one run are caught here too: the first (in file order) is indexed.
-    """
+def plan(store: VectorStore, hashed: Iterable[dict[str, Any]], *, force: bool = False, planner: Planner | None = None) -> Plan:
+    """Each hashed file's fate (``Planner.decide``), from (path, sha256, error, size, mtime_ns) rows in file order."""
+    planner = planner or Planner(store, force=force)
     out = Plan()
-    first_of: dict[str, str] = {}
-    replaced: set[str] = set()
     for row in hashed:
         path, sha = str(row["path"]), str(row["sha256"])
         if row["error"]:
             out.events.append(ImageEvent(path, "failed", reason=str(row["error"])))
             continue
         old = store.get_image(path)
-        if old is not None and old.sha256 == sha and not force:
-            skipped = ImageEvent(path, "skipped", old.n_segments)
-            size, mtime = int(row.get("size", -1)), int(row.get("mtime_ns", -1))
-            if size >= 0 and not old.matches_stat(size, mtime):
-                out.writes.append(Write(skipped, entry=replace(old, size=size, mtime_ns=mtime)))
-            else:
-                out.events.append(skipped)
-            continue
-        twin = first_of.get(sha) or next(
-            (e.path for e in store.find_images(sha) if e.path != path and e.path not in replaced and Path(e.path).exists()),
-            None,
-        )
-        if old is not None:
-            replaced.add(path)
-        if twin is not None:
-            event = ImageEvent(path, "duplicate", reason=f"same content as {twin}")
-            if old is not None:
-                out.writes.append(Write(event, drop=True))
-            else:
-                out.events.append(event)
-            continue
-        first_of[sha] = path
-        out.todo.append((path, old is not None))
+        decided = planner.decide(path, sha, int(row.get("size", -1)), int(row.get("mtime_ns", -1)), old)
+        if decided is None:
+            out.todo.append((path, old is not None))
+        elif isinstance(decided, ImageEvent):
+            out.events.append(decided)
+        else:
+            (out.after if decided.first else out.writes).append(decided)
     return out
 
 
@@ -395,12 +372,13 @@ def index_with_ray(
                 root, settings.image_extensions,
                 on_error=lambda folder, reason: unlisted.append(ImageEvent(str(folder), "failed", reason=reason)),
             )
-        ]
+        ] if Path(root).exists() or not prune else []  # a folder that is gone: only its prune
         if on_total:
             on_total(len(files))
         for ev in unlisted:
             _apply(report, ev, on_image)
-        to_hash, fast = plan_stat(store, files, force=force, verify=verify)
+        planner = Planner(store, force=force, verify=verify)
+        to_hash, fast = plan_stat(store, files, planner=planner)
         for ev in fast:
             _apply(report, ev, on_image)
         report.hashed = len(to_hash)
@@ -412,18 +390,29 @@ def index_with_ray(
                     hash_row, fn_kwargs={"max_pixels": settings.max_image_pixels}, num_cpus=opts.cpus_per_read
                 )
                 by_path = {str(r["path"]): r for r in hashed.iter_rows()}
-            decided = plan(store, (by_path[p] for p in to_hash), force=force)
+            decided = plan(store, (by_path[p] for p in to_hash), planner=planner)
             for ev in decided.events:
                 _apply(report, ev, on_image)
-            commit(store, decided.writes)
+            commit(store, decided.writes, planner.keep)
             for w in decided.writes:
+                planner.committed(w)
                 _apply(report, w.event, on_image)
             report.decoded = len(decided.todo)
+            failed: dict[str, str] = {}
             if decided.todo:
                 for ev in _run_pipeline(ray, settings, store, decided.todo, opts, build_parts, force):
+                    if ev.status == "failed":
+                        failed[ev.path] = ev.reason
                     _apply(report, ev, on_image)
+            reasons = {sha: failed[p] for sha, p in planner.by_sha.items() if p in failed}
+            commit(store, decided.after, planner.keep, reasons)
+            for w in decided.after:
+                _apply(report, w.event, on_image)
+            report.pruned_segments += planner.collect()
         if prune:
-            report.pruned_images, report.pruned_segments, report.pruned_orphans = prune_store(store, root)
+            pruned = prune_store(store, root)
+            report.pruned_images, report.pruned_orphans = len(pruned.records), len(pruned.orphans)
+            report.pruned_segments += pruned.segments
     finally:
         report.seconds = time.perf_counter() - started
         if own_ray:

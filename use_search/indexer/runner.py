@@ -1,17 +1,12 @@
-"""The indexer: read → segment → embed → write, committed in small batches.
+"""The indexer: plan → read → segment → embed → write, committed in small batches.
 
-Every file goes through the same steps, decided in file order:
+Every file goes through the plan's rules (``indexer/plan.py``: stat, hash where needed, decide), in file
+order; only new content is decoded, segmented and embedded, and the models are built on the first
+such file, so a rerun that finds nothing new loads none.
 
-1. **plan** (``stat`` only): not a regular file → failed; the image record has the same size and mtime
-   → skipped without opening the file (``verify`` or ``force`` turn this off);
-2. **read + hash**: same content as the record → skipped, and the record's size/mtime are refreshed;
-3. **decide**: a copy of an image indexed before or earlier in this run → duplicate;
-4. **decode**, then **segment + embed** → points;
-5. **write**: the path's old segments go, then the new points, then the image record.
-
-Consistency rule (see ``store/base.py``): an image's record is written only after all of its segment
-points, so an interrupted run never leaves an image that looks done but is not; the rerun redoes it
-and its deterministic point ids overwrite whatever part was written.
+Consistency rule (see ``store/base.py``): a content's points are written, listing the path, before the
+path's record, so an interrupted run never leaves an image that looks done but is not; the rerun
+redoes it and its deterministic point ids overwrite whatever part was written.
 
 Two runners chain these steps. ``pipeline=False`` is the reference: one file at a time, one
 ``segment``/``embed_segments`` call per image, writes inline. The pipelined runner (default) reads,
@@ -19,8 +14,8 @@ hashes and decodes in a thread pool (PIL and hashlib release the GIL) in a bound
 segments and embeds ``image_batch`` images per ``segment_batch``/``embed_batch`` call, and hands
 commits to a writer thread through a bounded queue, so decode ‖ model ‖ upsert overlap while host
 memory stays bounded whatever the number of images (the file list is streamed too). Decisions are
-taken in file order on the calling thread from the store and this run's own decisions only, so both
-runners give the same points.
+taken in file order on the calling thread and writes are committed in file order, so both runners
+give the same points.
 """
 
 from __future__ import annotations
@@ -31,10 +26,9 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -49,58 +43,15 @@ from use_search.indexer.read import (
     read_file,
     route_warnings,
     sha256_bytes,
-    stat_file,
 )
+from use_search.indexer.plan import Candidate, ImageEvent, IndexReport, Planner, Write, batch_full, commit, now_iso
+from use_search.indexer.prune import prune_store
 from use_search.model.base import Embedder
-from use_search.store.base import ImageEntry, SearchFilter, StoreError, VectorStore, segment_payload
+from use_search.store.base import ImageEntry, StoreError, VectorStore, segment_payload
 from use_search.types import Segment, SegmentPoint, Segmenter, point_id
 
-Status = Literal["indexed", "skipped", "failed", "duplicate"]
-
-
-@dataclass
-class ImageEvent:
-    path: str
-    status: Status
-    segments: int = 0
-    reason: str = ""
-    warnings: list[str] = field(default_factory=list)  # the decoder's (e.g. corrupt EXIF), whatever the status
-
-
-@dataclass
-class IndexReport:
-    indexed: int = 0
-    skipped: int = 0
-    duplicates: int = 0
-    segments: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    warnings: list[tuple[str, str]] = field(default_factory=list)  # (path, message): indexed all the same
-    pruned_images: int = 0
-    pruned_segments: int = 0
-    pruned_orphans: int = 0  # paths with segments but no record and no file (left by a crash)
-    hashed: int = 0  # files opened and hashed (the others were skipped on size and mtime)
-    decoded: int = 0  # files decoded (new or changed content)
-    seconds: float = 0.0
-
-    @property
-    def images_per_s(self) -> float:
-        return self.indexed / self.seconds if self.seconds > 0 else 0.0
-
-    def add(self, ev: ImageEvent) -> None:
-        if ev.status == "failed":
-            self.failed.append((ev.path, ev.reason))
-        elif ev.status == "skipped":
-            self.skipped += 1
-        elif ev.status == "duplicate":
-            self.duplicates += 1
-        elif ev.status == "indexed":
-            self.indexed += 1
-            self.segments += ev.segments
-        self.warnings.extend((ev.path, w) for w in ev.warnings)
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+__all__ = ["ImageEvent", "IndexReport", "Indexer", "Write", "commit", "now_iso", "prune_store", "segment_points"]
+Parts = Callable[[], tuple[Segmenter, Embedder, "int | None"]]  # segmenter, embedder, working side
 
 
 def segment_points(loaded: LoadedImage, segments: Sequence[Segment], vectors: np.ndarray, model: str) -> list[SegmentPoint]:
@@ -114,7 +65,7 @@ def segment_points(loaded: LoadedImage, segments: Sequence[Segment], vectors: np
             id=point_id(rec.sha256, i),
             vector=vectors[i],
             payload=segment_payload(
-                path=rec.path, sha256=rec.sha256, width=rec.width, height=rec.height,
+                paths=[rec.path], sha256=rec.sha256, width=rec.width, height=rec.height,
                 segment_index=i, n_segments=len(segments), rle=s.rle, bbox=s.bbox, area=s.area,
                 predicted_iou=s.predicted_iou, stability_score=s.stability_score, source=s.source,
                 model=model, indexed_at=at,
@@ -169,17 +120,11 @@ def segment_and_embed(segmenter: Segmenter, embedder: Embedder, images: Sequence
 
 # Work items between the steps -----------------------------------------------------------------------
 @dataclass
-class _Candidate:  # planned: must be read
-    path: Path
-    old: ImageEntry | None
-
-
-@dataclass
 class _Read:  # read and hashed: new or changed content
     path: Path
     old: ImageEntry | None
     data: bytes
-    sha256: str
+    sha256: str | None  # None: an empty file
     stat: os.stat_result
 
 
@@ -190,55 +135,17 @@ class _Decoded:
     stat: os.stat_result
 
 
-@dataclass
-class Write:
-    """One path's change to the store, and the event reported once it is committed."""
-
-    event: ImageEvent
-    drop: bool = False  # delete the path's old record and segments (its content changed or is gone)
-    entry: ImageEntry | None = None  # the record to write, after ``points``
-    points: list[SegmentPoint] = field(default_factory=list)
-    fresh: bool = False  # a new index of this path: clear segments an interrupted run may have left
-
-
-def commit(store: VectorStore, writes: Sequence[Write]) -> None:
-    """Apply one batch with the consistency rule: old segments out, new points in, then the records."""
-    for w in writes:
-        if w.drop or (w.fresh and store.count_segments(SearchFilter(path=w.event.path))):
-            store.delete_image(w.event.path)
-    points = [p for w in writes for p in w.points]
-    if points:
-        store.upsert_segments(points)
-    entries = [w.entry for w in writes if w.entry is not None]
-    if entries:
-        store.put_images(entries)
-
-
-@dataclass
-class _RunState:
-    force: bool
-    verify: bool
-    # What this run decided but the store may not show yet; an entry goes once its write is committed,
-    # so these hold the images in flight, not every image of the run.
-    by_sha: dict[str, str] = field(default_factory=dict)  # content being indexed → its path
-    replaced: set[str] = field(default_factory=set)  # paths whose old record is being dropped
-    hashed: int = 0
-    decoded: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def committed(self, w: Write) -> None:
-        if w.entry is not None and self.by_sha.get(w.entry.sha256) == w.event.path:
-            del self.by_sha[w.entry.sha256]
-        self.replaced.discard(w.event.path)
-
-
 class Indexer:
+    """Indexes folders into ``store``. The segmenter and embedder are given, or built by ``build`` on the
+    first file that needs them (``Runtime.indexer`` does this: a run with nothing new loads no model)."""
+
     def __init__(
         self,
         store: VectorStore,
-        segmenter: Segmenter,
-        embedder: Embedder,
+        segmenter: Segmenter | None = None,
+        embedder: Embedder | None = None,
         *,
+        build: Parts | None = None,
         max_image_pixels: int = 50_000_000,
         batch_images: int = 4,
         extensions: Sequence[str] = (".jpg", ".jpeg", ".png"),
@@ -248,44 +155,59 @@ class Indexer:
         write_queue: int = 2,
         work_side: int | None = None,
     ) -> None:
+        if (segmenter is None or embedder is None) and build is None:
+            raise ValueError("Indexer needs a segmenter and an embedder, or build() to make them")
         self.store = store
-        self.segmenter = segmenter
-        self.embedder = embedder
+        self._segmenter, self._embedder, self._build = segmenter, embedder, build
         self.max_image_pixels = max_image_pixels
         self.batch_images = max(1, batch_images)
         self.extensions = tuple(extensions)
         self.pipeline = pipeline
         self.decode_threads = max(1, decode_threads)
-        # Images per segment_batch / embed_batch call: the segmenter's own encoder batch by default.
-        self.image_batch = max(1, image_batch or int(getattr(segmenter, "image_batch", 1) or 1))
+        self._image_batch = image_batch
         self.write_queue = max(1, write_queue)  # commits waiting for the writer (back-pressure)
         self.work_side = work_side  # long side segmented and embedded at (``imaging.working_side``); None: full
-        store.ensure(embedder.dim)
+        self._check = True  # refuse another model's collection when the models are built (not with --force)
+        if segmenter is not None and embedder is not None:
+            self._ready()
+
+    # Models, built on first use ------------------------------------------------------------------------
+    @property
+    def segmenter(self) -> Segmenter:
+        if self._segmenter is None:
+            self._segmenter, self._embedder, self.work_side = self._build()  # type: ignore[misc]
+            self._ready()
+        return self._segmenter  # type: ignore[return-value]
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self.segmenter  # noqa: B018 - builds both
+        return self._embedder  # type: ignore[return-value]
+
+    @property
+    def image_batch(self) -> int:
+        """Images per segment_batch / embed_batch call: the segmenter's own encoder batch by default."""
+        if self._image_batch is None:
+            return max(1, int(getattr(self.segmenter, "image_batch", 1) or 1))
+        return max(1, self._image_batch)
+
+    def _ready(self) -> None:
+        if self._check:
+            self.check_model()
+        self.store.ensure(self._embedder.dim)  # type: ignore[union-attr]
 
     def check_model(self) -> None:
         """Refuse to mix vector spaces in one collection."""
+        model = self._embedder.model_id  # type: ignore[union-attr]
         for entry in self.store.iter_images():
-            if entry.model != self.embedder.model_id:
+            if entry.model != model:
                 raise StoreError(
                     f"this collection holds segments embedded with '{entry.model}', but this run embeds "
-                    f"with '{self.embedder.model_id}'. Use another collection (--collection), or --force "
+                    f"with '{model}'. Use another collection (--collection), or --force "
                     "to re-embed every image with the new model."
                 )
             return
-
-    def _commit(self, batch: list[tuple[LoadedImage, list[SegmentPoint]]]) -> None:
-        """Write processed images (used by the HTTP API's upload): points, then records."""
-        commit(self.store, [
-            Write(
-                ImageEvent(lo.record.path, "indexed", len(pts)), points=pts,
-                entry=ImageEntry(
-                    lo.record.path, lo.record.sha256, lo.record.width, lo.record.height, len(pts),
-                    self.embedder.model_id, now_iso(),
-                ),
-            )
-            for lo, pts in batch
-        ])
-        batch.clear()
 
     def index(
         self,
@@ -298,15 +220,16 @@ class Indexer:
         on_total: Callable[[int], None] | None = None,
     ) -> IndexReport:
         """Index the images under ``root``. ``verify``: hash every file even when its size and mtime match
-        its record; ``force``: re-index every file. ``on_image`` gets one event per file (and per folder
-        that cannot be listed), on the calling thread."""
+        its record; ``force``: re-index every file; ``prune``: then drop the references of files under
+        ``root`` that are gone (``root`` itself may be gone). ``on_image`` gets one event per file (and per
+        folder that cannot be listed), on the calling thread."""
         started = time.perf_counter()
         report = IndexReport()
-        if not force:
+        self._check = not force
+        if self._embedder is not None and not force:
             self.check_model()
-        if on_total:
-            on_total(count_images(root, self.extensions))
-        run = _RunState(force=force, verify=verify)
+        run = Planner(self.store, force=force, verify=verify)
+        self._hashed = self._decoded = 0
 
         def emit(event: ImageEvent) -> None:
             report.add(event)
@@ -314,18 +237,26 @@ class Indexer:
                 on_image(event)
 
         try:
-            with route_warnings():
-                plans = self._plan_all(root, run)
-                (self._run_pipelined if self.pipeline else self._run_sequential)(plans, run, emit)
+            if Path(root).exists() or not prune:
+                if on_total:
+                    on_total(count_images(root, self.extensions))
+                with route_warnings():
+                    plans = self._plan_all(root, run)
+                    (self._run_pipelined if self.pipeline else self._run_sequential)(plans, run, emit)
+                report.pruned_segments += run.collect()
             if prune:
-                report.pruned_images, report.pruned_segments, report.pruned_orphans = self.prune(root)
+                pruned = prune_store(self.store, root)
+                report.pruned_images, report.pruned_orphans = len(pruned.records), len(pruned.orphans)
+                report.pruned_segments += pruned.segments
         finally:
-            report.hashed, report.decoded = run.hashed, run.decoded
+            report.hashed, report.decoded = self._hashed, self._decoded
             report.seconds = time.perf_counter() - started
         return report
 
+    _hashed = _decoded = 0
+
     # Steps --------------------------------------------------------------------------------------------
-    def _plan_all(self, root: Path, run: _RunState) -> Iterator[ImageEvent | _Candidate]:
+    def _plan_all(self, root: Path, run: Planner) -> Iterator[ImageEvent | Candidate]:
         unlisted: list[ImageEvent] = []
 
         def on_error(folder: Path, reason: str) -> None:
@@ -334,61 +265,30 @@ class Indexer:
         for path in find_images(root, self.extensions, on_error=on_error):
             while unlisted:
                 yield unlisted.pop(0)
-            yield self._plan(path, run)
+            yield run.stat(path)
         yield from unlisted
 
-    def _plan(self, path: Path, run: _RunState) -> ImageEvent | _Candidate:
-        try:
-            st = stat_file(path)
-        except ImageReadError as e:
-            return ImageEvent(str(path), "failed", reason=str(e))
-        old = self.store.get_image(str(path))
-        if old is not None and not (run.force or run.verify) and old.matches_stat(st.st_size, st.st_mtime_ns):
-            return ImageEvent(str(path), "skipped", old.n_segments)
-        return _Candidate(path, old)
-
-    def _read(self, c: _Candidate, run: _RunState) -> ImageEvent | Write | _Read:
+    def _read(self, c: Candidate, run: Planner) -> ImageEvent | _Read:
         try:
             data, st = read_file(c.path, max_file_bytes(self.max_image_pixels))
         except ImageReadError as e:  # unreadable now: keep what is indexed, the content is unknown
             return ImageEvent(str(c.path), "failed", reason=str(e))
-        sha = sha256_bytes(data)
         with run.lock:
-            run.hashed += 1
-        old = c.old
-        if old is not None and old.sha256 == sha and not run.force:
-            skipped = ImageEvent(str(c.path), "skipped", old.n_segments)
-            if old.matches_stat(st.st_size, st.st_mtime_ns):
-                return skipped
-            return Write(skipped, entry=replace(old, size=st.st_size, mtime_ns=st.st_mtime_ns))
-        return _Read(c.path, old, data, sha, st)
+            self._hashed += 1
+        return _Read(c.path, c.old, data, sha256_bytes(data) if data else None, st)
 
-    def _decide(self, r: _Read, run: _RunState) -> ImageEvent | Write | _Read:
-        path = str(r.path)
-        twin = run.by_sha.get(r.sha256) or next(
-            (
-                e.path for e in self.store.find_images(r.sha256)
-                if e.path != path and e.path not in run.replaced and Path(e.path).exists()
-            ),
-            None,
-        )
-        if r.old is not None:  # its old content is gone, whatever happens next
-            run.replaced.add(path)
-        if twin is not None:
-            # Point ids come from the content hash: a second copy would overwrite the first's points.
-            event = ImageEvent(path, "duplicate", reason=f"same content as {twin}")
-            return Write(event, drop=True) if r.old is not None else event
-        run.by_sha[r.sha256] = path
-        return r
+    def _decide(self, r: _Read, run: Planner) -> ImageEvent | Write | _Read:
+        out = run.decide(str(r.path), r.sha256, r.stat.st_size, r.stat.st_mtime_ns, r.old)
+        return r if out is None else out
 
-    def _decode(self, r: _Read, run: _RunState) -> ImageEvent | Write | _Decoded:
+    def _decode(self, r: _Read, run: Planner) -> ImageEvent | Write | _Decoded:
         try:
             loaded = load_image(r.path, r.data, self.max_image_pixels, r.sha256)
             loaded = replace(loaded, pixels=fit_side(loaded.pixels, self.work_side))
         except ImageReadError as e:
-            return self._failed(str(r.path), str(e), r.old)
+            return run.failed(str(r.path), str(e), r.old, sha=r.sha256)
         with run.lock:
-            run.decoded += 1
+            self._decoded += 1
         return _Decoded(loaded, r.old, r.stat)
 
     def _indexed(self, d: _Decoded, points: list[SegmentPoint]) -> Write:
@@ -398,35 +298,35 @@ class Indexer:
             size=d.stat.st_size, mtime_ns=d.stat.st_mtime_ns,
         )
         event = ImageEvent(rec.path, "indexed", len(points), warnings=d.loaded.warnings)
-        return Write(event, drop=d.old is not None, entry=entry, points=points, fresh=d.old is None)
+        return Write(event, drop=d.old is not None, entry=entry, points=points)
 
-    def _failed(self, path: str, reason: str, old: ImageEntry | None, warnings: list[str] | None = None) -> ImageEvent | Write:
-        event = ImageEvent(path, "failed", reason=reason, warnings=warnings or [])
-        return Write(event, drop=True) if old is not None else event  # the indexed version is outdated
-
-    def _segment_embed(self, group: list[_Decoded]) -> list[Write | ImageEvent]:
+    def _segment_embed(self, group: list[_Decoded], run: Planner) -> list[Write | ImageEvent]:
         results = segment_and_embed(self.segmenter, self.embedder, [d.loaded for d in group])
         return [
-            self._indexed(d, r) if isinstance(r, list) else self._failed(d.loaded.record.path, r, d.old, d.loaded.warnings)
+            self._indexed(d, r) if isinstance(r, list)
+            else run.failed(d.loaded.record.path, r, d.old, d.loaded.warnings, d.loaded.record.sha256)
             for d, r in zip(group, results)
         ]
 
-    def _process_one(self, d: _Decoded) -> Write | ImageEvent:
+    def _process_one(self, d: _Decoded, run: Planner) -> Write | ImageEvent:
         try:
             points = index_image(self.segmenter, self.embedder, d.loaded)
         except Exception as e:  # one bad image must not end a long run
-            return self._failed(d.loaded.record.path, f"{type(e).__name__}: {e}", d.old, d.loaded.warnings)
+            return run.failed(d.loaded.record.path, f"{type(e).__name__}: {e}", d.old, d.loaded.warnings, d.loaded.record.sha256)
         return self._indexed(d, points)
+
+    def _commit(self, run: Planner, writes: list[Write]) -> None:
+        commit(self.store, writes, run.keep, run.failures)
 
     # Runners ------------------------------------------------------------------------------------------
     def _run_sequential(
-        self, plans: Iterable[ImageEvent | _Candidate], run: _RunState, emit: Callable[[ImageEvent], None]
+        self, plans: Iterable[ImageEvent | Candidate], run: Planner, emit: Callable[[ImageEvent], None]
     ) -> None:
         """The reference: each file through every step in turn, writes committed inline."""
         pending: list[Write] = []
 
         def flush() -> None:
-            commit(self.store, pending)
+            self._commit(run, pending)
             for w in pending:
                 run.committed(w)
                 emit(w.event)
@@ -434,33 +334,38 @@ class Indexer:
 
         for item in plans:
             out: Any = item
-            if isinstance(out, _Candidate):
+            if isinstance(out, Candidate):
                 out = self._read(out, run)
             if isinstance(out, _Read):
                 out = self._decide(out, run)
             if isinstance(out, _Read):
                 out = self._decode(out, run)
             if isinstance(out, _Decoded):
-                out = self._process_one(out)
+                out = self._process_one(out, run)
             if isinstance(out, ImageEvent):
                 emit(out)
                 continue
             pending.append(out)
-            if len(pending) >= self.batch_images:
+            if batch_full(pending, self.batch_images):
                 flush()
         flush()
 
     def _run_pipelined(
-        self, plans: Iterable[ImageEvent | _Candidate], run: _RunState, emit: Callable[[ImageEvent], None]
+        self, plans: Iterable[ImageEvent | Candidate], run: Planner, emit: Callable[[ImageEvent], None]
     ) -> None:
-        window = 2 * self.decode_threads + self.image_batch  # files in flight per pool stage
         with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="use-search-read") as pool:
-            writer = _Writer(self.store, self.write_queue)
+            writer = _Writer(self.write_queue, lambda job: self._commit(run, job))
             try:
-                reads = _ordered(pool, lambda c: self._read(c, run), plans, _Candidate, window)
+                # Files in flight per pool stage; the models' batch joins in once they are built.
+                def window() -> int:
+                    built = self._image_batch or (getattr(self._segmenter, "image_batch", 1) if self._segmenter else 1)
+                    return 2 * self.decode_threads + max(1, int(built or 1))
+
+                reads = _ordered(pool, lambda c: self._read(c, run), plans, Candidate, window)
                 decided = (self._decide(x, run) if isinstance(x, _Read) else x for x in reads)
                 decoded = _ordered(pool, lambda r: self._decode(r, run), decided, _Read, window)
                 group: list[_Decoded] = []
+                later: list[Write] = []  # writes after the group's, kept in file order
                 pending: list[Write] = []
 
                 def route(items: Iterable[ImageEvent | Write]) -> None:
@@ -469,9 +374,15 @@ class Indexer:
                             emit(x)
                         else:
                             pending.append(x)
-                    if len(pending) >= self.batch_images:
+                    if batch_full(pending, self.batch_images):
                         writer.submit(list(pending))
                         pending.clear()
+
+                def flush_group() -> None:
+                    route(self._segment_embed(group, run))
+                    route(later)
+                    group.clear()
+                    later.clear()
 
                 for item in decoded:
                     for w in writer.committed():
@@ -480,12 +391,13 @@ class Indexer:
                     if isinstance(item, _Decoded):
                         group.append(item)
                         if len(group) >= self.image_batch:
-                            route(self._segment_embed(group))
-                            group = []
+                            flush_group()
+                    elif isinstance(item, Write) and group:
+                        later.append(item)
                     else:
                         route([item])
                 if group:
-                    route(self._segment_embed(group))
+                    flush_group()
                 if pending:
                     writer.submit(list(pending))
             finally:
@@ -495,29 +407,8 @@ class Indexer:
                     emit(w.event)
             writer.raise_error()
 
-    def prune(self, root: Path) -> tuple[int, int, int]:
-        """Remove what is indexed under ``root`` but gone from disk: image records whose file is gone
-        (with their segments), and orphan segments whose path has neither a record nor a file (an
-        interrupted run's leftovers). Returns (records, segments, orphan paths)."""
-        return prune_store(self.store, root)
-
-
-def prune_store(store: VectorStore, root: Path) -> tuple[int, int, int]:
-    root_s = str(Path(root).absolute())
-    below = root_s.rstrip("/") + "/"
-    gone = [
-        e.path for e in store.iter_images()
-        if (e.path == root_s or e.path.startswith(below)) and not Path(e.path).exists()
-    ]
-    segments = sum(store.delete_image(p) for p in gone)
-    candidates = [*store.segment_paths(SearchFilter(under=root_s)), *store.segment_paths(SearchFilter(path=root_s))]
-    orphans = [p for p in dict.fromkeys(candidates) if not Path(p).exists() and store.get_image(p) is None]
-    segments += sum(store.delete_image(p) for p in orphans)
-    return len(gone), segments, len(orphans)
-
-
 def _ordered(
-    pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any], kind: type, window: int
+    pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any], kind: type, window: Callable[[], int]
 ) -> Iterator[Any]:
     """``fn`` over the items of type ``kind`` in the pool, others passed through; results in input
     order, at most ``window`` items in flight."""
@@ -529,7 +420,7 @@ def _ordered(
             done: Future[Any] = Future()
             done.set_result(x)
             flight.append(done)
-        while len(flight) >= window or (flight and flight[0].done()):
+        while len(flight) >= window() or (flight and flight[0].done()):
             yield flight.popleft().result()
     while flight:
         yield flight.popleft().result()
@@ -545,8 +436,8 @@ class _Writer:
     failed commit (e.g. the disk is full) it writes nothing more, and ``submit``/``raise_error``
     re-raise the error on the calling thread."""
 
-    def __init__(self, store: VectorStore, depth: int) -> None:
-        self.store = store
+    def __init__(self, depth: int, commit: Callable[[list[Write]], None]) -> None:
+        self.commit = commit
         self.jobs: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self.done: queue.SimpleQueue[Write] = queue.SimpleQueue()
         self.error: BaseException | None = None
@@ -561,7 +452,7 @@ class _Writer:
             if self.error is not None:
                 continue
             try:
-                commit(self.store, job)
+                self.commit(job)
             except BaseException as e:  # handed to the calling thread
                 self.error = e
                 continue

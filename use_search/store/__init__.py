@@ -38,7 +38,18 @@ def __getattr__(name: str) -> Any:
 
 
 def open_store(settings: Settings) -> VectorStore:
-    """The store the settings name: the embedded one at ``settings.store_path`` or a Qdrant server."""
+    """The store the settings name: the embedded one at ``settings.store_path`` or a Qdrant server,
+    migrated to content-addressed segments if an older version wrote it (``VectorStore.migrate``)."""
+    opened = _open(settings)
+    try:
+        opened.migrate()
+    except BaseException:
+        opened.close()
+        raise
+    return opened
+
+
+def _open(settings: Settings) -> VectorStore:
     store = settings.store
     if store.backend == "embedded":
         from use_search.store.edge import EdgeStore

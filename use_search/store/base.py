@@ -1,11 +1,25 @@
-"""The ``VectorStore`` interface: one point per segment, one image record per indexed image.
+"""The ``VectorStore`` interface: segments belong to content, paths are references to content.
 
 Two collections live side by side:
-- segments: one point per segment, id ``point_id(sha256, segment_index)``, the segment vector, and a
-  payload (``segment_payload``) with path, sha256, size, COCO RLE, bbox, area, scores, model, time;
-- images: one record per image, id ``image_id(path)``, a payload ``ImageEntry``. It is written only
-  after all of the image's segments are upserted, so "has an image record with this sha256" means
-  "completely indexed": an interrupted run leaves no record and a rerun redoes (overwrites) the image.
+- segments: one point per segment of one *content* (the file's sha256), id ``point_id(sha256,
+  segment_index)``, the segment vector, and a payload (``segment_payload``): ``sha256``, ``paths`` (every
+  indexed path whose file has this content, sorted), ``dirs`` (every ancestor folder of those paths),
+  width/height, segment_index, n_segments, COCO RLE, bbox, area, scores, source, model, time. The same
+  photo under three paths is one set of points listing three paths; path and folder filters match
+  any element of ``paths`` / ``dirs`` (keyword payload indexes on both, and on ``sha256``).
+- images: one record per path, id ``image_id(path)``, a payload ``ImageEntry`` (path, sha256, ...).
+
+Agreement between the two (what ``store check`` verifies): for every record (path P, content S, n
+segments), the points with ``sha256 == S`` are exactly segment indexes 0..n-1 and each lists P in
+``paths``; every path a point lists has a record with that point's content, and ``dirs`` is the union
+of the ancestors of ``paths``. Points whose content no record names are left-overs of an interrupted run
+(``prune`` drops them).
+
+Write order keeps that true across a crash: a content's points are written (or made to list the new
+path) before the path's record, and a record is deleted before its reference. So a record always
+means "complete and listed"; an interrupted run leaves at most a reference or points without a
+record, which a rerun of that path overwrites and ``prune`` clears. A content's points are deleted only
+when no path refers to it any more.
 """
 
 from __future__ import annotations
@@ -14,17 +28,21 @@ import uuid
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
-from typing import Any, Iterator, Sequence
+from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from use_search.types import Hit, SegmentPoint
+from use_search.types import Hit, SegmentPoint, point_id
 
 IMAGE_NAMESPACE = uuid.UUID("0d6c8a51-2b7e-4f8e-9c3a-54a1b7e90c42")
 
-# Payload fields with an index (keyword): exact path, content hash, and every ancestor folder of the
-# path (``dirs``) so "everything under /photos/2024" is an indexed exact match, not a string scan.
-INDEXED_FIELDS = ("path", "sha256", "dirs")
+# Payload fields with an index (keyword). Segments: the paths referring to the content (an array: a
+# condition matches any element), the content hash, and every ancestor folder of those paths (``dirs``)
+# so "everything under /photos/2024" is an indexed exact match, not a string scan. Image records: one
+# path each.
+SEGMENT_INDEXED_FIELDS = ("paths", "sha256", "dirs")
+IMAGE_INDEXED_FIELDS = ("path", "sha256", "dirs")
+LEGACY_PATH_FIELD = "path"  # segments written before content addressing: one path per point, indexed
 
 
 def image_id(path: str) -> str:
@@ -33,6 +51,12 @@ def image_id(path: str) -> str:
 
 def ancestor_dirs(path: str) -> list[str]:
     return [str(p) for p in PurePosixPath(path).parents]
+
+
+def references(paths: Iterable[str]) -> dict[str, list[str]]:
+    """The reference fields of a content's points: its paths and all their ancestor folders, sorted."""
+    paths = sorted(set(paths))
+    return {"paths": paths, "dirs": sorted({d for p in paths for d in ancestor_dirs(p)})}
 
 
 class StoreError(RuntimeError):
@@ -85,11 +109,12 @@ class SearchFilter:
     def is_empty(self) -> bool:
         return self.path is None and self.under is None and self.sha256 is None
 
-    def conditions(self) -> list[tuple[str, str]]:
-        """(field, exact value) pairs, all of which must match."""
+    def conditions(self, path_field: str = "paths") -> list[tuple[str, str]]:
+        """(field, exact value) pairs, all of which must match (an array field: any of its elements).
+        ``path_field``: ``paths`` on segments, ``path`` on image records."""
         out = []
         if self.path is not None:
-            out.append(("path", self.path))
+            out.append((path_field, self.path))
         if self.under is not None:
             out.append(("dirs", str(PurePosixPath(self.under))))
         if self.sha256 is not None:
@@ -136,8 +161,124 @@ class VectorStore(ABC):
         """Image records with this content hash (a file indexed under another path)."""
 
     @abstractmethod
-    def delete_image(self, path: str) -> int:
-        """Delete the image record and every segment with this path; return how many segments went."""
+    def delete_records(self, paths: Sequence[str]) -> None:
+        """Delete the image records of ``paths`` (their contents' points are left as they are)."""
+
+    @abstractmethod
+    def set_content_paths(self, updates: Mapping[str, Sequence[str]]) -> dict[str, int]:
+        """Make every point of each content (sha256 → paths) list exactly those paths (and their
+        folders), in one write; returns each content's number of points."""
+
+    @abstractmethod
+    def delete_contents(self, shas: Sequence[str]) -> int:
+        """Delete every point of these contents, in one write; returns how many went."""
+
+    @abstractmethod
+    def segment_values(self, field: str, flt: SearchFilter | None = None) -> Iterator[str]:
+        """The distinct values of one payload field (the elements of an array field) over the segments
+        matching ``flt``, reading that field only."""
+
+    # References: built on the primitives above; each call is one write per collection ---------------
+    def content_paths(self, sha256: str) -> list[str] | None:
+        """The paths the points of ``sha256`` list; None when the content has no points."""
+        found = self.get_segments([point_id(sha256, 0)])
+        return list(found[0].paths) if found else None
+
+    def add_references(self, pairs: Sequence[tuple[str, str]]) -> dict[str, int]:
+        """List each path among the references of its content ((path, sha256) pairs); returns each
+        content's number of points (contents without points are left out)."""
+        wanted: dict[str, list[str]] = {}
+        for path, sha in pairs:
+            wanted.setdefault(sha, []).append(path)
+        updates = {}
+        for sha, paths in wanted.items():
+            current = self.content_paths(sha)
+            if current is not None:
+                updates[sha] = [*current, *paths]  # every point, even if some list it already
+        return self.set_content_paths(updates) if updates else {}
+
+    def add_reference(self, path: str, sha256: str) -> int:
+        return self.add_references([(path, sha256)]).get(sha256, 0)
+
+    def delete_images(self, paths: Sequence[str], keep: Collection[str] = ()) -> int:
+        """Delete the records of ``paths`` and their references; a content's points go once no path
+        refers to it (``keep``: contents to keep even so). Returns how many segment points went."""
+        if not paths:
+            return 0
+        self.delete_records(paths)
+        return self._unreference(self._listing(paths), keep)
+
+    def delete_image(self, path: str, keep: Collection[str] = ()) -> int:
+        return self.delete_images([path], keep)
+
+    def clear_references(self, paths: Mapping[str, str | None], keep: Collection[str] = ()) -> int:
+        """Drop each path (path → the content it keeps, or None) from every other content that lists it:
+        what an interrupted run left. Returns the points deleted."""
+        return self._unreference(self._listing(list(paths), paths), keep)
+
+    def remove_reference(self, path: str, sha256: str, keep: Collection[str] = ()) -> int:
+        """Drop ``path`` from the references of ``sha256``; returns how many points went."""
+        return self._unreference({sha256: {path}}, keep)
+
+    def _listing(self, paths: Sequence[str], but: Mapping[str, str | None] | None = None) -> dict[str, set[str]]:
+        """content → the given paths its points list (one indexed count per path, a scroll when listed)."""
+        out: dict[str, set[str]] = {}
+        for p in paths:
+            if self.count_segments(SearchFilter(path=p)):
+                for sha in self.segment_values("sha256", SearchFilter(path=p)):
+                    if but is None or sha != but.get(p):
+                        out.setdefault(sha, set()).add(p)
+        return out
+
+    def _unreference(self, removals: Mapping[str, set[str]], keep: Collection[str]) -> int:
+        """Drop paths from contents (content → paths); a content left without a path goes, unless kept."""
+        updates, gone = {}, []
+        for sha, drop in removals.items():
+            current = self.content_paths(sha)
+            if current is None:
+                continue
+            rest = [p for p in current if p not in drop]
+            if rest or sha in keep:
+                if rest != current:
+                    updates[sha] = rest
+            else:
+                gone.append(sha)
+        if updates:
+            self.set_content_paths(updates)
+        return self.delete_contents(gone) if gone else 0
+
+    def count_contents(self) -> int:
+        """Distinct contents among the image records (``count_images`` counts paths)."""
+        return len({e.sha256 for e in self.iter_images()})
+
+    # Migration from one path per point (stores written before content addressing) -----------------
+    @abstractmethod
+    def _segment_indexes(self) -> set[str]:
+        """The payload fields of the segments collection that have an index."""
+
+    @abstractmethod
+    def _drop_legacy_path(self) -> None:
+        """Delete the legacy ``path`` payload field and its index from every segment point."""
+
+    def needs_migration(self) -> bool:
+        return self.dim is not None and LEGACY_PATH_FIELD in self._segment_indexes()
+
+    def migrate(self) -> int:
+        """Move a store written with one ``path`` per point to ``paths`` per content: each content lists
+        the paths of its image records (points of a content no record names keep their own path, for
+        ``prune`` to judge). Returns the contents migrated; 0 when there was nothing to do."""
+        if not self.needs_migration():
+            return 0
+        self.ensure(self.dim)  # type: ignore[arg-type]  # the new indexes
+        recorded: dict[str, set[str]] = {}
+        for e in self.iter_images():
+            recorded.setdefault(e.sha256, set()).add(e.path)
+        legacy: dict[str, set[str]] = {}
+        for h in self.scroll_segments():
+            legacy.setdefault(h.sha256, set()).update(h.paths)
+        self.set_content_paths({sha: sorted(recorded.get(sha) or paths) for sha, paths in legacy.items()})
+        self._drop_legacy_path()
+        return len(legacy)
 
     @abstractmethod
     def search(
@@ -155,9 +296,9 @@ class VectorStore(ABC):
     @abstractmethod
     def count_segments(self, flt: SearchFilter | None = None) -> int: ...
 
-    @abstractmethod
     def segment_paths(self, flt: SearchFilter | None = None) -> Iterator[str]:
-        """The distinct image paths of the segments matching ``flt`` (reads the path field only)."""
+        """The distinct paths the segments matching ``flt`` refer to (reads the paths field only)."""
+        return self.segment_values("paths", flt)
 
     @abstractmethod
     def count_images(self) -> int: ...
@@ -175,9 +316,23 @@ class VectorStore(ABC):
         self.close()
 
 
+def hit_from(id: Any, score: float, payload: dict[str, Any], flt: SearchFilter | None = None) -> Hit:
+    """A hit whose ``path`` is one the filter asked for (the first listed path without a filter)."""
+    paths = payload.get("paths")
+    if paths is None:  # a point written before content addressing, not migrated yet
+        paths = [payload[LEGACY_PATH_FIELD]]
+    chosen = paths[0] if paths else ""
+    if flt is not None and (flt.path is not None or flt.under is not None):
+        under = None if flt.under is None else str(PurePosixPath(flt.under))
+        chosen = next(
+            (p for p in paths if p == flt.path or (under is not None and under in ancestor_dirs(p))), chosen
+        )
+    return Hit.from_payload(str(id), score, payload, path=chosen, paths=list(paths))
+
+
 def segment_payload(
     *,
-    path: str,
+    paths: Sequence[str],
     sha256: str,
     width: int,
     height: int,
@@ -193,8 +348,7 @@ def segment_payload(
     indexed_at: str,
 ) -> dict[str, Any]:
     return {
-        "path": path,
-        "dirs": ancestor_dirs(path),
+        **references(paths),
         "sha256": sha256,
         "width": width,
         "height": height,

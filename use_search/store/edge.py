@@ -30,19 +30,23 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import qdrant_edge as qe
 
 from use_search.store.base import (
-    INDEXED_FIELDS,
+    IMAGE_INDEXED_FIELDS,
+    LEGACY_PATH_FIELD,
+    SEGMENT_INDEXED_FIELDS,
     ImageEntry,
     SearchFilter,
     StoreError,
     StoreFullError,
     VectorStore,
+    hit_from,
     image_id,
+    references,
 )
 from use_search.types import Hit, SegmentPoint
 
@@ -142,9 +146,9 @@ class EdgeStore(VectorStore):
             self._dim = dim
         if self._images is None:
             self._images = _create(self.root / IMAGES_DIR, self._config(1, qe.Distance.Dot))
-        for shard in (self._segments, self._images):
+        for shard, fields in ((self._segments, SEGMENT_INDEXED_FIELDS), (self._images, IMAGE_INDEXED_FIELDS)):
             existing = shard.info().payload_schema
-            missing = [name for name in INDEXED_FIELDS if name not in existing]
+            missing = [name for name in fields if name not in existing]
             if missing:
                 self._check_space(DELETE_BYTES, "a payload index")
             for name in missing:
@@ -181,16 +185,34 @@ class EdgeStore(VectorStore):
         shard.update(qe.UpdateOperation.upsert_points(points))
         shard.flush()
 
-    def delete_image(self, path: str) -> int:
-        if self._segments is None or self._images is None:
-            return 0
+    def delete_records(self, paths: Sequence[str]) -> None:
+        if self._images is None or not paths:
+            return
         self._check_space(DELETE_BYTES, "a delete")
-        # Record first: if we die in between, the leftover segments read as an unfinished image.
-        self._images.update(qe.UpdateOperation.delete_points([image_id(path)]))
+        self._images.update(qe.UpdateOperation.delete_points([image_id(p) for p in paths]))
         self._images.flush()
-        flt = _filter(SearchFilter(path=path))
+
+    def set_content_paths(self, updates: Mapping[str, Sequence[str]]) -> dict[str, int]:
+        if self._segments is None:
+            return {}
+        counts = {}
+        for sha, paths in updates.items():
+            flt = _filter(SearchFilter(sha256=sha))
+            counts[sha] = n = self._segments.count(qe.CountRequest(exact=True, filter=flt))
+            if n:
+                fields = references(paths)
+                self._check_space(WRITE_AMPLIFICATION * n * (len(str(fields)) + SEGMENT_OVERHEAD_BYTES), "updating references")
+                self._segments.update(qe.UpdateOperation.set_payload_by_filter(flt, fields))
+        self._segments.flush()
+        return counts
+
+    def delete_contents(self, shas: Sequence[str]) -> int:
+        if self._segments is None or not shas:
+            return 0
+        flt = qe.Filter(must=[qe.FieldCondition(key="sha256", match=qe.MatchAny(list(shas)))])
         n = self._segments.count(qe.CountRequest(exact=True, filter=flt))
         if n:
+            self._check_space(DELETE_BYTES, "a delete")
             self._segments.update(qe.UpdateOperation.delete_points_by_filter(flt))
             self._segments.flush()
         return n
@@ -231,30 +253,41 @@ class EdgeStore(VectorStore):
             score_threshold=min_score,
             with_payload=True,
         )
-        return [Hit.from_payload(str(p.id), p.score, p.payload) for p in self._segments.query(request)]
+        return [hit_from(p.id, p.score, p.payload, flt) for p in self._segments.query(request)]
 
     def get_segments(self, ids: Sequence[str]) -> list[Hit]:
         if self._segments is None or not ids:
             return []
         found = {str(r.id): r.payload for r in self._segments.retrieve(list(ids), True, False)}
-        return [Hit.from_payload(i, 0.0, found[i]) for i in ids if i in found]
+        return [hit_from(i, 0.0, found[i]) for i in ids if i in found]
 
     def scroll_segments(self, flt: SearchFilter | None = None) -> Iterator[Hit]:
         for record in _scroll(self._segments, flt):
-            yield Hit.from_payload(str(record.id), 0.0, record.payload)
+            yield hit_from(record.id, 0.0, record.payload, flt)
 
     def count_segments(self, flt: SearchFilter | None = None) -> int:
         if self._segments is None:
             return 0
         return self._segments.count(qe.CountRequest(exact=True, filter=_filter(flt)))
 
-    def segment_paths(self, flt: SearchFilter | None = None) -> Iterator[str]:
+    def segment_values(self, field: str, flt: SearchFilter | None = None) -> Iterator[str]:
         seen: set[str] = set()
-        for record in _scroll(self._segments, flt, with_payload=["path"]):
-            path = record.payload["path"]
-            if path not in seen:
-                seen.add(path)
-                yield path
+        for record in _scroll(self._segments, flt, with_payload=[field]):
+            value = record.payload.get(field)
+            for v in value if isinstance(value, list) else [] if value is None else [value]:
+                if v not in seen:
+                    seen.add(v)
+                    yield v
+
+    def _segment_indexes(self) -> set[str]:
+        return set(self._segments.info().payload_schema) if self._segments is not None else set()
+
+    def _drop_legacy_path(self) -> None:
+        shard = self._require(self._segments)
+        self._check_space(DELETE_BYTES, "a migration")
+        shard.update(qe.UpdateOperation.delete_payload_by_filter(qe.Filter(must=[]), [LEGACY_PATH_FIELD]))
+        shard.update(qe.UpdateOperation.delete_field_index(LEGACY_PATH_FIELD))
+        shard.flush()
 
     # Lifecycle -----------------------------------------------------------------------------------
     def optimize(self) -> None:
@@ -365,19 +398,21 @@ def _vector(vector: np.ndarray) -> list[float]:
     return np.asarray(vector, dtype=np.float32).ravel().tolist()
 
 
-def _filter(flt: SearchFilter | None) -> qe.Filter | None:
+def _filter(flt: SearchFilter | None, path_field: str = "paths") -> qe.Filter | None:
     if flt is None or flt.is_empty():
         return None
-    return qe.Filter(must=[qe.FieldCondition(key=k, match=qe.MatchValue(v)) for k, v in flt.conditions()])
+    return qe.Filter(must=[qe.FieldCondition(key=k, match=qe.MatchValue(v)) for k, v in flt.conditions(path_field)])
 
 
-def _scroll(shard: qe.EdgeShard | None, flt: SearchFilter | None, with_payload: Any = True) -> Iterator[Any]:
+def _scroll(
+    shard: qe.EdgeShard | None, flt: SearchFilter | None, with_payload: Any = True, path_field: str = "paths"
+) -> Iterator[Any]:
     if shard is None:
         return
     offset = None
     while True:
         records, offset = shard.scroll(
-            qe.ScrollRequest(offset=offset, limit=SCROLL_PAGE, filter=_filter(flt), with_payload=with_payload)
+            qe.ScrollRequest(offset=offset, limit=SCROLL_PAGE, filter=_filter(flt, path_field), with_payload=with_payload)
         )
         yield from records
         if offset is None:

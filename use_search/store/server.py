@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from use_search.store.base import (
-    INDEXED_FIELDS,
+    IMAGE_INDEXED_FIELDS,
+    LEGACY_PATH_FIELD,
+    SEGMENT_INDEXED_FIELDS,
     ImageEntry,
     SearchFilter,
     StoreError,
     VectorStore,
+    hit_from,
     image_id,
+    references,
 )
 from use_search.types import Hit, SegmentPoint
 
@@ -96,9 +100,9 @@ class ServerStore(VectorStore):
                 )
             if not self._has(self.images_collection):
                 self._create(self.images_collection, {})
-            for name in (self.collection, self.images_collection):
+            for name, fields in ((self.collection, SEGMENT_INDEXED_FIELDS), (self.images_collection, IMAGE_INDEXED_FIELDS)):
                 indexed = self.client.get_collection(name).payload_schema
-                for field in INDEXED_FIELDS:
+                for field in fields:
                     if field not in indexed:
                         self.client.create_payload_index(
                             name, field, models.PayloadSchemaType.KEYWORD, wait=True
@@ -136,18 +140,33 @@ class ServerStore(VectorStore):
             points = [models.PointStruct(id=image_id(e.path), vector={}, payload=e.payload()) for e in entries]
             self.client.upsert(self.images_collection, points=points, wait=True)
 
-    def delete_image(self, path: str) -> int:
+    def delete_records(self, paths: Sequence[str]) -> None:
         with self._errors():
-            if not (self._has(self.collection) and self._has(self.images_collection)):
+            if paths and self._has(self.images_collection):
+                records = models.PointIdsList(points=[image_id(p) for p in paths])
+                self.client.delete(self.images_collection, points_selector=records, wait=True)
+
+    def set_content_paths(self, updates: Mapping[str, Sequence[str]]) -> dict[str, int]:
+        counts = {}
+        with self._errors():
+            if not self._has(self.collection):
+                return {}
+            for sha, paths in updates.items():
+                flt = _filter(SearchFilter(sha256=sha))
+                counts[sha] = n = self.client.count(self.collection, count_filter=flt, exact=True).count
+                if n:
+                    selector = models.FilterSelector(filter=flt)
+                    self.client.set_payload(self.collection, payload=references(paths), points=selector, wait=True)
+        return counts
+
+    def delete_contents(self, shas: Sequence[str]) -> int:
+        with self._errors():
+            if not shas or not self._has(self.collection):
                 return 0
-            # Record first: if we die in between, the leftover segments read as an unfinished image.
-            record = models.PointIdsList(points=[image_id(path)])
-            self.client.delete(self.images_collection, points_selector=record, wait=True)
-            flt = _filter(SearchFilter(path=path))
+            flt = models.Filter(must=[models.FieldCondition(key="sha256", match=models.MatchAny(any=list(shas)))])
             n = self.client.count(self.collection, count_filter=flt, exact=True).count
             if n:
-                selector = models.FilterSelector(filter=flt)
-                self.client.delete(self.collection, points_selector=selector, wait=True)
+                self.client.delete(self.collection, points_selector=models.FilterSelector(filter=flt), wait=True)
             return n
 
     # Images --------------------------------------------------------------------------------------
@@ -192,7 +211,7 @@ class ServerStore(VectorStore):
                 score_threshold=min_score,
                 with_payload=True,
             )
-        return [Hit.from_payload(str(p.id), p.score, p.payload) for p in result.points]
+        return [hit_from(p.id, p.score, p.payload, flt) for p in result.points]
 
     def get_segments(self, ids: Sequence[str]) -> list[Hit]:
         with self._errors():
@@ -200,11 +219,11 @@ class ServerStore(VectorStore):
                 return []
             records = self.client.retrieve(self.collection, ids=list(ids), with_payload=True)
         found = {str(r.id): r.payload for r in records}
-        return [Hit.from_payload(i, 0.0, found[i]) for i in ids if i in found]
+        return [hit_from(i, 0.0, found[i]) for i in ids if i in found]
 
     def scroll_segments(self, flt: SearchFilter | None = None) -> Iterator[Hit]:
         for record in self._scroll(self.collection, flt):
-            yield Hit.from_payload(str(record.id), 0.0, record.payload)
+            yield hit_from(record.id, 0.0, record.payload, flt)
 
     def count_segments(self, flt: SearchFilter | None = None) -> int:
         with self._errors():
@@ -212,13 +231,26 @@ class ServerStore(VectorStore):
                 return 0
             return self.client.count(self.collection, count_filter=_filter(flt), exact=True).count
 
-    def segment_paths(self, flt: SearchFilter | None = None) -> Iterator[str]:
+    def segment_values(self, field: str, flt: SearchFilter | None = None) -> Iterator[str]:
         seen: set[str] = set()
-        for record in self._scroll(self.collection, flt, with_payload=["path"]):
-            path = record.payload["path"]
-            if path not in seen:
-                seen.add(path)
-                yield path
+        for record in self._scroll(self.collection, flt, with_payload=[field]):
+            value = (record.payload or {}).get(field)
+            for v in value if isinstance(value, list) else [] if value is None else [value]:
+                if v not in seen:
+                    seen.add(v)
+                    yield v
+
+    def _segment_indexes(self) -> set[str]:
+        with self._errors():
+            if not self._has(self.collection):
+                return set()
+            return set(self.client.get_collection(self.collection).payload_schema or {})
+
+    def _drop_legacy_path(self) -> None:
+        with self._errors():
+            everything = models.FilterSelector(filter=models.Filter(must=[]))
+            self.client.delete_payload(self.collection, keys=[LEGACY_PATH_FIELD], points=everything, wait=True)
+            self.client.delete_payload_index(self.collection, LEGACY_PATH_FIELD, wait=True)
 
     def close(self) -> None:
         self.client.close()
@@ -271,9 +303,9 @@ def _vector(vector: np.ndarray) -> list[float]:
     return np.asarray(vector, dtype=np.float32).ravel().tolist()
 
 
-def _filter(flt: SearchFilter | None) -> models.Filter | None:
+def _filter(flt: SearchFilter | None, path_field: str = "paths") -> models.Filter | None:
     if flt is None or flt.is_empty():
         return None
     return models.Filter(
-        must=[models.FieldCondition(key=k, match=models.MatchValue(value=v)) for k, v in flt.conditions()]
+        must=[models.FieldCondition(key=k, match=models.MatchValue(value=v)) for k, v in flt.conditions(path_field)]
     )

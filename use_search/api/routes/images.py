@@ -44,7 +44,7 @@ async def image_overlay(st: State, img_id: uuid.UUID, segment: Optional[uuid.UUI
     """The image (long side at most ``api.overlay_side``) with one segment, or all, drawn on it."""
     entry = await run_in_threadpool(st.image_entry, img_id)
     hit = await run_in_threadpool(st.segment, segment) if segment is not None else None
-    if hit is not None and hit.path != entry.path:
+    if hit is not None and entry.path not in hit.paths:  # a content's segments belong to each of its paths
         raise HTTPException(404, f"segment {hit.id} is not on image {img_id}")
     async with st.render_slots:
         return Response(await run_in_threadpool(overlay_png, st, entry, hit), media_type="image/png")
