@@ -802,6 +802,11 @@ def error_text(e: BaseException) -> str:
     ) + " (check the command line options, USE_SEARCH_* variables and the settings file)"
 
 
+from use_search.cli.store_cmds import store_app  # noqa: E402  (it uses the helpers above)
+
+app.add_typer(store_app, name="store")
+
+
 def main() -> None:
     try:
         app()

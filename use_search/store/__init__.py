@@ -5,7 +5,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from use_search.config import Settings
-from use_search.store.base import ImageEntry, SearchFilter, StoreError, StoreFullError, VectorStore, segment_payload
+from use_search.store.base import (
+    ImageEntry,
+    SearchFilter,
+    StoreDamagedError,
+    StoreError,
+    StoreFullError,
+    VectorStore,
+    segment_payload,
+)
 
 if TYPE_CHECKING:
     from use_search.store.edge import EdgeStore
@@ -19,6 +27,7 @@ __all__ = [
     "SearchFilter",
     "StoreError",
     "StoreFullError",
+    "StoreDamagedError",
     "segment_payload",
     "open_store",
 ]

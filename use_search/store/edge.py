@@ -26,9 +26,11 @@ a plain segment that searches scan exactly.
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import shutil
+import tarfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -39,7 +41,9 @@ from use_search.store.base import (
     INDEXED_FIELDS,
     ImageEntry,
     SearchFilter,
+    StoreDamagedError,
     StoreError,
+    StoredPoint,
     StoreFullError,
     VectorStore,
     image_id,
@@ -50,6 +54,8 @@ LOCK_FILE = ".lock"
 SEGMENTS_DIR = "segments"
 IMAGES_DIR = "images"
 EDGE_CONFIG_FILE = "edge_config.json"  # written by qdrant-edge into every shard folder
+SNAPSHOT_FORMAT = "use-search-snapshot-1"
+SNAPSHOT_MANIFEST = "use-search-snapshot.json"
 UPSERT_BATCH = 512  # points per WAL record
 SCROLL_PAGE = 256
 IMAGE_VECTOR = [1.0]
@@ -103,18 +109,30 @@ class EdgeStore(VectorStore):
                 )
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock_fd: int | None = _lock(self.root / LOCK_FILE, self.root)
-        self._segments: qe.EdgeShard | None = None
-        self._images: qe.EdgeShard | None = None
+        self._segments: _Shard | None = None
+        self._images: _Shard | None = None
         self._dim: int | None = None
         try:
-            if _shard_exists(self.root / SEGMENTS_DIR):
-                self._dim = _persisted_dim(self.root / SEGMENTS_DIR)
-                self._segments = _load(self.root / SEGMENTS_DIR, self._config(self._dim, qe.Distance.Cosine))
-            if _shard_exists(self.root / IMAGES_DIR):
-                self._images = _load(self.root / IMAGES_DIR, self._config(1, qe.Distance.Dot))
+            self._open_shards()
         except BaseException:
             self.close()
             raise
+
+    def _open_shards(self) -> None:
+        if _shard_exists(self.root / SEGMENTS_DIR):
+            self._dim = _persisted_dim(self.root / SEGMENTS_DIR)
+            self._segments = _load(self.root / SEGMENTS_DIR, self._config(self._dim, qe.Distance.Cosine))
+        if _shard_exists(self.root / IMAGES_DIR):
+            self._images = _load(self.root / IMAGES_DIR, self._config(1, qe.Distance.Dot))
+
+    def _close_shards(self) -> None:
+        try:
+            for shard in (self._segments, self._images):
+                if shard is not None:
+                    shard.flush()
+                    shard.close()
+        finally:
+            self._segments = self._images = None
 
     def _config(self, dim: int, distance: Any) -> qe.EdgeConfig:
         return qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=distance), optimizers=self._optimizers)
@@ -256,6 +274,29 @@ class EdgeStore(VectorStore):
                 seen.add(path)
                 yield path
 
+    # Integrity -----------------------------------------------------------------------------------
+    def point_ids(self) -> Iterator[str]:
+        for record in _scroll(self._segments, None, with_payload=False):
+            yield str(record.id)
+
+    def read_points(self, ids: Sequence[str]) -> list[StoredPoint]:
+        if self._segments is None or not ids:
+            return []
+        return [
+            StoredPoint(str(r.id), np.asarray(r.vector, dtype=np.float32), r.payload)
+            for r in self._segments.retrieve(list(ids), True, True)
+        ]
+
+    def delete_segments(self, ids: Sequence[str]) -> None:
+        if self._segments is None or not ids:
+            return
+        self._check_space(DELETE_BYTES, "a delete")
+        # A delete reads the old payload (to unindex it), and one that no longer decodes would fail it and
+        # leave the shard refusing writes until reopened: the payloads are overwritten first.
+        self._segments.update(qe.UpdateOperation.overwrite_payload(list(ids), {}))
+        self._segments.update(qe.UpdateOperation.delete_points(list(ids)))
+        self._segments.flush()
+
     # Lifecycle -----------------------------------------------------------------------------------
     def optimize(self) -> None:
         for shard in (self._segments, self._images):
@@ -269,6 +310,30 @@ class EdgeStore(VectorStore):
             shard.optimize()
             shard.flush()
 
+    def snapshot(self, out: Path) -> None:
+        """A gzip tar of both shards, taken with the store locked and its shards closed (nothing moves
+        while it is written): ``restore_snapshot`` unpacks it with the engine's ``unpack_snapshot``."""
+        out = Path(out)
+        dim, points, images = self._dim, self.count_segments(), self.count_images()
+        self._close_shards()
+        tmp = out.with_name(out.name + ".partial")
+        try:
+            with tarfile.open(tmp, "w:gz", compresslevel=1) as tar:  # sparse engine files: mostly zeros
+                manifest = json.dumps({
+                    "format": SNAPSHOT_FORMAT, "collection": self.root.name, "dim": dim,
+                    "points": points, "images": images,
+                }).encode()
+                info = tarfile.TarInfo(SNAPSHOT_MANIFEST)
+                info.size = len(manifest)
+                tar.addfile(info, io.BytesIO(manifest))
+                for name in (SEGMENTS_DIR, IMAGES_DIR):
+                    if _shard_exists(self.root / name):
+                        tar.add(self.root / name, arcname=name)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+            self._open_shards()
+
     def index_info(self) -> dict[str, int]:
         """Segments collection: engine segments, points, points in an HNSW index (the rest are scanned)."""
         if self._segments is None:
@@ -278,20 +343,67 @@ class EdgeStore(VectorStore):
 
     def close(self) -> None:
         try:
-            for shard in (self._segments, self._images):
-                if shard is not None:
-                    shard.flush()
-                    shard.close()
+            self._close_shards()
         finally:
-            self._segments = self._images = None
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # releases the flock
                 self._lock_fd = None
 
-    def _require(self, shard: qe.EdgeShard | None) -> qe.EdgeShard:
+    def _require(self, shard: _Shard | None) -> _Shard:
         if shard is None:
             raise StoreError(f"store at {self.root} has no collections yet: call ensure(dim) first")
         return shard
+
+
+def restore_snapshot(archive: Path, path: Path, collection: str) -> dict[str, Any]:
+    """Unpack a ``snapshot`` into ``path/collection``, which must hold no store yet; returns its manifest.
+    Each shard's files go to a plain tar next to the store (the format the engine reads), which the
+    engine's ``unpack_snapshot`` unpacks; the restored store is then opened and its counts checked."""
+    root = Path(path) / collection
+    if any(_shard_exists(root / name) for name in (SEGMENTS_DIR, IMAGES_DIR)):
+        raise StoreError(f"{root} already holds a store: restore into a new folder (--store DIR) or --collection")
+    try:
+        outer = tarfile.open(archive, "r:gz")
+    except (OSError, tarfile.TarError) as e:
+        raise StoreError(f"{archive} is not a use-search snapshot: {e}") from None
+    root.mkdir(parents=True, exist_ok=True)
+    parts = {name: root / f".{name}.restore.tar" for name in (SEGMENTS_DIR, IMAGES_DIR)}
+    try:
+        with outer:
+            manifest = _read_manifest(outer, archive)
+            inner = {name: tarfile.open(tmp, "w") for name, tmp in parts.items()}
+            try:
+                for member in outer:
+                    shard, _, rest = member.name.partition("/")
+                    if shard in inner and rest and not member.issym() and not member.islnk():
+                        member.name = rest
+                        inner[shard].addfile(member, outer.extractfile(member) if member.isfile() else None)
+            finally:
+                for t in inner.values():
+                    t.close()
+        for name, tmp in parts.items():
+            try:
+                qe.EdgeShard.unpack_snapshot(str(tmp), str(root / name))
+            except Exception as e:
+                raise StoreError(f"cannot restore {name} from {archive}: {e}") from None
+    finally:
+        for tmp in parts.values():
+            tmp.unlink(missing_ok=True)
+    with EdgeStore(path, collection, min_free_bytes=0) as store:
+        got = {"dim": store.dim, "points": store.count_segments(), "images": store.count_images()}
+    want = {k: manifest.get(k) for k in got}
+    if got != want:
+        raise StoreError(f"the store restored from {archive} holds {got}, its snapshot says {want}")
+    return manifest
+
+
+def _read_manifest(tar: tarfile.TarFile, archive: Path) -> dict[str, Any]:
+    first = tar.next()
+    reader = tar.extractfile(first) if first is not None and first.name == SNAPSHOT_MANIFEST else None
+    manifest = json.loads(reader.read()) if reader is not None else {}
+    if manifest.get("format") != SNAPSHOT_FORMAT:
+        raise StoreError(f"{archive} is not a use-search snapshot (no {SNAPSHOT_MANIFEST} first)")
+    return manifest
 
 
 def _lock(lock_path: Path, root: Path) -> int:
@@ -317,15 +429,24 @@ def _lock(lock_path: Path, root: Path) -> int:
 
 
 def _shard_exists(path: Path) -> bool:
-    return (path / EDGE_CONFIG_FILE).is_file()
+    """A shard is there when its config or any of its data is: a lost ``edge_config.json`` must not
+    make a store with points look empty (or be created anew over its data)."""
+    return (path / EDGE_CONFIG_FILE).is_file() or (path / "segments").is_dir() or (path / "wal").is_dir()
 
 
 def _persisted_dim(path: Path) -> int:
-    # EdgeShard has no config getter in Python; the shard persists its config as JSON.
-    try:
-        return int(json.loads((path / EDGE_CONFIG_FILE).read_text())["vectors"][""]["size"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise StoreError(f"cannot read the vector size of the shard at {path}: {e}") from None
+    # EdgeShard has no config getter in Python; the shard persists its config as JSON, and each engine
+    # segment its own (``segment.json``), from which the engine rebuilds a lost shard config on load.
+    sources = [path / EDGE_CONFIG_FILE, *sorted((path / "segments").glob("*/segment.json"))]
+    for source in sources:
+        try:
+            doc = json.loads(source.read_text())
+            return int((doc["vectors"] if source.name == EDGE_CONFIG_FILE else doc["config"]["vector_data"])[""]["size"])
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"cannot read the vector size of the shard at {path} from {source.name}: {e}") from None
+    raise StoreError(f"the shard at {path} has neither {EDGE_CONFIG_FILE} nor segment files: it cannot be read")
 
 
 def _unfilled_bytes(root: Path, folders: Sequence[str]) -> int:
@@ -346,19 +467,47 @@ def _mb(n: int) -> str:
     return f"{n / MB:,.1f} MB"
 
 
-def _load(path: Path, config: qe.EdgeConfig) -> qe.EdgeShard:
+def _load(path: Path, config: qe.EdgeConfig) -> "_Shard":
     # Passing the config applies our optimizer settings to stores created before them.
     try:
-        return qe.EdgeShard.load(str(path), config)
+        return _Shard(qe.EdgeShard.load(str(path), config), path)
     except Exception as e:  # qdrant-edge raises bare Exception
         raise StoreError(f"cannot open the embedded store shard at {path}: {e}") from None
 
 
-def _create(path: Path, config: qe.EdgeConfig) -> qe.EdgeShard:
+def _create(path: Path, config: qe.EdgeConfig) -> "_Shard":
     try:
-        return qe.EdgeShard.create(str(path), config)
+        return _Shard(qe.EdgeShard.create(str(path), config), path)
     except Exception as e:
         raise StoreError(f"cannot create the embedded store shard at {path}: {e}") from None
+
+
+def damaged_message(root: Path, detail: str) -> str:
+    return (
+        f"the store at {root} is damaged ({detail}): run `use-search store check` to see what, then "
+        "`use-search store check --repair` to re-index it, or `use-search store restore SNAPSHOT`"
+    )
+
+
+class _Shard:
+    """An open ``EdgeShard`` whose engine errors (qdrant-edge raises bare ``Exception``: a payload that
+    no longer decompresses, a damaged index file) become ``StoreDamagedError``."""
+
+    def __init__(self, shard: qe.EdgeShard, path: Path) -> None:
+        self._shard = shard
+        self.path = path
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._shard, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise StoreDamagedError(damaged_message(self.path.parent, f"{self.path.name}: {first}")) from None
+
+        return call
 
 
 def _vector(vector: np.ndarray) -> list[float]:
@@ -371,7 +520,7 @@ def _filter(flt: SearchFilter | None) -> qe.Filter | None:
     return qe.Filter(must=[qe.FieldCondition(key=k, match=qe.MatchValue(v)) for k, v in flt.conditions()])
 
 
-def _scroll(shard: qe.EdgeShard | None, flt: SearchFilter | None, with_payload: Any = True) -> Iterator[Any]:
+def _scroll(shard: _Shard | None, flt: SearchFilter | None, with_payload: Any = True) -> Iterator[Any]:
     if shard is None:
         return
     offset = None

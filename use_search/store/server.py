@@ -18,6 +18,7 @@ from use_search.store.base import (
     INDEXED_FIELDS,
     ImageEntry,
     SearchFilter,
+    StoredPoint,
     StoreError,
     VectorStore,
     image_id,
@@ -219,6 +220,23 @@ class ServerStore(VectorStore):
             if path not in seen:
                 seen.add(path)
                 yield path
+
+    # Integrity -----------------------------------------------------------------------------------
+    def point_ids(self) -> Iterator[str]:
+        for record in self._scroll(self.collection, None, with_payload=False):
+            yield str(record.id)
+
+    def read_points(self, ids: Sequence[str]) -> list[StoredPoint]:
+        with self._errors():
+            if not ids or not self._has(self.collection):
+                return []
+            records = self.client.retrieve(self.collection, list(ids), with_payload=True, with_vectors=True)
+        return [StoredPoint(str(r.id), np.asarray(r.vector, dtype=np.float32), r.payload or {}) for r in records]
+
+    def delete_segments(self, ids: Sequence[str]) -> None:
+        with self._errors():
+            if ids and self._has(self.collection):
+                self.client.delete(self.collection, points_selector=models.PointIdsList(points=list(ids)), wait=True)
 
     def close(self) -> None:
         self.client.close()

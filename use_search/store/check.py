@@ -1,0 +1,200 @@
+"""``store check``: read every point of a store without trusting it, and say what is wrong.
+
+A point is sound when the engine can read it, its vector is finite and of unit norm (cosine
+collections store vectors normalised), its payload has every field ``segment_payload`` writes, its
+RLE decodes to a mask of the image's size whose box and area are the stored ones, and its id is the
+one its content hash and segment index give. Records and points agree when every image record has
+exactly the points its content hash and segment count name. ``repair`` then re-indexes exactly the
+images with a damaged or missing point, and drops points that no image record claims.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from use_search.store.base import ImageEntry, StoreDamagedError, StoredPoint, VectorStore
+from use_search.types import point_id
+
+READ_CHUNK = 256
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
+PAYLOAD_FIELDS = ("path", "sha256", "width", "height", "segment_index", "n_segments", "rle", "bbox", "area", "model")
+
+
+def norm_tolerance(dim: int) -> float:
+    """How far from 1 the norm of a float32 vector normalised in float32 can be: the engine's sum of
+    ``dim`` squares carries up to ``dim`` roundings of u = eps/2, the division and the stored rounding a
+    few more per component; ``(dim + 4) · eps`` is twice that bound."""
+    return (dim + 4) * FLOAT32_EPS
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str  # unreadable | vector | payload | missing | orphan | records
+    detail: str
+    point_id: str | None = None
+    path: str | None = None  # the image it belongs to, where known
+
+    def line(self) -> str:
+        where = " ".join(x for x in (self.path or "", f"point {self.point_id}" if self.point_id else "") if x)
+        return f"{self.kind}: {where + ': ' if where else ''}{self.detail}"
+
+
+@dataclass
+class CheckReport:
+    images: int = 0
+    points: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def damaged_paths(self) -> list[str]:
+        """Images with a damaged or missing point, or with points but no record: what ``repair``
+        re-indexes (where the file is still there)."""
+        return sorted({p.path for p in self.problems if p.path})
+
+    def damaged_ids(self) -> list[str]:
+        return sorted({p.point_id for p in self.problems if p.point_id and p.kind != "missing"})
+
+
+def point_problems(p: StoredPoint, dim: int | None) -> list[str]:
+    """What is wrong with one point read from the store (empty: sound)."""
+    from use_search.masks import rle_area, rle_bbox  # pycocotools: only when checking
+
+    out = []
+    v = p.vector.astype(np.float64).ravel()
+    if dim is not None and v.size != dim:
+        out.append(f"vector has {v.size} values, the collection {dim}")
+    if not np.all(np.isfinite(v)):
+        out.append("vector has non-finite values")
+    else:
+        norm = float(np.linalg.norm(v))
+        if abs(norm - 1.0) > norm_tolerance(v.size):
+            out.append(f"vector norm is {norm:.6g}, not 1 (tolerance {norm_tolerance(v.size):.1e})")
+    pl = p.payload or {}
+    missing = [k for k in PAYLOAD_FIELDS if k not in pl]
+    if missing:
+        return out + [f"payload lacks {', '.join(missing)}"]
+    try:
+        rle = pl["rle"]
+        size = [int(x) for x in rle["size"]]
+        if size != [int(pl["height"]), int(pl["width"])]:
+            out.append(f"mask size {size} is not the image's {[pl['height'], pl['width']]}")
+        area, bbox = rle_area(rle), rle_bbox(rle)
+        if area != int(pl["area"]):
+            out.append(f"area {pl['area']} but the mask has {area} pixels")
+        if list(bbox) != [int(x) for x in pl["bbox"]]:
+            out.append(f"bbox {pl['bbox']} but the mask's is {list(bbox)}")
+        if point_id(pl["sha256"], int(pl["segment_index"])) != p.id:
+            out.append("id is not the one its sha256 and segment_index give")
+    except Exception as e:  # any malformed field: pycocotools, int(), keys
+        out.append(f"payload does not decode: {type(e).__name__}: {e}")
+    return out
+
+
+def reconcile(records: Iterable[ImageEntry], points: dict[str, str | None]) -> list[Problem]:
+    """Records against points. ``points``: id → the path its payload names (None where unreadable).
+    A record owns the ids of its content hash and segment count; every one must be there, and every
+    point must be owned by a record (else an interrupted run left it: an orphan)."""
+    problems = []
+    owner: dict[str, str] = {}
+    for r in records:
+        for i in range(r.n_segments):
+            pid = point_id(r.sha256, i)
+            owner[pid] = r.path
+            if pid not in points:
+                problems.append(Problem("missing", f"segment {i} of {r.n_segments} is not in the store", pid, r.path))
+    for pid, path in points.items():
+        if pid not in owner:
+            problems.append(Problem("orphan", "no image record claims this point", pid, path))
+        elif path is not None and path != owner[pid]:
+            problems.append(Problem("payload", f"payload names {path}, the record {owner[pid]}", pid, owner[pid]))
+    return problems
+
+
+def check_store(store: VectorStore, on_progress: Callable[[int], None] | None = None) -> CheckReport:
+    report = CheckReport()
+    try:
+        records = list(store.iter_images())
+    except StoreDamagedError as e:
+        records = []
+        report.problems.append(Problem("records", f"image records cannot be read: {e}"))
+    report.images = len(records)
+    owner = {point_id(r.sha256, i): r.path for r in records for i in range(r.n_segments)}
+    ids = list(store.point_ids())
+    report.points = len(ids)
+    paths: dict[str, str | None] = {}
+    for start in range(0, len(ids), READ_CHUNK):
+        chunk = ids[start : start + READ_CHUNK]
+        for pid, got in _read(store, chunk):
+            if isinstance(got, str):
+                paths[pid] = None
+                report.problems.append(Problem("unreadable", got, pid, owner.get(pid)))
+                continue
+            path = got.payload.get("path") if isinstance(got.payload, dict) else None
+            paths[pid] = path if isinstance(path, str) else None
+            for detail in point_problems(got, store.dim):
+                kind = "vector" if detail.startswith("vector") else "payload"
+                report.problems.append(Problem(kind, detail, pid, owner.get(pid, paths[pid])))
+        if on_progress:
+            on_progress(min(start + READ_CHUNK, len(ids)))
+    report.problems.extend(reconcile(records, paths))
+    return report
+
+
+def _read(store: VectorStore, ids: Sequence[str]) -> list[tuple[str, StoredPoint | str]]:
+    """Each id with its point, or the engine's error: the chunk at once, point by point if it fails."""
+    try:
+        found = {p.id: p for p in store.read_points(ids)}
+        return [(i, found[i]) for i in ids if i in found]
+    except StoreDamagedError:
+        out: list[tuple[str, StoredPoint | str]] = []
+        for i in ids:
+            try:
+                out.extend((i, p) for p in store.read_points([i]))
+            except StoreDamagedError as e:
+                out.append((i, _engine_detail(str(e))))
+        return out
+
+
+def _engine_detail(message: str) -> str:
+    start, end = message.find("("), message.rfind(")")
+    return message[start + 1 : end] if 0 <= start < end else message
+
+
+@dataclass
+class RepairReport:
+    dropped_points: int = 0
+    reindexed: list[str] = field(default_factory=list)
+    gone: list[str] = field(default_factory=list)  # damaged images whose file no longer exists: dropped
+
+
+def repair(store: VectorStore, report: CheckReport, reindex: Callable[[list[Path]], Any]) -> RepairReport:
+    """Drop every damaged point and the records and points of the damaged images, then ``reindex`` those
+    images' files (the indexer, which writes them as a first index would). Images whose file is gone
+    stay dropped."""
+    out = RepairReport()
+    ids = report.damaged_ids()
+    store.delete_segments(ids)
+    out.dropped_points = len(ids)
+    paths = report.damaged_paths()
+    for path in paths:
+        store.delete_image(path)
+    out.reindexed = [p for p in paths if Path(p).is_file()]
+    out.gone = [p for p in paths if not Path(p).is_file()]
+    if out.reindexed:
+        reindex([Path(p) for p in out.reindexed])
+    return out
+
+
+def group_by_kind(problems: Sequence[Problem]) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for p in problems:
+        counts[p.kind] += 1
+    return dict(counts)
