@@ -118,7 +118,7 @@ def test_damage_is_found_point_by_point(any_store) -> None:
     assert len(vec) == 1, report.problems
     owner = next(p for p in points if p.id == vec[0].point_id).payload["path"]
     assert vec[0].path == owner
-    assert set(report.damaged_paths()) == {owner, bad_box.payload["path"], lost.payload["path"]}
+    assert set(report.damaged_paths()) == {owner, bad_box.payload["path"], lost.payload["path"], "/gone.jpg"}
     assert len(report.problems) == 4, report.problems
 
 
