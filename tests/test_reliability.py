@@ -284,3 +284,49 @@ def test_disk_full_mid_run_stops_cleanly_and_the_rerun_after_freeing_space_compl
     }
     with EdgeStore(store, "segments") as s:
         assert s.count_segments() == sum(n for _, _, n in after_images)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_index_says_what_it_saved_and_the_store_agrees(tmp_path, photos, sig, code):
+    root = photos["voc"].parent
+    for i in range(4):  # more images, so the signal lands mid-run
+        Image.open(root / "voc.jpg").rotate(90 * (i + 1), expand=True).save(root / f"voc-{i}.png")
+    proc = cli(["--preset", "tiny", "index", str(root)], tmp_path / "d", extra_env={"USE_SEARCH_BATCH_IMAGES": "1"})
+    lines = []
+    for line in proc.stderr:  # the models are loaded and the run starts once the store is named
+        lines.append(line)
+        if line.startswith("store: "):
+            break
+    time.sleep(3)
+    proc.send_signal(sig)
+    out, rest = proc.communicate(timeout=120)
+    err = "".join(lines) + rest
+    assert proc.returncode == code, err
+    said = [ln for ln in err.splitlines() if ln.startswith("interrupted: ")]
+    assert len(said) == 1 and "Traceback" not in err, err
+    saved = int(said[0].split()[1])
+    assert said[0].startswith(f"interrupted: {saved} completed images are saved (") and "rerun the same command" in said[0]
+    with EdgeStore(tmp_path / "d" / "store", "segments") as store:
+        records = list(store.iter_images())
+        assert len(records) == saved
+        for e in records:
+            assert store.count_segments(SearchFilter(path=e.path)) == e.n_segments
+        assert f"({sum(e.n_segments for e in records)} segments)" in said[0]
+
+
+def test_serve_on_a_store_that_index_holds_is_one_line(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from use_search.store import EdgeStore; s = EdgeStore(sys.argv[1], 'segments'); "
+         "print('ready', flush=True); time.sleep(120)", str(tmp_path / "d" / "store")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        rc, _, err = finish(cli(["--preset", "tiny", "serve", "--port", "0"], tmp_path / "d"), timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert rc == 2 and "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "in use by another process" in lines[0], err

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -167,7 +169,7 @@ def index(
 
             def run(**kw):  # type: ignore[no-untyped-def]
                 return indexer.index(folder, **kw)
-        segs = 0
+        segs = saved = 0  # what this run committed (an image's event comes once it is written)
         with Progress(
             TextColumn("[bold]indexing"), BarColumn(), MofNCompleteColumn(), RateColumn(),
             TextColumn("{task.fields[segments]} segments"), TimeElapsedColumn(), console=err,
@@ -178,16 +180,26 @@ def index(
                 bar.update(task, total=n)
 
             def on_image(ev) -> None:  # type: ignore[no-untyped-def]
-                nonlocal segs
+                nonlocal segs, saved
                 if ev.status == "indexed":
                     segs += ev.segments
+                    saved += 1
                 elif ev.status in ("failed", "duplicate"):
                     bar.console.print(f"[yellow]{ev.status}[/] {escape(ev.path)}: {escape(ev.reason)}", highlight=False)
                 for w in ev.warnings:
                     bar.console.print(f"[yellow]warning[/] {escape(ev.path)}: {escape(w)}", highlight=False)
                 bar.update(task, advance=1, segments=segs)
 
-            report = run(prune=prune, force=force, verify=verify, on_image=on_image, on_total=on_total)
+            with _interrupts() as stopped:
+                try:
+                    report = run(prune=prune, force=force, verify=verify, on_image=on_image, on_total=on_total)
+                except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see _interrupts); the store closes below
+                    bar.stop()
+                    err.print(
+                        f"[yellow]interrupted[/]: {saved} completed images are saved ({segs} segments); "
+                        "rerun the same command to finish.", highlight=False,
+                    )
+                    raise typer.Exit(stopped.exit_code) from None
         try:
             store.optimize()  # incremental: indexes what this run added (see store/edge.py)
         except StoreFullError as e:  # everything is committed; new points are searched by exact scan
@@ -206,6 +218,27 @@ def index(
     if report.failed:
         err.print(f"[yellow]{len(report.failed)} file(s) failed[/] (listed above); the rest is indexed. Exit code {EXIT_SOME_FAILED}.")
         raise typer.Exit(EXIT_SOME_FAILED)
+
+
+class _Stop:
+    exit_code = 130  # 128 + SIGINT; 143 after SIGTERM
+
+
+@contextmanager
+def _interrupts() -> Iterator[_Stop]:
+    """SIGTERM stops the block as Ctrl-C does (a ``KeyboardInterrupt`` in the main thread), so one
+    handler reports what was saved; ``exit_code`` says which signal it was."""
+    stop = _Stop()
+
+    def on_term(signum: int, frame: object) -> None:
+        stop.exit_code = 128 + signum
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _store_label() -> str:
@@ -280,6 +313,8 @@ def serve(
     from use_search.api import serve as run_server
     from use_search.api.app import exposure_warning
 
+    with _open_store():  # held by `index`, damaged...: one line now, not a traceback from the server's start-up
+        pass
     banner()
     warning = exposure_warning(host, state.settings)
     if warning:
