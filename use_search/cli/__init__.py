@@ -271,7 +271,7 @@ def query(
         path=str(image.absolute()) if image else None, under=str(under.absolute()) if under else None
     )
     embedder = rt.query_embedder()  # CLIP's text tower only: a model problem shows before the store is opened
-    with rt.store() as store:
+    with _open_store(writable=False) as store:
         if store.dim is None or store.count_segments() == 0:
             raise StoreError(f"the store at {_store_label()} is empty: run `use-search index FOLDER` first")
         banner(embedder.untrained)
@@ -559,15 +559,15 @@ def model_init(out_path: Path = typer.Argument(..., help="Where to write the .sa
 @app.command()
 def stats() -> None:
     """Counts of images and segments in the store."""
-    with _open_store() as store:
+    with _open_store(writable=False) as store:
         out.print(f"store: {_store_label()}")
         out.print(f"images: {store.count_images()}  segments: {store.count_segments()}  dim: {store.dim}")
 
 
-def _open_store():  # type: ignore[no-untyped-def]
+def _open_store(writable: bool = True):  # type: ignore[no-untyped-def]
     from use_search.store import open_store
 
-    return open_store(state.settings)
+    return open_store(state.settings, writable=writable)
 
 
 @weights_app.command("list")

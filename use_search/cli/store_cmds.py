@@ -24,7 +24,7 @@ def check(
     anything is still wrong)."""
     from use_search.store.check import check_store, group_by_kind, repair as repair_store
 
-    with _open_store() as store:
+    with _open_store(writable=repair) as store:
         report = check_store(store)
         _print_report(report)
         if repair and not report.ok:
@@ -66,7 +66,7 @@ def snapshot(out_file: Path = typer.Argument(..., help="The snapshot file to wri
     """Back up the store (both collections) to one file, while holding it (other commands are refused meanwhile)."""
     if out_file.exists():
         raise FileExistsError(f"{out_file} exists: give a new file name")
-    with _open_store() as store:
+    with _open_store(writable=False) as store:
         store.snapshot(out_file)
     out.print(f"snapshot of {_store_label()} written to {out_file} ({out_file.stat().st_size / 2**20:,.1f} MB)")
 

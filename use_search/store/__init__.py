@@ -46,14 +46,15 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def open_store(settings: Settings) -> VectorStore:
-    """The store the settings name: the embedded one at ``settings.store_path`` or a Qdrant server."""
+def open_store(settings: Settings, *, writable: bool = True) -> VectorStore:
+    """The store the settings name: the embedded one at ``settings.store_path`` or a Qdrant server.
+    ``writable=False`` for commands that only read (no free space needed, read-only folders work)."""
     store = settings.store
     if store.backend == "embedded":
         from use_search.store.edge import EdgeStore
 
         return EdgeStore(
-            settings.store_path, store.collection, min_free_bytes=store.min_free_mb * 1024 * 1024,
+            settings.store_path, store.collection, writable=writable, min_free_bytes=store.min_free_mb * 1024 * 1024,
             max_segment_mb=store.max_segment_mb, indexing_threshold_kb=store.indexing_threshold_kb,
         )
     if not store.url:

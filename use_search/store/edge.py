@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -60,11 +61,14 @@ UPSERT_BATCH = 512  # points per WAL record
 SCROLL_PAGE = 256
 IMAGE_VECTOR = [1.0]
 MB = 1024 * 1024
-# What creating a store fills on disk before its first point (two shards: WAL pages, segment files),
-# measured on tmpfs; its sparse files span ~240 MB but are filled lazily. Loading a store later fills
-# its payload-index and vector files (~100 MB for a new store on tmpfs): checked when it is opened.
-NEW_STORE_BYTES = 15 * MB
+# Measured (docs/benchmarks.md): creating a store and writing its first points fills ~14 MB on tmpfs,
+# ~0.3 MB on ext4. Its engine files are sparse (~240 MB), and on a memory-backed file system (tmpfs)
+# every page an mmap touches is allocated, so the first load of a shard fills its payload-index and
+# vector files (~47 MB per new shard); on ext4 a load fills nothing. A writer fills them before it
+# closes (``_fill_for_readers``), so that reading the store later needs no free space at all.
+NEW_STORE_BYTES = {"memory": 15 * MB, "disk": 1 * MB}
 FILLED_ON_LOAD = ("payload_index", "vector_storage")
+MEMORY_BACKED_FS = ("tmpfs", "ramfs")
 RECORD_BYTES = 4096  # an image record, its WAL entry and index entries
 SEGMENT_OVERHEAD_BYTES = 1024  # per segment point beyond its vector and mask: payload fields, ids, indexes
 WRITE_AMPLIFICATION = 3  # a point lands in the WAL, the segment's storage and the payload indexes
@@ -80,50 +84,67 @@ def free_bytes(path: Path) -> int:
 
 
 class EdgeStore(VectorStore):
+    """``writable=False``: a reader (query, stats, check). It asks for no free space; on a folder this
+    process cannot write (a read-only mount, no permission) it searches a private copy of the store,
+    taken under a shared lock, because the engine opens its files for writing."""
+
     def __init__(
         self,
         path: Path,
         collection: str,
         *,
-        min_free_bytes: int = 256 * MB,
+        writable: bool = True,
+        min_free_bytes: int = 16 * MB,
         max_segment_mb: int | None = 128,
         indexing_threshold_kb: int | None = None,
         free_space: Callable[[Path], int] = free_bytes,
     ) -> None:
         self.root = Path(path) / collection
+        self.writable = writable
         self.min_free_bytes = min_free_bytes
         self.free_space = free_space
         self._optimizers = qe.EdgeOptimizersConfig(
             max_segment_size=max_segment_mb * 1024 if max_segment_mb else None,
             indexing_threshold=indexing_threshold_kb,
         )
-        if not _shard_exists(self.root / SEGMENTS_DIR):
-            self._check_space(NEW_STORE_BYTES, "a new store")
-        else:  # loading fills sparse index and vector files: that much must fit, margin or not
-            need = _unfilled_bytes(self.root, FILLED_ON_LOAD)
-            if need and self.free_space(self.root) < need:
-                raise StoreFullError(
-                    f"not enough free disk space to open the store at {self.root}: loading it fills "
-                    f"{_mb(need)} of index and vector files and {_mb(self.free_space(self.root))} are free. "
-                    "Free some space."
-                )
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._lock_fd: int | None = _lock(self.root / LOCK_FILE, self.root)
         self._segments: _Shard | None = None
         self._images: _Shard | None = None
         self._dim: int | None = None
+        self._lock_fd: int | None = None
+        self._private: Path | None = None  # a read-only store's copy, removed on close
+        exists = _shard_exists(self.root / SEGMENTS_DIR)
+        if writable:
+            self._check_space(_load_fill(self.root) if exists else _new_store_bytes(self.root), "opening it" if exists else "a new store")
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = _lock(self.root / LOCK_FILE, self.root)
+        elif exists and not _can_write(self.root):
+            self._private = _private_copy(self.root)
+        else:
+            fill = _load_fill(self.root)
+            if fill > self.free_space(self.root):  # the engine would die of SIGBUS half-way
+                raise StoreFullError(
+                    f"not enough free disk space to open the store at {self.root}: loading it fills {_mb(fill)} "
+                    f"of index and vector files that its last writer could not fill, and {_mb(self.free_space(self.root))} "
+                    "are free. Free some space."
+                )
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = _lock(self.root / LOCK_FILE, self.root)
         try:
             self._open_shards()
         except BaseException:
             self.close()
             raise
 
+    @property
+    def _data(self) -> Path:
+        return self._private or self.root
+
     def _open_shards(self) -> None:
-        if _shard_exists(self.root / SEGMENTS_DIR):
-            self._dim = _persisted_dim(self.root / SEGMENTS_DIR)
-            self._segments = _load(self.root / SEGMENTS_DIR, self._config(self._dim, qe.Distance.Cosine))
-        if _shard_exists(self.root / IMAGES_DIR):
-            self._images = _load(self.root / IMAGES_DIR, self._config(1, qe.Distance.Dot))
+        if _shard_exists(self._data / SEGMENTS_DIR):
+            self._dim = _persisted_dim(self._data / SEGMENTS_DIR)
+            self._segments = _load(self._data / SEGMENTS_DIR, self._config(self._dim, qe.Distance.Cosine))
+        if _shard_exists(self._data / IMAGES_DIR):
+            self._images = _load(self._data / IMAGES_DIR, self._config(1, qe.Distance.Dot))
 
     def _close_shards(self) -> None:
         try:
@@ -138,6 +159,8 @@ class EdgeStore(VectorStore):
         return qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=distance), optimizers=self._optimizers)
 
     def _check_space(self, need: int, what: str) -> None:
+        if not self.writable:
+            raise StoreError(f"the store at {self.root} is open for reading only: {what} needs a writer")
         free = self.free_space(self.root)
         if free < need + self.min_free_bytes:
             raise StoreFullError(
@@ -155,7 +178,7 @@ class EdgeStore(VectorStore):
                     "use another collection (store.collection) for this model"
                 )
         else:
-            self._check_space(NEW_STORE_BYTES, "a new store")
+            self._check_space(_new_store_bytes(self.root), "a new store")
             self._segments = _create(self.root / SEGMENTS_DIR, self._config(dim, qe.Distance.Cosine))
             self._dim = dim
         if self._images is None:
@@ -344,10 +367,28 @@ class EdgeStore(VectorStore):
     def close(self) -> None:
         try:
             self._close_shards()
+            if self.writable and self._lock_fd is not None:
+                self._fill_for_readers()
         finally:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # releases the flock
                 self._lock_fd = None
+            if self._private is not None:
+                shutil.rmtree(self._private.parent, ignore_errors=True)
+                self._private = None
+
+    def _fill_for_readers(self) -> None:
+        """Allocate now what the next load would (memory-backed file systems only), while a writer's
+        space check can still refuse it; if it does not fit, the next open says so instead."""
+        need = _load_fill(self.root)
+        if not need or self.free_space(self.root) < need + self.min_free_bytes:
+            return
+        for file in _sparse_files(self.root, FILLED_ON_LOAD):
+            fd = os.open(file, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
 
     def _require(self, shard: _Shard | None) -> _Shard:
         if shard is None:
@@ -419,13 +460,26 @@ def _lock(lock_path: Path, root: Path) -> int:
     except BlockingIOError:
         holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
         os.close(fd)
+        who = f"pid {holder}" if _running(holder) else "a reader that cannot write the store, while it copies it"
         raise StoreError(
-            f"store at {root} is in use by another process (pid {holder}) — stop it, "
+            f"store at {root} is in use by another process ({who}) — stop it, "
             "or use the server / the API"
         ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _running(pid: str) -> bool:
+    """Whether the pid a lock file names is a live process (a reader of a read-only store locks
+    without writing its pid, so the file may still name its last writer)."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, PermissionError):
+        return True
+    return True
 
 
 def _shard_exists(path: Path) -> bool:
@@ -449,9 +503,8 @@ def _persisted_dim(path: Path) -> int:
     raise StoreError(f"the shard at {path} has neither {EDGE_CONFIG_FILE} nor segment files: it cannot be read")
 
 
-def _unfilled_bytes(root: Path, folders: Sequence[str]) -> int:
-    """Bytes not yet allocated in the sparse files below ``root`` inside folders named ``folders``."""
-    total = 0
+def _sparse_files(root: Path, folders: Sequence[str]) -> Iterator[Path]:
+    """Files below ``root``, inside folders named ``folders``, with unallocated parts."""
     for dirpath, _, filenames in os.walk(root):
         if any(f in Path(dirpath).parts for f in folders):
             for name in filenames:
@@ -459,8 +512,106 @@ def _unfilled_bytes(root: Path, folders: Sequence[str]) -> int:
                     st = os.stat(os.path.join(dirpath, name))
                 except OSError:
                     continue
-                total += max(0, st.st_size - st.st_blocks * 512)
+                if st.st_size > st.st_blocks * 512:
+                    yield Path(dirpath, name)
+
+
+def _unfilled_bytes(root: Path, folders: Sequence[str]) -> int:
+    total = 0
+    for file in _sparse_files(root, folders):
+        st = file.stat()
+        total += max(0, st.st_size - st.st_blocks * 512)
     return total
+
+
+def _load_fill(root: Path) -> int:
+    """What loading the store at ``root`` allocates: its unfilled index and vector files on a
+    memory-backed file system, nothing elsewhere (measured on tmpfs and ext4)."""
+    return _unfilled_bytes(root, FILLED_ON_LOAD) if _fs_type(root) in MEMORY_BACKED_FS else 0
+
+
+def _new_store_bytes(root: Path) -> int:
+    return NEW_STORE_BYTES["memory" if _fs_type(root) in MEMORY_BACKED_FS else "disk"]
+
+
+def _fs_type(path: Path) -> str:
+    """The type of the file system holding ``path`` (or its nearest existing parent), from /proc/self/mounts."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    target, best, kind = os.path.realpath(p), -1, ""
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mnt = fields[1].replace("\\040", " ")
+        if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) > best:
+            best, kind = len(mnt), fields[2]
+    return kind
+
+
+def _can_write(root: Path) -> bool:
+    return all(os.access(p, os.W_OK) for p in (root, root / SEGMENTS_DIR) if p.exists())
+
+
+def _private_copy(root: Path) -> Path:
+    """Copy the store at ``root`` (which this process cannot write) to a new temporary folder, holes
+    kept, under a shared lock: a writer cannot start while it is copied (it gets the usual "in use"
+    error), and once the copy is taken the lock is released and the copy is searched."""
+    lock = root / LOCK_FILE
+    fd = os.open(lock, os.O_RDONLY) if lock.exists() else None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreError(f"store at {root} is being written by another process — try again when it is done") from None
+        dest = Path(tempfile.mkdtemp(prefix="use-search-readonly-")) / root.name
+        try:
+            for name in (SEGMENTS_DIR, IMAGES_DIR):
+                if (root / name).exists():
+                    _copy_sparse_tree(root / name, dest / name)
+        except BaseException:
+            shutil.rmtree(dest.parent, ignore_errors=True)
+            raise
+        return dest
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _copy_sparse_tree(src: Path, dst: Path) -> None:
+    for dirpath, _, filenames in os.walk(src):
+        out = dst / Path(dirpath).relative_to(src)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in filenames:
+            _copy_sparse(Path(dirpath, name), out / name)
+
+
+def _copy_sparse(src: Path, dst: Path) -> None:
+    """Copy only the allocated ranges (SEEK_DATA / SEEK_HOLE), so the engine's sparse files stay sparse."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
+            fin.seek(start)
+            fout.seek(start)
+            remaining = end - start
+            while remaining:
+                chunk = fin.read(min(remaining, 1 << 20))
+                fout.write(chunk)
+                remaining -= len(chunk)
+            pos = end
+        fout.truncate(size)
 
 
 def _mb(n: int) -> str:
