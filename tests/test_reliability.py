@@ -167,6 +167,9 @@ def test_unreachable_server_and_locked_store_are_clear_errors(tmp_path, photos):
         assert holder.stdout.readline().strip() == "ready"
         rc, _, err = finish(cli(["--preset", "tiny", "index", str(photos["voc"])], tmp_path / "d"))
         assert rc == 2 and "in use by another process" in err and "Traceback" not in err
+        rc, _, err = finish(cli(["--preset", "tiny", "serve", "--port", "0"], tmp_path / "d"), timeout=120)
+        lines = [ln for ln in err.splitlines() if ln.strip()]  # one line, as from the other commands
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("error:") and "in use by another process" in lines[0], err
     finally:
         holder.kill()
         holder.wait()
@@ -315,24 +318,6 @@ def test_an_interrupted_index_says_what_it_saved_and_the_store_agrees(tmp_path, 
         assert f"({sum(e.n_segments for e in records)} segments)" in said[0]
 
 
-def test_serve_on_a_store_that_index_holds_is_one_line(tmp_path):
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from use_search.store import EdgeStore; s = EdgeStore(sys.argv[1], 'segments'); "
-         "print('ready', flush=True); time.sleep(120)", str(tmp_path / "d" / "store")],
-        stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "ready"
-        rc, _, err = finish(cli(["--preset", "tiny", "serve", "--port", "0"], tmp_path / "d"), timeout=120)
-    finally:
-        holder.kill()
-        holder.wait()
-    assert rc == 2 and "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and "in use by another process" in lines[0], err
-
-
 @pytest.fixture
 def ext4(tmp_path):
     """A 40 MB ext4 file system in a loop-mounted image file, where this sandbox allows it."""
@@ -409,3 +394,24 @@ def test_a_writer_that_starts_while_a_reader_copies_a_read_only_store_is_told_so
     finally:
         os.close(fd)
     EdgeStore(tmp_path / "store", "c").close()  # free once the copy is taken
+
+
+@pytest.mark.slow
+def test_on_a_small_ext4_volume_a_disk_full_stop_finishes_once_space_is_freed(tmp_path, photos, ext4):
+    root = photos["voc"].parent
+    env = {  # ~48 segments per image, one image per commit
+        "USE_SEARCH_AMG__POINTS_PER_SIDE": "4", "USE_SEARCH_AMG__BOX_NMS_THRESH": "1.0", "USE_SEARCH_BATCH_IMAGES": "1",
+    }
+    store = ext4 / "store"
+    filler = _fill_up(ext4, leave_kb=(16 + 1) * 1024 + 1536)  # the margin, a new store, about two images' commits
+    rc, _, err = finish(cli(["--preset", "tiny", "--store", str(store), "index", str(root)], tmp_path / "d", extra_env=env))
+    assert rc == 2 and "not enough free disk space" in err and "Traceback" not in err, err
+    with EdgeStore(store, "segments", writable=False) as s:
+        assert s.count_images() < 4  # it stopped mid-run
+    filler.unlink()  # the same 40 MB volume, the filler deleted
+    rc, _, err = finish(cli(["--preset", "tiny", "--store", str(store), "index", str(root)], tmp_path / "d", extra_env=env))
+    assert rc == 0, err
+    with EdgeStore(store, "segments", writable=False) as s:
+        images = list(s.iter_images())
+        assert len(images) == 4
+        assert s.count_segments() == sum(e.n_segments for e in images)

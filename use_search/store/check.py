@@ -98,18 +98,22 @@ def point_problems(p: StoredPoint, dim: int | None) -> list[str]:
     return out
 
 
+def owned_points(records: Iterable[ImageEntry]) -> dict[str, tuple[str, int, int]]:
+    """The data model in one place: a record owns the ids of its content hash and segment count.
+    Point id → (the record's path, segment index, segment count)."""
+    return {point_id(r.sha256, i): (r.path, i, r.n_segments) for r in records for i in range(r.n_segments)}
+
+
 def reconcile(records: Iterable[ImageEntry], points: dict[str, str | None]) -> list[Problem]:
     """Records against points. ``points``: id → the path its payload names (None where unreadable).
-    A record owns the ids of its content hash and segment count; every one must be there, and every
-    point must be owned by a record (else an interrupted run left it: an orphan)."""
-    problems = []
-    owner: dict[str, str] = {}
-    for r in records:
-        for i in range(r.n_segments):
-            pid = point_id(r.sha256, i)
-            owner[pid] = r.path
-            if pid not in points:
-                problems.append(Problem("missing", f"segment {i} of {r.n_segments} is not in the store", pid, r.path))
+    Every point a record owns must be there, and every point must be owned by a record (else an
+    interrupted run left it: an orphan) and name its record's path."""
+    owned = owned_points(records)
+    problems = [
+        Problem("missing", f"segment {i} of {n} is not in the store", pid, path)
+        for pid, (path, i, n) in owned.items() if pid not in points
+    ]
+    owner = {pid: path for pid, (path, _, _) in owned.items()}
     for pid, path in points.items():
         if pid not in owner:
             problems.append(Problem("orphan", "no image record claims this point", pid, path))
@@ -118,7 +122,7 @@ def reconcile(records: Iterable[ImageEntry], points: dict[str, str | None]) -> l
     return problems
 
 
-def check_store(store: VectorStore, on_progress: Callable[[int], None] | None = None) -> CheckReport:
+def check_store(store: VectorStore) -> CheckReport:
     report = CheckReport()
     try:
         records = list(store.iter_images())
@@ -126,7 +130,7 @@ def check_store(store: VectorStore, on_progress: Callable[[int], None] | None = 
         records = []
         report.problems.append(Problem("records", f"image records cannot be read: {e}"))
     report.images = len(records)
-    owner = {point_id(r.sha256, i): r.path for r in records for i in range(r.n_segments)}
+    owner = {pid: path for pid, (path, _, _) in owned_points(records).items()}
     ids = list(store.point_ids())
     report.points = len(ids)
     paths: dict[str, str | None] = {}
@@ -142,8 +146,6 @@ def check_store(store: VectorStore, on_progress: Callable[[int], None] | None = 
             for detail in point_problems(got, store.dim):
                 kind = "vector" if detail.startswith("vector") else "payload"
                 report.problems.append(Problem(kind, detail, pid, owner.get(pid, paths[pid])))
-        if on_progress:
-            on_progress(min(start + READ_CHUNK, len(ids)))
     report.problems.extend(reconcile(records, paths))
     return report
 

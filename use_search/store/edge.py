@@ -25,6 +25,7 @@ a plain segment that searches scan exactly.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import io
 import json
@@ -350,8 +351,8 @@ class EdgeStore(VectorStore):
                 info.size = len(manifest)
                 tar.addfile(info, io.BytesIO(manifest))
                 for name in (SEGMENTS_DIR, IMAGES_DIR):
-                    if _shard_exists(self.root / name):
-                        tar.add(self.root / name, arcname=name)
+                    if _shard_exists(self._data / name):
+                        tar.add(self._data / name, arcname=name)
             os.replace(tmp, out)
         finally:
             tmp.unlink(missing_ok=True)
@@ -416,7 +417,8 @@ def restore_snapshot(archive: Path, path: Path, collection: str) -> dict[str, An
             try:
                 for member in outer:
                     shard, _, rest = member.name.partition("/")
-                    if shard in inner and rest and not member.issym() and not member.islnk():
+                    safe = rest and not rest.startswith("/") and ".." not in Path(rest).parts
+                    if shard in inner and safe and not member.issym() and not member.islnk():
                         member.name = rest
                         inner[shard].addfile(member, outer.extractfile(member) if member.isfile() else None)
             finally:
@@ -454,7 +456,15 @@ def _lock(lock_path: Path, root: Path) -> int:
     WouldBlock"), but only per shard and only once the shard exists; this one lock covers the whole
     store from the moment it is opened and records who holds it.
     """
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise StoreError(
+            f"cannot write the store at {root} ({e.strerror}): query, stats, store check and store snapshot "
+            "work on it as it is; index, store check --repair and serve need a store they can write"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -485,7 +495,7 @@ def _running(pid: str) -> bool:
 def _shard_exists(path: Path) -> bool:
     """A shard is there when its config or any of its data is: a lost ``edge_config.json`` must not
     make a store with points look empty (or be created anew over its data)."""
-    return (path / EDGE_CONFIG_FILE).is_file() or (path / "segments").is_dir() or (path / "wal").is_dir()
+    return (path / EDGE_CONFIG_FILE).is_file() or (path / "wal").is_dir()
 
 
 def _persisted_dim(path: Path) -> int:
