@@ -398,9 +398,9 @@ def test_edge_applies_segment_settings_to_an_existing_store(tmp_path: Path) -> N
 
 
 def test_edge_refuses_to_create_or_write_without_free_space(tmp_path: Path) -> None:
-    free = {"bytes": 20 * 1024**2}  # a new store: ~15 MB, plus the 16 MB margin
+    free = {"bytes": 10 * 1024**2}  # below the 16 MB margin alone
     probe = lambda path: free["bytes"]  # noqa: E731
-    with pytest.raises(StoreError, match=r"not enough free disk space for the store at .*segments: 20\.0 MB free, a new store"):
+    with pytest.raises(StoreError, match=r"not enough free disk space for the store at .*segments: 10\.0 MB free, a new store"):
         EdgeStore(tmp_path / "s", "segments", free_space=probe)
     assert not (tmp_path / "s").exists()  # nothing created
     free["bytes"] = 10**12
