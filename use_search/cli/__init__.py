@@ -124,7 +124,8 @@ EXIT_SOME_FAILED = 3  # `index`: some files failed (reported), every other file 
 @app.command(
     epilog=f"Exit codes: 0 every file indexed or skipped; {EXIT_SOME_FAILED} some files failed (each is "
     "reported with its reason) and the rest were indexed; 2 a usage or setup error (nothing indexed, "
-    "or the run stopped, e.g. the disk is full: what was written is kept)."
+    "or the run stopped, e.g. the disk is full: what was written is kept); 130 / 143 interrupted by Ctrl-C / "
+    "SIGTERM (the completed images are saved and counted)."
 )
 def index(
     folder: Path = typer.Argument(..., help="Folder of images (searched recursively) or one image."),

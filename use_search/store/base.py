@@ -190,7 +190,10 @@ class VectorStore(ABC):
 
     def snapshot(self, out: Path) -> None:
         """Write a backup of both collections to the file ``out`` (``restore`` reads it back)."""
-        raise StoreError(f"snapshots are not supported on this backend ({type(self).__name__})")
+        raise StoreError(
+            f"snapshots are not supported on this backend ({type(self).__name__}): use the Qdrant server's own "
+            "snapshot API (POST /collections/NAME/snapshots) for both collections"
+        )
 
     def optimize(self) -> None:
         """Index what is not indexed yet (HNSW for the embedded store). No-op where the engine does it."""
