@@ -41,7 +41,12 @@ class StoreError(RuntimeError):
 
 class StoreDamagedError(StoreError):
     """The engine failed on the store's files after they were opened (corrupt payload, vector or index
-    files); the message names the commands that check, repair or restore the store."""
+    files); the message names the commands that check, repair or restore the store, ``detail`` is the
+    engine's own words."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 class StoreFullError(StoreError):

@@ -4,8 +4,9 @@ A point is sound when the engine can read it, its vector is finite and of unit n
 collections store vectors normalised), its payload has every field ``segment_payload`` writes, its
 RLE decodes to a mask of the image's size whose box and area are the stored ones, and its id is the
 one its content hash and segment index give. Records and points agree when every image record has
-exactly the points its content hash and segment count name. ``repair`` then re-indexes exactly the
-images with a damaged or missing point, and drops points that no image record claims.
+exactly the points its content hash and segment count name, and every point has a record. ``repair``
+then drops the damaged points and re-indexes exactly the images they belong to (a damaged, missing
+or unclaimed point) whose file is still there.
 """
 
 from __future__ import annotations
@@ -161,13 +162,8 @@ def _read(store: VectorStore, ids: Sequence[str]) -> list[tuple[str, StoredPoint
             try:
                 out.extend((i, p) for p in store.read_points([i]))
             except StoreDamagedError as e:
-                out.append((i, _engine_detail(str(e))))
+                out.append((i, e.detail or str(e)))
         return out
-
-
-def _engine_detail(message: str) -> str:
-    start, end = message.find("("), message.rfind(")")
-    return message[start + 1 : end] if 0 <= start < end else message
 
 
 @dataclass

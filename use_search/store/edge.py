@@ -666,7 +666,8 @@ class _Shard:
                 return method(*args, **kwargs)
             except Exception as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise StoreDamagedError(damaged_message(self.path.parent, f"{self.path.name}: {first}")) from None
+                detail = f"{self.path.name}: {first}"
+                raise StoreDamagedError(damaged_message(self.path.parent, detail), detail) from None
 
         return call
 
