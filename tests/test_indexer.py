@@ -381,7 +381,7 @@ def test_a_full_disk_stops_the_run_cleanly_and_the_rerun_completes(tmp_path, pho
     for pipeline in (False, True):
         store_dir = tmp_path / "full" / ("pipe" if pipeline else "seq")
         free["writes"] = 0
-        with EdgeStore(store_dir, "segments", free_space=probe) as store:
+        with EdgeStore(store_dir, "segments", free_space=probe, min_free_bytes=256 * 1024**2) as store:
             ix = Indexer(store, *parts, batch_images=1, extensions=(".jpg", ".png"), pipeline=pipeline)
             with pytest.raises(StoreFullError, match=r"not enough free disk space for the store at .*full.*100\.0 MB free"):
                 ix.index(root)

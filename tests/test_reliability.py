@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 from PIL import Image
 
 from use_search.indexer.read import read_image
-from use_search.store import EdgeStore, SearchFilter
+from use_search.store import EdgeStore, SearchFilter, StoreError
 
 EXIT_SOME_FAILED = 3
 
@@ -166,6 +167,9 @@ def test_unreachable_server_and_locked_store_are_clear_errors(tmp_path, photos):
         assert holder.stdout.readline().strip() == "ready"
         rc, _, err = finish(cli(["--preset", "tiny", "index", str(photos["voc"])], tmp_path / "d"))
         assert rc == 2 and "in use by another process" in err and "Traceback" not in err
+        rc, _, err = finish(cli(["--preset", "tiny", "serve", "--port", "0"], tmp_path / "d"), timeout=120)
+        lines = [ln for ln in err.splitlines() if ln.strip()]  # one line, as from the other commands
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("error:") and "in use by another process" in lines[0], err
     finally:
         holder.kill()
         holder.wait()
@@ -284,3 +288,130 @@ def test_disk_full_mid_run_stops_cleanly_and_the_rerun_after_freeing_space_compl
     }
     with EdgeStore(store, "segments") as s:
         assert s.count_segments() == sum(n for _, _, n in after_images)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_index_says_what_it_saved_and_the_store_agrees(tmp_path, photos, sig, code):
+    root = photos["voc"].parent
+    for i in range(4):  # more images, so the signal lands mid-run
+        Image.open(root / "voc.jpg").rotate(90 * (i + 1), expand=True).save(root / f"voc-{i}.png")
+    proc = cli(["--preset", "tiny", "index", str(root)], tmp_path / "d", extra_env={"USE_SEARCH_BATCH_IMAGES": "1"})
+    lines = []
+    for line in proc.stderr:  # the models are loaded and the run starts once the store is named
+        lines.append(line)
+        if line.startswith("store: "):
+            break
+    time.sleep(3)
+    proc.send_signal(sig)
+    out, rest = proc.communicate(timeout=120)
+    err = "".join(lines) + rest
+    assert proc.returncode == code, err
+    said = [ln for ln in err.splitlines() if ln.startswith("interrupted: ")]
+    assert len(said) == 1 and "Traceback" not in err, err
+    saved = int(said[0].split()[1])
+    assert said[0].startswith(f"interrupted: {saved} completed images are saved (") and "rerun the same command" in said[0]
+    with EdgeStore(tmp_path / "d" / "store", "segments") as store:
+        records = list(store.iter_images())
+        assert len(records) == saved
+        for e in records:
+            assert store.count_segments(SearchFilter(path=e.path)) == e.n_segments
+        assert f"({sum(e.n_segments for e in records)} segments)" in said[0]
+
+
+@pytest.fixture
+def ext4(tmp_path):
+    """A 40 MB ext4 file system in a loop-mounted image file, where this sandbox allows it."""
+    image, mnt = tmp_path / "ext4.img", tmp_path / "ext4"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(40 * 1024 * 1024)
+    made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True, text=True)
+    mounted = made.returncode == 0 and subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip(f"cannot make and loop-mount an ext4 image here: {made.stderr.strip() or 'mount refused'}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _fill_up(mnt: Path, leave_kb: int) -> Path:
+    filler = mnt / "filler"
+    subprocess.run(["fallocate", "-l", f"{max(1, _free_kb(mnt) - leave_kb)}K", str(filler)], check=True)
+    return filler
+
+
+def _reads_work(store: Path, data: Path) -> None:
+    rc, out, err = finish(cli(["--preset", "tiny", "--store", str(store), "stats"], data))
+    assert rc == 0 and "images: 4" in out, err
+    rc, out, err = finish(cli(["--preset", "tiny", "--store", str(store), "query", "a cat", "--json"], data))
+    assert rc == 0 and len(out.splitlines()) == 4, err
+
+
+@pytest.mark.parametrize("fs", ["tmpfs", "ext4"])
+def test_a_full_volume_still_serves_query_and_stats(tmp_path, photos, fs, request):
+    if fs == "tmpfs":
+        mnt, mount = request.getfixturevalue("tmpfs")
+        assert mount("remount", "size=160m").returncode == 0  # a store: ~14 MB, ~94 MB more once loaded
+    else:
+        mnt = request.getfixturevalue("ext4")
+    store = mnt / "store"
+    rc, _, err = finish(cli(["--preset", "tiny", "--store", str(store), "index", str(photos["voc"].parent)], tmp_path / "d"))
+    assert rc == 0, err
+    _fill_up(mnt, leave_kb=256)
+    _reads_work(store, tmp_path / "d")
+    rc, _, err = finish(cli(["--preset", "tiny", "--store", str(store), "index", str(photos["voc"].parent)], tmp_path / "d"))
+    assert rc == 2 and "not enough free disk space" in err and "Traceback" not in err, err  # a writer is refused
+
+
+def test_a_read_only_store_serves_query_stats_and_check(tmp_path, photos, tmpfs):
+    mnt, mount = tmpfs
+    assert mount("remount", "size=160m").returncode == 0
+    store = mnt / "store"
+    rc, _, err = finish(cli(["--preset", "tiny", "--store", str(store), "index", str(photos["voc"].parent)], tmp_path / "d"))
+    assert rc == 0, err
+    assert mount("remount", "ro").returncode == 0
+    _reads_work(store, tmp_path / "d")
+    rc, out, err = finish(cli(["--preset", "tiny", "--store", str(store), "store", "check"], tmp_path / "d"))
+    assert rc == 0 and "4 images" in out and "ok" in out, err
+    rc, _, err = finish(cli(["--preset", "tiny", "--store", str(store), "index", str(photos["voc"].parent)], tmp_path / "d"))
+    assert rc == 2 and "Read-only file system" in err and "Traceback" not in err, err
+    assert list(Path(tempfile.gettempdir()).glob("use-search-readonly-*")) == []  # the private copies are gone
+
+
+def test_a_writer_that_starts_while_a_reader_copies_a_read_only_store_is_told_so(tmp_path):
+    import fcntl
+
+    with EdgeStore(tmp_path / "store", "c") as store:
+        store.ensure(4)
+    lock = tmp_path / "store" / "c" / ".lock"
+    lock.write_text("999999999\n")  # no such process: the last writer, long gone
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # what a reader of a store it cannot write holds while it copies
+        with pytest.raises(StoreError, match=r"in use by another process \(a reader that cannot write the store, while it copies it\)"):
+            EdgeStore(tmp_path / "store", "c")
+    finally:
+        os.close(fd)
+    EdgeStore(tmp_path / "store", "c").close()  # free once the copy is taken
+
+
+@pytest.mark.slow
+def test_on_a_small_ext4_volume_a_disk_full_stop_finishes_once_space_is_freed(tmp_path, photos, ext4):
+    root = photos["voc"].parent
+    env = {  # ~48 segments per image, one image per commit
+        "USE_SEARCH_AMG__POINTS_PER_SIDE": "4", "USE_SEARCH_AMG__BOX_NMS_THRESH": "1.0", "USE_SEARCH_BATCH_IMAGES": "1",
+    }
+    store = ext4 / "store"
+    filler = _fill_up(ext4, leave_kb=(16 + 1) * 1024 + 1536)  # the margin, a new store, about two images' commits
+    rc, _, err = finish(cli(["--preset", "tiny", "--store", str(store), "index", str(root)], tmp_path / "d", extra_env=env))
+    assert rc == 2 and "not enough free disk space" in err and "Traceback" not in err, err
+    with EdgeStore(store, "segments", writable=False) as s:
+        assert s.count_images() < 4  # it stopped mid-run
+    filler.unlink()  # the same 40 MB volume, the filler deleted
+    rc, _, err = finish(cli(["--preset", "tiny", "--store", str(store), "index", str(root)], tmp_path / "d", extra_env=env))
+    assert rc == 0, err
+    with EdgeStore(store, "segments", writable=False) as s:
+        images = list(s.iter_images())
+        assert len(images) == 4
+        assert s.count_segments() == sum(e.n_segments for e in images)

@@ -432,9 +432,9 @@ def test_edge_applies_segment_settings_to_an_existing_store(tmp_path: Path) -> N
 
 
 def test_edge_refuses_to_create_or_write_without_free_space(tmp_path: Path) -> None:
-    free = {"bytes": 200 * 1024**2}
+    free = {"bytes": 10 * 1024**2}  # below the 16 MB margin alone
     probe = lambda path: free["bytes"]  # noqa: E731
-    with pytest.raises(StoreError, match=r"not enough free disk space for the store at .*segments: 200\.0 MB free, a new store"):
+    with pytest.raises(StoreError, match=r"not enough free disk space for the store at .*segments: 10\.0 MB free, a new store"):
         EdgeStore(tmp_path / "s", "segments", free_space=probe)
     assert not (tmp_path / "s").exists()  # nothing created
     free["bytes"] = 10**12
@@ -450,6 +450,26 @@ def test_edge_refuses_to_create_or_write_without_free_space(tmp_path: Path) -> N
         assert store.count_segments() == 3  # what was written before stays
     with EdgeStore(tmp_path / "s", "segments") as store:
         assert store.count_segments() == 3
+
+
+def test_edge_readers_need_no_free_space_and_cannot_write(tmp_path: Path) -> None:
+    points = make_points()
+    with EdgeStore(tmp_path / "s", "segments") as store:
+        store.ensure(DIM)
+        store.upsert_segments(points)
+        store.put_image(entry("/other/c.jpg"))
+    full = lambda path: 0  # noqa: E731
+    with pytest.raises(StoreError, match="0.0 MB free"):
+        EdgeStore(tmp_path / "s", "segments", free_space=full)  # a writer is refused
+    with EdgeStore(tmp_path / "s", "segments", free_space=full, writable=False) as store:
+        assert store.count_segments() == len(points) and store.get_image("/other/c.jpg") is not None
+        assert [h.id for h in store.search(points[2].vector, k=1)] == [points[2].id]
+        with pytest.raises(StoreError, match="open for reading only"):
+            store.upsert_segments(points[:1])
+        with pytest.raises(StoreError, match="open for reading only"):
+            store.delete_image("/other/c.jpg")
+    with EdgeStore(tmp_path / "s", "segments") as store:
+        assert store.count_segments() == len(points)
 
 
 def test_edge_second_opener_in_process_is_refused(tmp_path: Path) -> None:

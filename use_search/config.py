@@ -184,7 +184,7 @@ class StoreSettings(BaseModel):
     write_consistency_factor: int | None = Field(default=None, ge=1)  # replicas that must ack a write
     # Embedded store. A write (or creating the store) stops with a clear error while the disk still has
     # this much free: qdrant-edge writes through mmap, so running out of space would kill the process.
-    min_free_mb: int = Field(default=256, ge=0)
+    min_free_mb: int = Field(default=16, ge=0)
     # Largest engine segment: a run's new points get their own HNSW graph (or join the smallest one
     # under the cap) instead of rebuilding the whole collection's. Larger: fewer segments to search,
     # costlier builds after a run. None: leave the store's setting (qdrant's default, CPUs × 256 MB).

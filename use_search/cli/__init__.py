@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -129,7 +131,8 @@ EXIT_SOME_FAILED = 3  # `index`: some files failed (reported), every other file 
 @app.command(
     epilog=f"Exit codes: 0 every file indexed or skipped; {EXIT_SOME_FAILED} some files failed (each is "
     "reported with its reason) and the rest were indexed; 2 a usage or setup error (nothing indexed, "
-    "or the run stopped, e.g. the disk is full: what was written is kept)."
+    "or the run stopped, e.g. the disk is full: what was written is kept); 130 / 143 interrupted by Ctrl-C / "
+    "SIGTERM (the completed images are saved and counted)."
 )
 def index(
     folder: Path = typer.Argument(..., help="Folder of images (searched recursively) or one image."),
@@ -176,7 +179,7 @@ def index(
 
             def run(**kw):  # type: ignore[no-untyped-def]
                 return indexer.index(folder, **kw)
-        segs = 0
+        segs = saved = 0  # what this run committed (an image's event comes once it is written)
         with Progress(
             TextColumn("[bold]indexing"), BarColumn(), MofNCompleteColumn(), RateColumn(),
             TextColumn("{task.fields[segments]} segments"), TimeElapsedColumn(), console=err,
@@ -187,16 +190,26 @@ def index(
                 bar.update(task, total=n)
 
             def on_image(ev) -> None:  # type: ignore[no-untyped-def]
-                nonlocal segs
+                nonlocal segs, saved
                 if ev.status == "indexed":
                     segs += ev.segments
+                    saved += 1
                 elif ev.status == "failed":
                     bar.console.print(f"[yellow]{ev.status}[/] {escape(ev.path)}: {escape(ev.reason)}", highlight=False)
                 for w in ev.warnings:
                     bar.console.print(f"[yellow]warning[/] {escape(ev.path)}: {escape(w)}", highlight=False)
                 bar.update(task, advance=1, segments=segs)
 
-            report = run(prune=prune, force=force, verify=verify, on_image=on_image, on_total=on_total)
+            with _interrupts() as stopped:
+                try:
+                    report = run(prune=prune, force=force, verify=verify, on_image=on_image, on_total=on_total)
+                except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see _interrupts); the store closes below
+                    bar.stop()
+                    err.print(
+                        f"[yellow]interrupted[/]: {saved} completed images are saved ({segs} segments); "
+                        "rerun the same command to finish.", highlight=False,
+                    )
+                    raise typer.Exit(stopped.exit_code) from None
         try:
             store.optimize()  # incremental: indexes what this run added (see store/edge.py)
         except StoreFullError as e:  # everything is committed; new points are searched by exact scan
@@ -216,6 +229,27 @@ def index(
     if report.failed:
         err.print(f"[yellow]{len(report.failed)} file(s) failed[/] (listed above); the rest is indexed. Exit code {EXIT_SOME_FAILED}.")
         raise typer.Exit(EXIT_SOME_FAILED)
+
+
+class _Stop:
+    exit_code = 130  # 128 + SIGINT; 143 after SIGTERM
+
+
+@contextmanager
+def _interrupts() -> Iterator[_Stop]:
+    """SIGTERM stops the block as Ctrl-C does (a ``KeyboardInterrupt`` in the main thread), so one
+    handler reports what was saved; ``exit_code`` says which signal it was."""
+    stop = _Stop()
+
+    def on_term(signum: int, frame: object) -> None:
+        stop.exit_code = 128 + signum
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _store_label() -> str:
@@ -251,7 +285,7 @@ def query(
         path=str(image.absolute()) if image else None, under=str(under.absolute()) if under else None
     )
     embedder = rt.query_embedder()  # CLIP's text tower only: a model problem shows before the store is opened
-    with rt.store() as store:
+    with _open_store(writable=False) as store:
         if store.dim is None or store.count_segments() == 0:
             raise StoreError(f"the store at {_store_label()} is empty: run `use-search index FOLDER` first")
         banner(embedder.untrained)
@@ -305,6 +339,8 @@ def serve(
     from use_search.api import serve as run_server
     from use_search.api.app import exposure_warning
 
+    with _open_store():  # held by `index`, damaged...: one line now, not a traceback from the server's start-up
+        pass
     banner()
     warning = exposure_warning(host, state.settings)
     if warning:
@@ -558,17 +594,17 @@ def model_init(out_path: Path = typer.Argument(..., help="Where to write the .sa
 @app.command()
 def stats() -> None:
     """Counts of images (by content and by path) and segments in the store."""
-    with _open_store() as store:
+    with _open_store(writable=False) as store:
         out.print(f"store: {_store_label()}")
         out.print(
             f"images: {store.count_contents()}  paths: {store.count_images()}  segments: {store.count_segments()}  dim: {store.dim}"
         )
 
 
-def _open_store():  # type: ignore[no-untyped-def]
+def _open_store(writable: bool = True):  # type: ignore[no-untyped-def]
     from use_search.store import open_store
 
-    return open_store(state.settings)
+    return open_store(state.settings, writable=writable)
 
 
 @weights_app.command("list")
@@ -846,6 +882,11 @@ def error_text(e: BaseException) -> str:
         f"invalid setting {'.'.join(map(str, x['loc'])) or 'value'}: {x['msg']} (got {x['input']!r})"
         for x in e.errors(include_url=False)
     ) + " (check the command line options, USE_SEARCH_* variables and the settings file)"
+
+
+from use_search.cli.store_cmds import store_app  # noqa: E402  (it uses the helpers above)
+
+app.add_typer(store_app, name="store")
 
 
 def main() -> None:

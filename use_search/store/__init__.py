@@ -5,7 +5,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from use_search.config import Settings
-from use_search.store.base import ImageEntry, SearchFilter, StoreError, StoreFullError, VectorStore, segment_payload
+from use_search.store.base import (
+    ImageEntry,
+    SearchFilter,
+    StoreDamagedError,
+    StoreError,
+    StoreFullError,
+    VectorStore,
+    segment_payload,
+)
 
 if TYPE_CHECKING:
     from use_search.store.edge import EdgeStore
@@ -19,6 +27,7 @@ __all__ = [
     "SearchFilter",
     "StoreError",
     "StoreFullError",
+    "StoreDamagedError",
     "segment_payload",
     "open_store",
 ]
@@ -37,25 +46,33 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def open_store(settings: Settings) -> VectorStore:
-    """The store the settings name: the embedded one at ``settings.store_path`` or a Qdrant server,
-    migrated to content-addressed segments if an older version wrote it (``VectorStore.migrate``)."""
-    opened = _open(settings)
+def open_store(settings: Settings, *, writable: bool = True) -> VectorStore:
+    """The store the settings name: the embedded one at ``settings.store_path`` or a Qdrant server.
+    ``writable=False`` for commands that only read (no free space needed, read-only folders work).
+    A store an older version wrote is migrated to content-addressed segments (``VectorStore.migrate``)
+    when opened writable; a reader asks for that first."""
+    opened = _open(settings, writable=writable)
     try:
-        opened.migrate()
+        if writable:
+            opened.migrate()
+        elif opened.needs_migration():
+            raise StoreError(
+                f"the store at {settings.store_path} was written by an older use-search (one path per segment): "
+                "open it once with a command that writes (e.g. `use-search index FOLDER`) to migrate it"
+            )
     except BaseException:
         opened.close()
         raise
     return opened
 
 
-def _open(settings: Settings) -> VectorStore:
+def _open(settings: Settings, *, writable: bool) -> VectorStore:
     store = settings.store
     if store.backend == "embedded":
         from use_search.store.edge import EdgeStore
 
         return EdgeStore(
-            settings.store_path, store.collection, min_free_bytes=store.min_free_mb * 1024 * 1024,
+            settings.store_path, store.collection, writable=writable, min_free_bytes=store.min_free_mb * 1024 * 1024,
             max_segment_mb=store.max_segment_mb, indexing_threshold_kb=store.indexing_threshold_kb,
         )
     if not store.url:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -63,6 +63,16 @@ class StoreError(RuntimeError):
     """The store cannot be used (unreachable server, locked embedded store, wrong dimension...)."""
 
 
+class StoreDamagedError(StoreError):
+    """The engine failed on the store's files after they were opened (corrupt payload, vector or index
+    files); the message names the commands that check, repair or restore the store, ``detail`` is the
+    engine's own words."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
 class StoreFullError(StoreError):
     """The embedded store's disk has less free space than a write needs plus the safety margin."""
 
@@ -96,6 +106,13 @@ class ImageEntry:
 
 
 OPTIONAL_IMAGE_FIELDS = ("filename", "size", "mtime_ns")  # left out of the payload when None
+
+
+@dataclass(frozen=True)
+class StoredPoint:
+    id: str
+    vector: np.ndarray  # float32, as the engine returns it (cosine collections store it normalised)
+    payload: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -302,6 +319,27 @@ class VectorStore(ABC):
 
     @abstractmethod
     def count_images(self) -> int: ...
+
+    # Integrity (``store check``): raw points, read without trusting their payload ---------------------
+    @abstractmethod
+    def point_ids(self) -> Iterator[str]:
+        """Every segment point's id (reads neither payload nor vector, so damage there does not stop it)."""
+
+    @abstractmethod
+    def read_points(self, ids: Sequence[str]) -> list[StoredPoint]:
+        """The points with these ids, vector and payload as stored (unknown ids left out);
+        ``StoreDamagedError`` if the engine cannot read one of them."""
+
+    @abstractmethod
+    def delete_segments(self, ids: Sequence[str]) -> None:
+        """Delete segment points by id (whatever their payload holds)."""
+
+    def snapshot(self, out: Path) -> None:
+        """Write a backup of both collections to the file ``out`` (``restore`` reads it back)."""
+        raise StoreError(
+            f"snapshots are not supported on this backend ({type(self).__name__}): use the Qdrant server's own "
+            "snapshot API (POST /collections/NAME/snapshots) for both collections"
+        )
 
     def optimize(self) -> None:
         """Index what is not indexed yet (HNSW for the embedded store). No-op where the engine does it."""

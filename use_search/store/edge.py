@@ -25,10 +25,14 @@ a plain segment that searches scan exactly.
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import io
 import json
 import os
 import shutil
+import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -41,7 +45,9 @@ from use_search.store.base import (
     SEGMENT_INDEXED_FIELDS,
     ImageEntry,
     SearchFilter,
+    StoreDamagedError,
     StoreError,
+    StoredPoint,
     StoreFullError,
     VectorStore,
     hit_from,
@@ -54,15 +60,20 @@ LOCK_FILE = ".lock"
 SEGMENTS_DIR = "segments"
 IMAGES_DIR = "images"
 EDGE_CONFIG_FILE = "edge_config.json"  # written by qdrant-edge into every shard folder
+SNAPSHOT_FORMAT = "use-search-snapshot-1"
+SNAPSHOT_MANIFEST = "use-search-snapshot.json"
 UPSERT_BATCH = 512  # points per WAL record
 SCROLL_PAGE = 256
 IMAGE_VECTOR = [1.0]
 MB = 1024 * 1024
-# What creating a store fills on disk before its first point (two shards: WAL pages, segment files),
-# measured on tmpfs; its sparse files span ~240 MB but are filled lazily. Loading a store later fills
-# its payload-index and vector files (~100 MB for a new store on tmpfs): checked when it is opened.
-NEW_STORE_BYTES = 15 * MB
+# Measured (docs/benchmarks.md): creating a store and writing its first points fills ~14 MB on tmpfs,
+# ~0.3 MB on ext4. Its engine files are sparse (~240 MB), and on a memory-backed file system (tmpfs)
+# every page an mmap touches is allocated, so the first load of a shard fills its payload-index and
+# vector files (~47 MB per new shard); on ext4 a load fills nothing. A writer fills them before it
+# closes (``_fill_for_readers``), so that reading the store later needs no free space at all.
+NEW_STORE_BYTES = {"memory": 15 * MB, "disk": 1 * MB}
 FILLED_ON_LOAD = ("payload_index", "vector_storage")
+MEMORY_BACKED_FS = ("tmpfs", "ramfs")
 RECORD_BYTES = 4096  # an image record, its WAL entry and index entries
 SEGMENT_OVERHEAD_BYTES = 1024  # per segment point beyond its vector and mask: payload fields, ids, indexes
 WRITE_AMPLIFICATION = 3  # a point lands in the WAL, the segment's storage and the payload indexes
@@ -78,52 +89,83 @@ def free_bytes(path: Path) -> int:
 
 
 class EdgeStore(VectorStore):
+    """``writable=False``: a reader (query, stats, check). It asks for no free space; on a folder this
+    process cannot write (a read-only mount, no permission) it searches a private copy of the store,
+    taken under a shared lock, because the engine opens its files for writing."""
+
     def __init__(
         self,
         path: Path,
         collection: str,
         *,
-        min_free_bytes: int = 256 * MB,
+        writable: bool = True,
+        min_free_bytes: int = 16 * MB,
         max_segment_mb: int | None = 128,
         indexing_threshold_kb: int | None = None,
         free_space: Callable[[Path], int] = free_bytes,
     ) -> None:
         self.root = Path(path) / collection
+        self.writable = writable
         self.min_free_bytes = min_free_bytes
         self.free_space = free_space
         self._optimizers = qe.EdgeOptimizersConfig(
             max_segment_size=max_segment_mb * 1024 if max_segment_mb else None,
             indexing_threshold=indexing_threshold_kb,
         )
-        if not _shard_exists(self.root / SEGMENTS_DIR):
-            self._check_space(NEW_STORE_BYTES, "a new store")
-        else:  # loading fills sparse index and vector files: that much must fit, margin or not
-            need = _unfilled_bytes(self.root, FILLED_ON_LOAD)
-            if need and self.free_space(self.root) < need:
-                raise StoreFullError(
-                    f"not enough free disk space to open the store at {self.root}: loading it fills "
-                    f"{_mb(need)} of index and vector files and {_mb(self.free_space(self.root))} are free. "
-                    "Free some space."
-                )
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._lock_fd: int | None = _lock(self.root / LOCK_FILE, self.root)
-        self._segments: qe.EdgeShard | None = None
-        self._images: qe.EdgeShard | None = None
+        self._segments: _Shard | None = None
+        self._images: _Shard | None = None
         self._dim: int | None = None
+        self._lock_fd: int | None = None
+        self._private: Path | None = None  # a read-only store's copy, removed on close
+        exists = _shard_exists(self.root / SEGMENTS_DIR)
+        if writable:
+            self._check_space(_load_fill(self.root) if exists else _new_store_bytes(self.root), "opening it" if exists else "a new store")
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = _lock(self.root / LOCK_FILE, self.root)
+        elif exists and not _can_write(self.root):
+            self._private = _private_copy(self.root)
+        else:
+            fill = _load_fill(self.root)
+            if fill > self.free_space(self.root):  # the engine would die of SIGBUS half-way
+                raise StoreFullError(
+                    f"not enough free disk space to open the store at {self.root}: loading it fills {_mb(fill)} "
+                    f"of index and vector files that its last writer could not fill, and {_mb(self.free_space(self.root))} "
+                    "are free. Free some space."
+                )
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = _lock(self.root / LOCK_FILE, self.root)
         try:
-            if _shard_exists(self.root / SEGMENTS_DIR):
-                self._dim = _persisted_dim(self.root / SEGMENTS_DIR)
-                self._segments = _load(self.root / SEGMENTS_DIR, self._config(self._dim, qe.Distance.Cosine))
-            if _shard_exists(self.root / IMAGES_DIR):
-                self._images = _load(self.root / IMAGES_DIR, self._config(1, qe.Distance.Dot))
+            self._open_shards()
         except BaseException:
             self.close()
             raise
+
+    @property
+    def _data(self) -> Path:
+        return self._private or self.root
+
+    def _open_shards(self) -> None:
+        if _shard_exists(self._data / SEGMENTS_DIR):
+            self._dim = _persisted_dim(self._data / SEGMENTS_DIR)
+            self._segments = _load(self._data / SEGMENTS_DIR, self._config(self._dim, qe.Distance.Cosine))
+        if _shard_exists(self._data / IMAGES_DIR):
+            self._images = _load(self._data / IMAGES_DIR, self._config(1, qe.Distance.Dot))
+
+    def _close_shards(self) -> None:
+        try:
+            for shard in (self._segments, self._images):
+                if shard is not None:
+                    shard.flush()
+                    shard.close()
+        finally:
+            self._segments = self._images = None
 
     def _config(self, dim: int, distance: Any) -> qe.EdgeConfig:
         return qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=distance), optimizers=self._optimizers)
 
     def _check_space(self, need: int, what: str) -> None:
+        if not self.writable:
+            raise StoreError(f"the store at {self.root} is open for reading only: {what} needs a writer")
         free = self.free_space(self.root)
         if free < need + self.min_free_bytes:
             raise StoreFullError(
@@ -141,7 +183,7 @@ class EdgeStore(VectorStore):
                     "use another collection (store.collection) for this model"
                 )
         else:
-            self._check_space(NEW_STORE_BYTES, "a new store")
+            self._check_space(_new_store_bytes(self.root), "a new store")
             self._segments = _create(self.root / SEGMENTS_DIR, self._config(dim, qe.Distance.Cosine))
             self._dim = dim
         if self._images is None:
@@ -289,6 +331,29 @@ class EdgeStore(VectorStore):
         shard.update(qe.UpdateOperation.delete_field_index(LEGACY_PATH_FIELD))
         shard.flush()
 
+    # Integrity -----------------------------------------------------------------------------------
+    def point_ids(self) -> Iterator[str]:
+        for record in _scroll(self._segments, None, with_payload=False):
+            yield str(record.id)
+
+    def read_points(self, ids: Sequence[str]) -> list[StoredPoint]:
+        if self._segments is None or not ids:
+            return []
+        return [
+            StoredPoint(str(r.id), np.asarray(r.vector, dtype=np.float32), r.payload)
+            for r in self._segments.retrieve(list(ids), True, True)
+        ]
+
+    def delete_segments(self, ids: Sequence[str]) -> None:
+        if self._segments is None or not ids:
+            return
+        self._check_space(DELETE_BYTES, "a delete")
+        # A delete reads the old payload (to unindex it), and one that no longer decodes would fail it and
+        # leave the shard refusing writes until reopened: the payloads are overwritten first.
+        self._segments.update(qe.UpdateOperation.overwrite_payload(list(ids), {}))
+        self._segments.update(qe.UpdateOperation.delete_points(list(ids)))
+        self._segments.flush()
+
     # Lifecycle -----------------------------------------------------------------------------------
     def optimize(self) -> None:
         for shard in (self._segments, self._images):
@@ -302,6 +367,30 @@ class EdgeStore(VectorStore):
             shard.optimize()
             shard.flush()
 
+    def snapshot(self, out: Path) -> None:
+        """A gzip tar of both shards, taken with the store locked and its shards closed (nothing moves
+        while it is written): ``restore_snapshot`` unpacks it with the engine's ``unpack_snapshot``."""
+        out = Path(out)
+        dim, points, images = self._dim, self.count_segments(), self.count_images()
+        self._close_shards()
+        tmp = out.with_name(out.name + ".partial")
+        try:
+            with tarfile.open(tmp, "w:gz", compresslevel=1) as tar:  # sparse engine files: mostly zeros
+                manifest = json.dumps({
+                    "format": SNAPSHOT_FORMAT, "collection": self.root.name, "dim": dim,
+                    "points": points, "images": images,
+                }).encode()
+                info = tarfile.TarInfo(SNAPSHOT_MANIFEST)
+                info.size = len(manifest)
+                tar.addfile(info, io.BytesIO(manifest))
+                for name in (SEGMENTS_DIR, IMAGES_DIR):
+                    if _shard_exists(self._data / name):
+                        tar.add(self._data / name, arcname=name)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+            self._open_shards()
+
     def index_info(self) -> dict[str, int]:
         """Segments collection: engine segments, points, points in an HNSW index (the rest are scanned)."""
         if self._segments is None:
@@ -311,20 +400,86 @@ class EdgeStore(VectorStore):
 
     def close(self) -> None:
         try:
-            for shard in (self._segments, self._images):
-                if shard is not None:
-                    shard.flush()
-                    shard.close()
+            self._close_shards()
+            if self.writable and self._lock_fd is not None:
+                self._fill_for_readers()
         finally:
-            self._segments = self._images = None
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # releases the flock
                 self._lock_fd = None
+            if self._private is not None:
+                shutil.rmtree(self._private.parent, ignore_errors=True)
+                self._private = None
 
-    def _require(self, shard: qe.EdgeShard | None) -> qe.EdgeShard:
+    def _fill_for_readers(self) -> None:
+        """Allocate now what the next load would (memory-backed file systems only), while a writer's
+        space check can still refuse it; if it does not fit, the next open says so instead."""
+        need = _load_fill(self.root)
+        if not need or self.free_space(self.root) < need + self.min_free_bytes:
+            return
+        for file in _sparse_files(self.root, FILLED_ON_LOAD):
+            fd = os.open(file, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+
+    def _require(self, shard: _Shard | None) -> _Shard:
         if shard is None:
             raise StoreError(f"store at {self.root} has no collections yet: call ensure(dim) first")
         return shard
+
+
+def restore_snapshot(archive: Path, path: Path, collection: str) -> dict[str, Any]:
+    """Unpack a ``snapshot`` into ``path/collection``, which must hold no store yet; returns its manifest.
+    Each shard's files go to a plain tar next to the store (the format the engine reads), which the
+    engine's ``unpack_snapshot`` unpacks; the restored store is then opened and its counts checked."""
+    root = Path(path) / collection
+    if any(_shard_exists(root / name) for name in (SEGMENTS_DIR, IMAGES_DIR)):
+        raise StoreError(f"{root} already holds a store: restore into a new folder (--store DIR) or --collection")
+    try:
+        outer = tarfile.open(archive, "r:gz")
+    except (OSError, tarfile.TarError) as e:
+        raise StoreError(f"{archive} is not a use-search snapshot: {e}") from None
+    root.mkdir(parents=True, exist_ok=True)
+    parts = {name: root / f".{name}.restore.tar" for name in (SEGMENTS_DIR, IMAGES_DIR)}
+    try:
+        with outer:
+            manifest = _read_manifest(outer, archive)
+            inner = {name: tarfile.open(tmp, "w") for name, tmp in parts.items()}
+            try:
+                for member in outer:
+                    shard, _, rest = member.name.partition("/")
+                    safe = rest and not rest.startswith("/") and ".." not in Path(rest).parts
+                    if shard in inner and safe and not member.issym() and not member.islnk():
+                        member.name = rest
+                        inner[shard].addfile(member, outer.extractfile(member) if member.isfile() else None)
+            finally:
+                for t in inner.values():
+                    t.close()
+        for name, tmp in parts.items():
+            try:
+                qe.EdgeShard.unpack_snapshot(str(tmp), str(root / name))
+            except Exception as e:
+                raise StoreError(f"cannot restore {name} from {archive}: {e}") from None
+    finally:
+        for tmp in parts.values():
+            tmp.unlink(missing_ok=True)
+    with EdgeStore(path, collection, min_free_bytes=0) as store:
+        got = {"dim": store.dim, "points": store.count_segments(), "images": store.count_images()}
+    want = {k: manifest.get(k) for k in got}
+    if got != want:
+        raise StoreError(f"the store restored from {archive} holds {got}, its snapshot says {want}")
+    return manifest
+
+
+def _read_manifest(tar: tarfile.TarFile, archive: Path) -> dict[str, Any]:
+    first = tar.next()
+    reader = tar.extractfile(first) if first is not None and first.name == SNAPSHOT_MANIFEST else None
+    manifest = json.loads(reader.read()) if reader is not None else {}
+    if manifest.get("format") != SNAPSHOT_FORMAT:
+        raise StoreError(f"{archive} is not a use-search snapshot (no {SNAPSHOT_MANIFEST} first)")
+    return manifest
 
 
 def _lock(lock_path: Path, root: Path) -> int:
@@ -334,14 +489,23 @@ def _lock(lock_path: Path, root: Path) -> int:
     WouldBlock"), but only per shard and only once the shard exists; this one lock covers the whole
     store from the moment it is opened and records who holds it.
     """
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise StoreError(
+            f"cannot write the store at {root} ({e.strerror}): query, stats, store check and store snapshot "
+            "work on it as it is; index, store check --repair and serve need a store they can write"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
         os.close(fd)
+        who = f"pid {holder}" if _running(holder) else "a reader that cannot write the store, while it copies it"
         raise StoreError(
-            f"store at {root} is in use by another process (pid {holder}) — stop it, "
+            f"store at {root} is in use by another process ({who}) — stop it, "
             "or use the server / the API"
         ) from None
     os.ftruncate(fd, 0)
@@ -349,21 +513,41 @@ def _lock(lock_path: Path, root: Path) -> int:
     return fd
 
 
+def _running(pid: str) -> bool:
+    """Whether the pid a lock file names is a live process (a reader of a read-only store locks
+    without writing its pid, so the file may still name its last writer)."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, PermissionError):
+        return True
+    return True
+
+
 def _shard_exists(path: Path) -> bool:
-    return (path / EDGE_CONFIG_FILE).is_file()
+    """A shard is there when its config or any of its data is: a lost ``edge_config.json`` must not
+    make a store with points look empty (or be created anew over its data)."""
+    return (path / EDGE_CONFIG_FILE).is_file() or (path / "wal").is_dir()
 
 
 def _persisted_dim(path: Path) -> int:
-    # EdgeShard has no config getter in Python; the shard persists its config as JSON.
-    try:
-        return int(json.loads((path / EDGE_CONFIG_FILE).read_text())["vectors"][""]["size"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise StoreError(f"cannot read the vector size of the shard at {path}: {e}") from None
+    # EdgeShard has no config getter in Python; the shard persists its config as JSON, and each engine
+    # segment its own (``segment.json``), from which the engine rebuilds a lost shard config on load.
+    sources = [path / EDGE_CONFIG_FILE, *sorted((path / "segments").glob("*/segment.json"))]
+    for source in sources:
+        try:
+            doc = json.loads(source.read_text())
+            return int((doc["vectors"] if source.name == EDGE_CONFIG_FILE else doc["config"]["vector_data"])[""]["size"])
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"cannot read the vector size of the shard at {path} from {source.name}: {e}") from None
+    raise StoreError(f"the shard at {path} has neither {EDGE_CONFIG_FILE} nor segment files: it cannot be read")
 
 
-def _unfilled_bytes(root: Path, folders: Sequence[str]) -> int:
-    """Bytes not yet allocated in the sparse files below ``root`` inside folders named ``folders``."""
-    total = 0
+def _sparse_files(root: Path, folders: Sequence[str]) -> Iterator[Path]:
+    """Files below ``root``, inside folders named ``folders``, with unallocated parts."""
     for dirpath, _, filenames in os.walk(root):
         if any(f in Path(dirpath).parts for f in folders):
             for name in filenames:
@@ -371,27 +555,154 @@ def _unfilled_bytes(root: Path, folders: Sequence[str]) -> int:
                     st = os.stat(os.path.join(dirpath, name))
                 except OSError:
                     continue
-                total += max(0, st.st_size - st.st_blocks * 512)
+                if st.st_size > st.st_blocks * 512:
+                    yield Path(dirpath, name)
+
+
+def _unfilled_bytes(root: Path, folders: Sequence[str]) -> int:
+    total = 0
+    for file in _sparse_files(root, folders):
+        st = file.stat()
+        total += max(0, st.st_size - st.st_blocks * 512)
     return total
+
+
+def _load_fill(root: Path) -> int:
+    """What loading the store at ``root`` allocates: its unfilled index and vector files on a
+    memory-backed file system, nothing elsewhere (measured on tmpfs and ext4)."""
+    return _unfilled_bytes(root, FILLED_ON_LOAD) if _fs_type(root) in MEMORY_BACKED_FS else 0
+
+
+def _new_store_bytes(root: Path) -> int:
+    return NEW_STORE_BYTES["memory" if _fs_type(root) in MEMORY_BACKED_FS else "disk"]
+
+
+def _fs_type(path: Path) -> str:
+    """The type of the file system holding ``path`` (or its nearest existing parent), from /proc/self/mounts."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    target, best, kind = os.path.realpath(p), -1, ""
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mnt = fields[1].replace("\\040", " ")
+        if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) > best:
+            best, kind = len(mnt), fields[2]
+    return kind
+
+
+def _can_write(root: Path) -> bool:
+    return all(os.access(p, os.W_OK) for p in (root, root / SEGMENTS_DIR) if p.exists())
+
+
+def _private_copy(root: Path) -> Path:
+    """Copy the store at ``root`` (which this process cannot write) to a new temporary folder, holes
+    kept, under a shared lock: a writer cannot start while it is copied (it gets the usual "in use"
+    error), and once the copy is taken the lock is released and the copy is searched."""
+    lock = root / LOCK_FILE
+    fd = os.open(lock, os.O_RDONLY) if lock.exists() else None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreError(f"store at {root} is being written by another process — try again when it is done") from None
+        dest = Path(tempfile.mkdtemp(prefix="use-search-readonly-")) / root.name
+        try:
+            for name in (SEGMENTS_DIR, IMAGES_DIR):
+                if (root / name).exists():
+                    _copy_sparse_tree(root / name, dest / name)
+        except BaseException:
+            shutil.rmtree(dest.parent, ignore_errors=True)
+            raise
+        return dest
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _copy_sparse_tree(src: Path, dst: Path) -> None:
+    for dirpath, _, filenames in os.walk(src):
+        out = dst / Path(dirpath).relative_to(src)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in filenames:
+            _copy_sparse(Path(dirpath, name), out / name)
+
+
+def _copy_sparse(src: Path, dst: Path) -> None:
+    """Copy only the allocated ranges (SEEK_DATA / SEEK_HOLE), so the engine's sparse files stay sparse."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
+            fin.seek(start)
+            fout.seek(start)
+            remaining = end - start
+            while remaining:
+                chunk = fin.read(min(remaining, 1 << 20))
+                fout.write(chunk)
+                remaining -= len(chunk)
+            pos = end
+        fout.truncate(size)
 
 
 def _mb(n: int) -> str:
     return f"{n / MB:,.1f} MB"
 
 
-def _load(path: Path, config: qe.EdgeConfig) -> qe.EdgeShard:
+def _load(path: Path, config: qe.EdgeConfig) -> "_Shard":
     # Passing the config applies our optimizer settings to stores created before them.
     try:
-        return qe.EdgeShard.load(str(path), config)
+        return _Shard(qe.EdgeShard.load(str(path), config), path)
     except Exception as e:  # qdrant-edge raises bare Exception
         raise StoreError(f"cannot open the embedded store shard at {path}: {e}") from None
 
 
-def _create(path: Path, config: qe.EdgeConfig) -> qe.EdgeShard:
+def _create(path: Path, config: qe.EdgeConfig) -> "_Shard":
     try:
-        return qe.EdgeShard.create(str(path), config)
+        return _Shard(qe.EdgeShard.create(str(path), config), path)
     except Exception as e:
         raise StoreError(f"cannot create the embedded store shard at {path}: {e}") from None
+
+
+def damaged_message(root: Path, detail: str) -> str:
+    return (
+        f"the store at {root} is damaged ({detail}): run `use-search store check` to see what, then "
+        "`use-search store check --repair` to re-index it, or `use-search store restore SNAPSHOT`"
+    )
+
+
+class _Shard:
+    """An open ``EdgeShard`` whose engine errors (qdrant-edge raises bare ``Exception``: a payload that
+    no longer decompresses, a damaged index file) become ``StoreDamagedError``."""
+
+    def __init__(self, shard: qe.EdgeShard, path: Path) -> None:
+        self._shard = shard
+        self.path = path
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._shard, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                detail = f"{self.path.name}: {first}"
+                raise StoreDamagedError(damaged_message(self.path.parent, detail), detail) from None
+
+        return call
 
 
 def _vector(vector: np.ndarray) -> list[float]:
@@ -405,7 +716,7 @@ def _filter(flt: SearchFilter | None, path_field: str = "paths") -> qe.Filter | 
 
 
 def _scroll(
-    shard: qe.EdgeShard | None, flt: SearchFilter | None, with_payload: Any = True, path_field: str = "paths"
+    shard: _Shard | None, flt: SearchFilter | None, with_payload: Any = True, path_field: str = "paths"
 ) -> Iterator[Any]:
     if shard is None:
         return

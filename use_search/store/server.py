@@ -20,6 +20,7 @@ from use_search.store.base import (
     SEGMENT_INDEXED_FIELDS,
     ImageEntry,
     SearchFilter,
+    StoredPoint,
     StoreError,
     VectorStore,
     hit_from,
@@ -251,6 +252,23 @@ class ServerStore(VectorStore):
             everything = models.FilterSelector(filter=models.Filter(must=[]))
             self.client.delete_payload(self.collection, keys=[LEGACY_PATH_FIELD], points=everything, wait=True)
             self.client.delete_payload_index(self.collection, LEGACY_PATH_FIELD, wait=True)
+
+    # Integrity -----------------------------------------------------------------------------------
+    def point_ids(self) -> Iterator[str]:
+        for record in self._scroll(self.collection, None, with_payload=False):
+            yield str(record.id)
+
+    def read_points(self, ids: Sequence[str]) -> list[StoredPoint]:
+        with self._errors():
+            if not ids or not self._has(self.collection):
+                return []
+            records = self.client.retrieve(self.collection, list(ids), with_payload=True, with_vectors=True)
+        return [StoredPoint(str(r.id), np.asarray(r.vector, dtype=np.float32), r.payload or {}) for r in records]
+
+    def delete_segments(self, ids: Sequence[str]) -> None:
+        with self._errors():
+            if ids and self._has(self.collection):
+                self.client.delete(self.collection, points_selector=models.PointIdsList(points=list(ids)), wait=True)
 
     def close(self) -> None:
         self.client.close()
