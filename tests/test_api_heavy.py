@@ -1,4 +1,4 @@
-"""Issue 15 item 6: heavy uploads are worked at the segmenter's size, bounded, and never starve /search.
+"""Heavy uploads are worked at the segmenter's size, bounded, and never starve /search.
 
 Real ``use-search serve`` processes, real HTTP. Server A has the default worker; server B has no
 waiting room (queue 0), a 5 s job limit, and a working size raised to 4096 px so a big upload is

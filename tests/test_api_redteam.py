@@ -1,4 +1,4 @@
-"""What a hostile client could still do to ``use-search serve`` after the hardening of issue 15: real
+"""What a hostile client could still do to ``use-search serve`` after its hardening against hostile input: real
 server processes, real HTTP, each case first seen failing.
 
 - a PNG's header probe decoded the whole image in the server process (Pillow looks for an eXIf chunk

@@ -1,5 +1,5 @@
-"""``VectorStore.get_image_by_id``: the API's image lookup is one retrieve on both backends (issue 15
-item 13), and an upload's original file name round-trips through the image record (item 14)."""
+"""``VectorStore.get_image_by_id``: the API's image lookup is one retrieve on both backends, and an
+upload's original file name round-trips through the image record."""
 
 from __future__ import annotations
 

@@ -158,7 +158,7 @@ def test_two_copies_in_one_batch_are_indexed_once(tmp_path, photos, parts):
             assert len(segs) == entry.n_segments and all(h.paths == want for h in segs)
 
 
-# Incremental fast path (issue 12 item 2) --------------------------------------------------------------
+# Incremental fast path --------------------------------------------------------------
 def _age(path: Path, seconds: float = 60.0) -> None:
     """Set a file's mtime into the past, as a photo copied in earlier has."""
     st = path.stat()
@@ -230,7 +230,7 @@ def test_records_without_size_and_mtime_are_hashed_once_then_fast(tmp_path, phot
         assert all_points(store).keys() == points.keys()
 
 
-# Pipelined runner (issue 12 item 3) -------------------------------------------------------------------
+# Pipelined runner -------------------------------------------------------------------
 def snapshot(store):
     """Points (payload minus the time, and the vector) and records (minus the time), by id / path."""
     points = {}
@@ -402,7 +402,7 @@ def path_sha(path: str) -> str:
     return hashlib.sha256(path.encode()).hexdigest()
 
 
-# Prune (issue 15 item 16) -----------------------------------------------------------------------------
+# Prune -----------------------------------------------------------------------------
 def test_prune_drops_orphan_segments_left_by_a_crash(tmp_path, photos, parts):
     root = photos["voc"].parent
     with EdgeStore(tmp_path / "store", "segments") as store:

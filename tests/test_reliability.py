@@ -219,7 +219,7 @@ def test_an_unreadable_folder_is_reported_and_the_rest_indexed(tmp_path, photos)
         assert {Path(e.path).name for e in store.iter_images()} == {"voc.jpg", "astronaut.png", "chelsea.png", "coffee.png"}
 
 
-# A full disk (issue 15): qdrant-edge writes through mmap, so running out of space is a SIGBUS (exit 135)
+# A full disk: qdrant-edge writes through mmap, so running out of space is a SIGBUS (exit 135)
 # unless the store stops first. Real small tmpfs mounts where this sandbox allows them.
 @pytest.fixture
 def tmpfs(tmp_path):
