@@ -272,7 +272,7 @@ def test_openapi_documents_the_responses(client):
     assert r.status_code == 404 and set(r.json()) == {"detail"}
 
 
-# Items 13, 14: lookups by id (one retrieve, tests/test_api_store_lookup.py), upload names --------
+# lookups by id (one retrieve, tests/test_api_store_lookup.py), upload names --------
 def test_upload_keeps_its_original_name(client, upload):
     assert upload["filename"] == "My Holiday Photo.png" and Path(upload["path"]).stem == upload["sha256"]
     info = client.get(f"/images/{upload['id']}").json()
