@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -341,10 +340,10 @@ def _fill_up(mnt: Path, leave_kb: int) -> Path:
     return filler
 
 
-def _reads_work(store: Path, data: Path) -> None:
-    rc, out, err = finish(cli(["--preset", "tiny", "--store", str(store), "stats"], data))
+def _reads_work(store: Path, data: Path, extra_env=None) -> None:  # type: ignore[no-untyped-def]
+    rc, out, err = finish(cli(["--preset", "tiny", "--store", str(store), "stats"], data, extra_env))
     assert rc == 0 and "images: 4" in out, err
-    rc, out, err = finish(cli(["--preset", "tiny", "--store", str(store), "query", "a cat", "--json"], data))
+    rc, out, err = finish(cli(["--preset", "tiny", "--store", str(store), "query", "a cat", "--json"], data, extra_env))
     assert rc == 0 and len(out.splitlines()) == 4, err
 
 
@@ -371,12 +370,15 @@ def test_a_read_only_store_serves_query_stats_and_check(tmp_path, photos, tmpfs)
     rc, _, err = finish(cli(["--preset", "tiny", "--store", str(store), "index", str(photos["voc"].parent)], tmp_path / "d"))
     assert rc == 0, err
     assert mount("remount", "ro").returncode == 0
-    _reads_work(store, tmp_path / "d")
-    rc, out, err = finish(cli(["--preset", "tiny", "--store", str(store), "store", "check"], tmp_path / "d"))
+    private = tmp_path / "tmp"  # where the readers' private copies go: this test's own, not the shared /tmp
+    private.mkdir()
+    env = {"TMPDIR": str(private)}
+    _reads_work(store, tmp_path / "d", env)
+    rc, out, err = finish(cli(["--preset", "tiny", "--store", str(store), "store", "check"], tmp_path / "d", env))
     assert rc == 0 and "4 images" in out and "ok" in out, err
-    rc, _, err = finish(cli(["--preset", "tiny", "--store", str(store), "index", str(photos["voc"].parent)], tmp_path / "d"))
+    rc, _, err = finish(cli(["--preset", "tiny", "--store", str(store), "index", str(photos["voc"].parent)], tmp_path / "d", env))
     assert rc == 2 and "Read-only file system" in err and "Traceback" not in err, err
-    assert list(Path(tempfile.gettempdir()).glob("use-search-readonly-*")) == []  # the private copies are gone
+    assert list(private.iterdir()) == []  # the private copies are gone
 
 
 def test_a_writer_that_starts_while_a_reader_copies_a_read_only_store_is_told_so(tmp_path):
