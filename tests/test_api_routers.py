@@ -35,7 +35,9 @@ def settings(tmp_path: Path, **kw) -> Settings:
 
 def expected_now(before: dict) -> dict:
     """``before`` with the changes made since, each on purpose:
-    - ``SegmentationOut.fallback``: /segment names what labelled the pixels no segment covers."""
+    - ``SegmentationOut.fallback``: /segment names what labelled the pixels no segment covers.
+    - ``HealthOut.store`` "read-only" and ``POST /images``' 503: a server on a store it cannot write
+      searches and refuses uploads."""
     doc = copy.deepcopy(before)
     out = doc["components"]["schemas"]["SegmentationOut"]
     out["properties"]["fallback"] = {
@@ -44,6 +46,11 @@ def expected_now(before: dict) -> dict:
                        "the whole image's class, or none (they stay unlabeled).",
     }
     out["required"].insert(out["required"].index("unlabeled_pixels") + 1, "fallback")
+    doc["components"]["schemas"]["HealthOut"]["properties"]["store"] = {
+        "type": "string", "enum": ["open", "read-only", "closed"], "title": "Store",
+        "description": "read-only: the server cannot write the store's folder; it searches, uploads are refused (503).",
+    }
+    doc["paths"]["/images"]["post"]["responses"]["503"]["description"] += " Also: the store is read-only for this server."
     return doc
 
 

@@ -79,10 +79,20 @@ class Runtime:
     def preflight(self, parts: tuple[str, ...]) -> None:
         preflight(self.settings, self.preset, parts)
 
-    def store(self) -> "VectorStore":
+    def store(self, *, writable: bool = True) -> "VectorStore":
         from use_search.store import open_store
 
-        return open_store(self.settings)
+        return open_store(self.settings, writable=writable)
+
+    def store_writable(self) -> bool:
+        """False for an embedded store in a folder this process cannot write (a read-only mount, no
+        permission): it can only be opened to read (``store(writable=False)``), as the store layer decides."""
+        s = self.settings
+        if s.store.backend != "embedded":
+            return True
+        from use_search.store.edge import _can_write
+
+        return _can_write(s.store_path / s.store.collection)
 
     def embedder(self) -> "Embedder":
         from use_search.model import load_embedder

@@ -100,9 +100,15 @@ def create_app(
 async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
     config: AppConfig = app.state.config
     st = AppState(config.settings)
-    st.store = st.runtime.store()  # the exclusive lock is taken here, once
-    for path in repair_uploads(st.store, config.uploads):
-        logging.getLogger("uvicorn.error").warning("undid the unfinished upload %s (the server stopped during it)", path)
+    log = logging.getLogger("uvicorn.error")
+    st.read_only = not st.runtime.store_writable()
+    st.store = st.runtime.store(writable=not st.read_only)  # the exclusive lock (read-only: a copy) is taken here, once
+    if st.read_only:  # a private copy is searched; unfinished uploads wait for a server that can write
+        log.warning("the store at %s is read-only for this process: serving search only, uploads are refused (503)",
+                    config.settings.store_path)
+    else:
+        for path in repair_uploads(st.store, config.uploads):
+            log.warning("undid the unfinished upload %s (the server stopped during it)", path)
     app.state.use = st
     try:
         yield

@@ -24,6 +24,8 @@ ERROR_TEXT = {
     503: "Store unavailable, or the segmentation worker is busy / timed out.",
 }
 DATA = (401, 403, 422, 503)  # every data route can answer these
+# A route that writes the store: its 503 also means a read-only store (one this server cannot write).
+READ_ONLY = {503: {"model": ErrorOut, "description": ERROR_TEXT[503] + " Also: the store is read-only for this server."}}
 PNG = {200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}, "description": "PNG image"}}
 
 

@@ -194,7 +194,8 @@ class HealthOut(BaseModel):
     status: Literal["ok"]
     preset: str
     untrained: bool = Field(..., description="True when the models are random-init (tiny preset): results are meaningless.")
-    store: Literal["open", "closed"]
+    store: Literal["open", "read-only", "closed"] = Field(
+        ..., description="read-only: the server cannot write the store's folder; it searches, uploads are refused (503).")
     auth: bool
     worker: Literal["running", "stopped"]
     worker_jobs: int = Field(..., description="Heavy jobs running or waiting.")

@@ -50,6 +50,7 @@ class AppState:
         self.settings = settings
         self.runtime = Runtime.from_settings(settings)
         self.store: VectorStore | None = None
+        self.read_only = False  # the store is in a folder this process cannot write: search only
         self.store_lock = threading.RLock()  # held for single store calls only
         self.text_lock = threading.Lock()  # the text tower (search's fast path)
         # PNGs drawn at once (overlays, masks): a full-size mask is 49 MB at 7000×7000. Waiters wait in
@@ -72,6 +73,14 @@ class AppState:
         if self.store is None:
             raise StoreError("the store is not open")
         return self.store
+
+    def require_writable(self) -> None:
+        """503 when the store is read-only: a route that writes it refuses before any work."""
+        if self.read_only:
+            raise HTTPException(
+                503, f"the store at {self.settings.store_path} is read-only for this server (it cannot write "
+                "that folder): search, lookups and /segment work, uploads need a store it can write",
+            )
 
     def image_entry(self, img_id: uuid.UUID) -> ImageEntry:
         with self.store_lock:

@@ -495,8 +495,8 @@ def _lock(lock_path: Path, root: Path) -> int:
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
         raise StoreError(
-            f"cannot write the store at {root} ({e.strerror}): query, stats, store check and store snapshot "
-            "work on it as it is; index, store check --repair and serve need a store they can write"
+            f"cannot write the store at {root} ({e.strerror}): query, stats, store check, store snapshot and "
+            "serve (search only) work on it as it is; index and store check --repair need a store they can write"
         ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

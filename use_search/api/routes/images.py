@@ -10,7 +10,7 @@ from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from use_search.api.errors import DATA, PNG, errors
+from use_search.api.errors import DATA, PNG, READ_ONLY, errors
 from use_search.api.forms import StrictJSONRoute, check_form_parts, read_upload, upload_name
 from use_search.api.schemas import ImageOut, UploadOut
 from use_search.api.state import AppState, Config, State
@@ -65,9 +65,10 @@ def overlay_png(st: AppState, entry: ImageEntry, hit: Hit | None) -> bytes:
 
 @router.post("/images", status_code=201, response_model=UploadOut,
              responses={200: {"model": UploadOut, "description": "Already indexed (status 'exists')."},
-                        **errors(*DATA, 400, 409, 413)}, operation_id="upload_image")
+                        **errors(*DATA, 400, 409, 413), **READ_ONLY}, operation_id="upload_image")
 async def upload_image(request: Request, st: State, config: Config, file: UploadFile = File(...)) -> JSONResponse:
     """Upload an image and index it: segmented at the working size, masks stored at its own size."""
+    st.require_writable()
     await check_form_parts(request, "/images")
     data = await read_upload(file, config.upload_limit)
     body = await run_in_threadpool(index_upload, st, config.uploads, data, upload_name(file.filename))

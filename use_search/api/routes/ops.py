@@ -22,7 +22,7 @@ router = APIRouter(route_class=StrictJSONRoute)
 @router.get("/health", response_model=HealthOut, operation_id="health")
 def health(st: State, config: Config) -> dict[str, Any]:
     return {"status": "ok", "preset": st.runtime.preset.name, "untrained": st.runtime.preset.untrained,
-            "store": "open" if st.store is not None else "closed", "auth": bool(config.key),
+            "store": "closed" if st.store is None else "read-only" if st.read_only else "open", "auth": bool(config.key),
             "worker": st.worker.state, "worker_jobs": st.worker.load}
 
 
