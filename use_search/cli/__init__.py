@@ -20,6 +20,9 @@ from rich.text import Text
 if TYPE_CHECKING:
     from use_search.config import Settings
 
+from use_search.cli.shell import app, err, out, state
+from use_search.cli.shell import open_store as _open_store
+from use_search.cli.shell import store_label as _store_label
 from use_search.presets import PRESET_CHOICES, PRESETS, UNTRAINED_BANNER, get_preset, preset_for, resolve
 from use_search.weights import (
     REGISTRY,
@@ -33,7 +36,6 @@ from use_search.weights import (
     verify,
 )
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Search the segments of your photos by text (USE).")
 weights_app = typer.Typer(no_args_is_help=True, help="List, fetch and verify model checkpoints.")
 app.add_typer(weights_app, name="weights")
 model_app = typer.Typer(no_args_is_help=True, help="USE model checkpoints.")
@@ -41,8 +43,6 @@ app.add_typer(model_app, name="model")
 curate_app = typer.Typer(no_args_is_help=True, help="Segment-text pair curation (paper §3.1).")
 app.add_typer(curate_app, name="curate")
 
-out = Console()
-err = Console(stderr=True)
 
 # User-facing failures: printed as one clear message, exit code 2, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -60,13 +60,6 @@ LAZY_USER_ERRORS = (
 def is_user_error(e: BaseException) -> bool:
     lazy = tuple(getattr(sys.modules[m], n) for m, n in LAZY_USER_ERRORS if m in sys.modules)
     return isinstance(e, USER_ERRORS + lazy)
-
-
-class State:
-    settings: "Settings" = None  # type: ignore[assignment]
-
-
-state = State()
 
 
 @app.callback()
@@ -250,13 +243,6 @@ def _interrupts() -> Iterator[_Stop]:
         yield stop
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _store_label() -> str:
-    s = state.settings
-    if s.store.backend == "server":
-        return f"{s.store.url} / {s.store.collection}"
-    return f"{s.store_path} / {s.store.collection}"
 
 
 @app.command(
@@ -604,12 +590,6 @@ def stats() -> None:
         )
 
 
-def _open_store(writable: bool = True):  # type: ignore[no-untyped-def]
-    from use_search.store import open_store
-
-    return open_store(state.settings, writable=writable)
-
-
 @weights_app.command("list")
 def weights_list() -> None:
     """Known checkpoints, where they are cached, and whether they are present."""
@@ -874,6 +854,9 @@ def eval_retrieval(
 
 
 from use_search.cli import prune as _prune  # noqa: E402,F401 - registers `use-search prune`
+from use_search.cli.store_cmds import store_app  # noqa: E402
+
+app.add_typer(store_app, name="store")
 
 
 def error_text(e: BaseException) -> str:
@@ -887,9 +870,6 @@ def error_text(e: BaseException) -> str:
     ) + " (check the command line options, USE_SEARCH_* variables and the settings file)"
 
 
-from use_search.cli.store_cmds import store_app  # noqa: E402  (it uses the helpers above)
-
-app.add_typer(store_app, name="store")
 
 
 def main() -> None:

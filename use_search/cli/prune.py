@@ -5,7 +5,9 @@ from __future__ import annotations
 import typer
 from rich.markup import escape
 
-from use_search.cli import _open_store, _store_label, app, err, out
+from use_search.cli.shell import app, err, out
+from use_search.cli.shell import open_store as _open_store
+from use_search.cli.shell import store_label as _store_label
 
 
 @app.command()

@@ -7,7 +7,9 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from use_search.cli import _open_store, _store_label, err, out, state
+from use_search.cli.shell import err, out, state
+from use_search.cli.shell import open_store as _open_store
+from use_search.cli.shell import store_label as _store_label
 
 store_app = typer.Typer(no_args_is_help=True, help="Check, repair, back up and restore the store.")
 
