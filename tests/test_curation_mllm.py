@@ -385,7 +385,7 @@ def test_curate_run_cli_with_a_remote_code_mllm(remote_code, tmp_path):
 
     r = subprocess.run([*args, "--trust-remote-code"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "1 / 0 / 1" in r.stderr
+    assert "1 / 0 / 1 / 0" in r.stderr  # found / skipped / curated / without text
     manifest = json.loads((tmp_path / "pairs" / "manifest.json").read_text())
     assert manifest["models"]["captioner"] == str(model_dir) and manifest["trust_remote_code"] is True
     assert manifest["mllm_generation"] == {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from use_search.curation.shards import ShardWriter, done_images, iter_shard_records, repair_torn_tail, shard_name
 from use_search.curation.stats import shard_stats
@@ -74,4 +75,9 @@ def test_stats_are_table_1_figures(tmp_path):
     assert s.unique_expressions == 5
     assert s.unique_by_kind == {"expression": 2, "phrase": 3}
     assert s.by_source == {"annotation:vg": 1, "caption:coco": 2, "caption:mllm": 1, "caption:txt": 2}
-    assert shard_stats(tmp_path / "empty").images == 0
+    # A missing folder, or one without shards, is an error naming it (a table of zeros hid the mistake).
+    with pytest.raises(FileNotFoundError, match="no such folder: .*empty"):
+        shard_stats(tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no pair shards .* in .*empty"):
+        shard_stats(tmp_path / "empty")
