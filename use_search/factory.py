@@ -90,9 +90,9 @@ class Runtime:
         s = self.settings
         if s.store.backend != "embedded":
             return True
-        from use_search.store.edge import _can_write
+        from use_search.store.edge import can_write
 
-        return _can_write(s.store_path / s.store.collection)
+        return can_write(s.store_path / s.store.collection)
 
     def embedder(self) -> "Embedder":
         from use_search.model import load_embedder

@@ -122,7 +122,7 @@ class EdgeStore(VectorStore):
             self._check_space(_load_fill(self.root) if exists else _new_store_bytes(self.root), "opening it" if exists else "a new store")
             self.root.mkdir(parents=True, exist_ok=True)
             self._lock_fd = _lock(self.root / LOCK_FILE, self.root)
-        elif exists and not _can_write(self.root):
+        elif exists and not can_write(self.root):
             self._private = _private_copy(self.root)
         else:
             fill = _load_fill(self.root)
@@ -597,7 +597,7 @@ def _fs_type(path: Path) -> str:
     return kind
 
 
-def _can_write(root: Path) -> bool:
+def can_write(root: Path) -> bool:
     return all(os.access(p, os.W_OK) for p in (root, root / SEGMENTS_DIR) if p.exists())
 
 
