@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from use_search.masks import decode_rle
-from use_search.query.voting import UNLABELED, read_label_png
+from use_search.voting.png import read_label_png
+from use_search.voting.vote import UNLABELED
 from use_search.store.base import image_id
 
 import servers

@@ -18,17 +18,11 @@ from PIL import Image
 from use_search.config import Settings, VotingSettings, WeightedModel
 from use_search.masks import mask_bbox
 from use_search.model.checkpoint import UseConfig, read_use_config
-from use_search.query.voting import (
-    UNLABELED,
-    Ensemble,
-    EnsembleMember,
-    combine_probabilities,
-    load_ensemble,
-    ovseg_exponents,
-    read_label_png,
-    training_logit_scale,
-    vote,
-)
+from use_search.factory import load_ensemble
+from use_search.voting.combine import combine_probabilities, ovseg_exponents
+from use_search.voting.ensemble import Ensemble, EnsembleMember, training_logit_scale
+from use_search.voting.png import read_label_png
+from use_search.voting.vote import UNLABELED, vote
 from use_search.types import Segment
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -360,7 +354,7 @@ def test_cli_voting_options_refuse_bad_input(ckpts, tmp_path):
 def test_cli_segment_with_an_ensemble_and_the_image_fallback(ckpts, tmp_path):
     """`segment` takes the same voting options; its label PNG is the library's segment_by_voting."""
     from use_search.factory import Runtime
-    from use_search.query.voting import segment_by_voting
+    from use_search.voting.predict import segment_by_voting
 
     root, settings = ckpts["root"], ckpts["settings"]
     image = root / "images" / "chelsea.png"
@@ -388,7 +382,7 @@ def test_http_segment_uses_the_configured_ensemble(ckpts, tmp_path):
     from servers import api_server
     from use_search.imaging import decode_work
     from use_search.factory import Runtime
-    from use_search.query.voting import segment_by_voting
+    from use_search.voting.predict import segment_by_voting
 
     models = [f"{ckpts['a']}:1", f"{ckpts['b']}:0.25"]
     png = (ckpts["root"] / "images" / "chelsea.png").read_bytes()

@@ -28,19 +28,11 @@ ABOVE_FACTORY = ("use_search.__main__", "use_search.cli", "use_search.api")
 # Imports that close a circle today, each with the redesign step that removes it. The test takes these
 # edges out and asks for a graph without circles, so a new circle fails even where it runs through the
 # same modules; an entry that no longer closes a circle fails too (delete it then).
-KNOWN_CIRCLE_EDGES: dict[tuple[str, str], str] = {
-    # Voting loads its ensemble members through factory.Runtime; the factory needs config, which needs
-    # voting (next entry). Removed by "layering one way": voting moves out of query/ and is handed its
-    # models by the factory's caller.
-    ("use_search.query.voting", "use_search.factory"): "layering one way: voting moves out of query/",
-    # VotingSettings checks the ensemble weights with voting's ovseg_exponents (a deferred import), while
-    # voting reads its settings from config. Removed with the same step: the weight rule moves below config.
-    ("use_search.config", "use_search.query.voting"): "layering one way: voting moves out of query/",
-}
+KNOWN_CIRCLE_EDGES: dict[tuple[str, str], str] = {}
 # Modules below the factory that import it today. The Ray runner builds its workers through
 # factory.Runtime (not a circle: the factory does not import the Ray runner, but it is the wrong way up).
 # Removed by "one indexing engine": Ray only distributes the engine's segment+embed stage.
-KNOWN_FACTORY_IMPORTERS = {"use_search.indexer.ray_runner", "use_search.query.voting"}
+KNOWN_FACTORY_IMPORTERS = {"use_search.indexer.ray_runner"}
 
 
 def module_name(path: Path, root: Path) -> str:

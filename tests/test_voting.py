@@ -8,16 +8,10 @@ import pytest
 
 from use_search.config import VotingSettings
 from use_search.masks import mask_bbox
-from use_search.query.voting import (
-    UNLABELED,
-    class_probabilities,
-    fill_nearest,
-    label_png,
-    predict_labels,
-    read_label_png,
-    semantic_segmentation,
-    vote,
-)
+from use_search.voting.combine import class_probabilities
+from use_search.voting.png import label_png, read_label_png
+from use_search.voting.predict import predict_labels, semantic_segmentation
+from use_search.voting.vote import UNLABELED, fill_nearest, vote
 from use_search.types import Segment
 
 

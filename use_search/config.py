@@ -133,7 +133,7 @@ class VotingSettings(BaseModel):
     # Empty: the one configured model (``use_checkpoint``, else crop-CLIP).
     models: list[WeightedModel] = []
     # "ovseg" (A.2, "same as OVSeg"): p₀^(1-λ) · p₁^λ with λ = the second model's weight relative to the
-    # first (``query.voting.ovseg_exponents``), not renormalised; "mean": Σ wᵢpᵢ / Σ wᵢ;
+    # first (``voting.combine.ovseg_exponents``), not renormalised; "mean": Σ wᵢpᵢ / Σ wᵢ;
     # "geometric": Π pᵢ^(wᵢ/Σ w), renormalised per segment.
     combine: Literal["ovseg", "mean", "geometric"] = "ovseg"
     templates: str = "imagenet80"  # a named set (train4, imagenet80) or a file, one template per line
@@ -154,7 +154,7 @@ class VotingSettings(BaseModel):
     @model_validator(mode="after")
     def _ovseg_weights(self) -> "VotingSettings":
         if self.combine == "ovseg" and len(self.models) > 1:
-            from use_search.query.voting import ovseg_exponents
+            from use_search.voting.combine import ovseg_exponents  # numpy: deferred, settings load first
 
             ovseg_exponents([m.weight for m in self.models])
         return self

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from use_search.query.search import Searcher
     from use_search.segmenter import AutoSegmenter, BatchedAutoSegmenter
     from use_search.store import VectorStore
+    from use_search.voting.ensemble import Ensemble
 
 
 def _checkpoint_file(kind: str, name: str, settings: Settings) -> None:
@@ -136,3 +137,20 @@ class Runtime:
         from use_search.query.search import Searcher
 
         return Searcher(store, self.query_embedder())
+
+
+def load_ensemble(settings: Settings, default: "Embedder | None" = None) -> "Ensemble":
+    """The voting models of ``settings.voting.models`` (each USE checkpoint loaded once, on the
+    settings' device), or, when none are listed, ``default`` / the one configured embedder (A.2)."""
+    from use_search.voting.ensemble import Ensemble, EnsembleMember
+
+    v = settings.voting
+    if not v.models:
+        return Ensemble([EnsembleMember(default or Runtime.from_settings(settings).embedder())], v.combine)
+    runtimes = [Runtime.from_settings(settings.model_copy(update={"use_checkpoint": m.path})) for m in v.models]
+    for rt in runtimes:  # every missing file is named before any model loads
+        rt.preflight(("clip",))
+    members = [
+        EnsembleMember(rt.embedder(), m.weight, source=str(m.path)) for rt, m in zip(runtimes, v.models)
+    ]
+    return Ensemble(members, v.combine)

@@ -29,7 +29,7 @@ from use_search.indexer.read import ImageReadError, LoadedImage
 from use_search.types import ImageRecord, SegmentPoint
 
 if TYPE_CHECKING:
-    from use_search.query.voting import Votes
+    from use_search.voting.vote import Votes
 
 
 class WorkerBusy(RuntimeError):
@@ -82,7 +82,7 @@ class Parts:
         """The voting models (``settings.voting.models``, paper A.2), loaded on the first /segment;
         with none listed, the one embedder that also indexes uploads."""
         if self._ensemble is None:
-            from use_search.query.voting import load_ensemble
+            from use_search.factory import load_ensemble
 
             self._ensemble = load_ensemble(self.settings, default=self.embedder)
         return self._ensemble
@@ -90,7 +90,7 @@ class Parts:
 
 def classify(pixels: np.ndarray, names: Sequence[str], parts: Parts) -> Votes:
     """Semantic segmentation by voting (paper §4.3): the one call into the voting library (its ``Votes``)."""
-    from use_search.query.voting import segment_by_voting
+    from use_search.voting.predict import segment_by_voting
 
     return segment_by_voting(pixels, names, parts.segmenter, parts.ensemble, parts.settings.voting)
 
@@ -99,7 +99,7 @@ def job_segment(parts: Parts, data: bytes, names: list[str], with_png: bool) -> 
     """Label every pixel of the image (at the working size) with one of ``names``."""
     from use_search.imaging import decode_work
     from use_search.masks import encode_rle
-    from use_search.query.voting import label_png
+    from use_search.voting.png import label_png
 
     img = decode_work(data, parts.settings.api.max_pixels, parts.side)
     votes = classify(img.pixels, names, parts)

@@ -385,7 +385,7 @@ def _voting_settings(
 def _voting_models(settings: Settings):  # type: ignore[no-untyped-def]
     """The SAM segmenter and the voting ensemble; says which models vote with which weight and scale."""
     from use_search.factory import Runtime
-    from use_search.query.voting import load_ensemble
+    from use_search.factory import load_ensemble
 
     rt = Runtime.from_settings(settings)
     rt.preflight(("sam",))
@@ -421,7 +421,9 @@ def segment(
     settings = _voting_settings(models, combine, templates, logit_scale, fallback,
                                 points_per_side, pred_iou_thresh, stability_thresh)
     from use_search.indexer.read import ImageReadError, read_image
-    from use_search.query.voting import check_class_names, label_png, segment_by_voting
+    from use_search.voting.png import label_png
+    from use_search.voting.predict import segment_by_voting
+    from use_search.voting.vote import check_class_names
 
     names = check_class_names([c for c in classes.split(",") if c.strip()])
     try:

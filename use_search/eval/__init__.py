@@ -27,7 +27,7 @@ from use_search.eval.retrieval import (
     judge_hits,
 )
 from use_search.eval.semseg import SemsegDataset, SemsegResult, evaluate_semseg
-from use_search.query.voting import predict_labels
+from use_search.voting.predict import predict_labels
 
 __all__ = [
     "COCO_STUFF_CLASSES", "ConfusionMatrix", "MaskAP", "PartsDataset", "PartsResult", "RetrievalDataset",

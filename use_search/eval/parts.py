@@ -25,7 +25,8 @@ from use_search.eval.common import Progress, Timer, nan_to_none
 from use_search.eval.metrics import MaskAP, coco_from_dataset, mask_map
 from use_search.indexer.read import read_image
 from use_search.model.base import Embedder
-from use_search.query.voting import Ensemble, segment_and_classify
+from use_search.voting.ensemble import Ensemble
+from use_search.voting.predict import segment_and_classify
 from use_search.types import Segmenter
 
 # The 91 stuff classes of COCO-Stuff (Caesar et al. 2018), ids 92-182, with their "-other" / "-stuff"

@@ -10,7 +10,7 @@ ADE-150 and PC-59 as mmsegmentation ships them store 0 = "other / background" an
 pass ``reduce_zero_label=True`` (0 → ignore, v → v - 1), as mmsegmentation does for both.
 
 Each image goes through SAM automatic masks → segment embeddings (every model of the ensemble) →
-softmax over the class text embeddings → weighted combination → per-pixel vote (``query.voting``);
+softmax over the class text embeddings → weighted combination → per-pixel vote (``voting``);
 pixels no segment covers get the fallback (default ``none``: they stay unlabeled) and any pixel left
 unlabeled counts as a miss. Confusion counts are pooled over all images (mmsegmentation's
 convention); ``per_image`` reports each image's segments, uncovered and unlabeled pixels.
@@ -37,11 +37,13 @@ from use_search.config import VotingSettings
 from use_search.eval.metrics import ConfusionMatrix, SemsegScores, check_ground_truth
 from use_search.indexer.read import read_image
 from use_search.model.base import Embedder
-from use_search.query.voting import Ensemble, label_png, predict_labels
+from use_search.voting.ensemble import Ensemble
+from use_search.voting.png import label_png
+from use_search.voting.predict import predict_labels
 from use_search.types import Segmenter
 
 # §4.3 says nothing of pixels no segment covers: by default they stay unlabeled and score as misses,
-# the paper's protocol as written (``segment`` fills them instead, ``query.voting.SEGMENT_FALLBACK``).
+# the paper's protocol as written (``segment`` fills them instead, ``voting.vote.SEGMENT_FALLBACK``).
 EVAL_FALLBACK = "none"
 
 
@@ -153,7 +155,7 @@ def evaluate_semseg(
     on_image: Progress | None = None,
 ) -> SemsegResult:
     """Run §4.3 voting (templates, softmax scale and fallback from ``voting``) on every image with the
-    model(s) given (an embedder, or an ``Ensemble`` from ``query.voting.load_ensemble``) and score it
+    model(s) given (an embedder, or an ``Ensemble`` from ``factory.load_ensemble``) and score it
     against its label map."""
     from use_search.model.text import template_set
 

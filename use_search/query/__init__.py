@@ -1,4 +1,4 @@
-"""Query layer: text search over segments, result rendering, and semantic segmentation by voting."""
+"""Query layer: text search over segments and result rendering (voting is ``use_search.voting``)."""
 
 from use_search.query.search import ModelMismatchError, Searcher, dedup_hits
 
