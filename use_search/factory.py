@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from use_search.segmenter import AutoSegmenter, BatchedAutoSegmenter
     from use_search.store import VectorStore
     from use_search.voting.ensemble import Ensemble
+    from use_search.voting.stored import Labeler
 
 
 def _checkpoint_file(kind: str, name: str, settings: Settings) -> None:
@@ -132,6 +133,23 @@ class Runtime:
             store, build=build, max_image_pixels=s.max_image_pixels, batch_images=s.batch_images,
             extensions=s.image_extensions, pipeline=s.index_pipeline, decode_threads=s.decode_threads,
         )
+
+    def labeler(self, store: "VectorStore", embedder: "TextEmbedder | None" = None) -> "Labeler":
+        """§4.3 voting over the store's own masks and vectors (``use-search label``): class names
+        embedded by the store's model's text side, at that model's softmax scale (a USE checkpoint's
+        training scale, crop-CLIP's 100; ``voting.logit_scale`` overrides), ``voting`` templates."""
+        from use_search.model.text import template_set
+        from use_search.voting.combine import CLIP_LOGIT_SCALE
+        from use_search.voting.stored import LABEL_FALLBACK, Labeler
+
+        v = self.settings.voting
+        scale = v.logit_scale
+        if scale is None and self.settings.use_checkpoint is not None:
+            from use_search.model.checkpoint import read_use_config
+
+            scale = read_use_config(self.settings.use_checkpoint).logit_scale
+        return Labeler(store, embedder or self.query_embedder(), scale or CLIP_LOGIT_SCALE,
+                       template_set(v.templates), v.fallback or LABEL_FALLBACK)
 
     def searcher(self, store: "VectorStore") -> "Searcher":
         from use_search.query.search import Searcher

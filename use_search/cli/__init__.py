@@ -855,6 +855,7 @@ def eval_retrieval(
     )
 
 
+from use_search.cli import label as _label  # noqa: E402,F401 - registers `use-search label`
 from use_search.cli import prune as _prune  # noqa: E402,F401 - registers `use-search prune`
 from use_search.cli.store_cmds import store_app  # noqa: E402
 
