@@ -37,8 +37,17 @@ def expected_now(before: dict) -> dict:
     """``before`` with the changes made since, each on purpose:
     - ``SegmentationOut.fallback``: /segment names what labelled the pixels no segment covers.
     - ``HealthOut.store`` "read-only" and ``POST /images``' 503: a server on a store it cannot write
-      searches and refuses uploads."""
+      searches and refuses uploads.
+    - ``POST /label`` and its ``Label*`` schemas (the snapshot's "added" part, as the open app gives
+      them; the keyed app adds its security requirement): labels of the indexed images by §4.3 voting
+      over their stored masks and vectors."""
     doc = copy.deepcopy(before)
+    added = json.loads(BEFORE.read_text())["added"]
+    label = copy.deepcopy(added["paths"]["/label"])
+    if any("security" in op for ops in before["paths"].values() for op in ops.values()):
+        label["post"]["security"] = [{"apiKey": []}]
+    doc["paths"]["/label"] = label
+    doc["components"]["schemas"].update(copy.deepcopy(added["schemas"]))
     out = doc["components"]["schemas"]["SegmentationOut"]
     out["properties"]["fallback"] = {
         "type": "string", "enum": ["nearest", "image", "none"], "title": "Fallback",
@@ -61,7 +70,7 @@ def test_openapi_document_is_the_one_before_the_routers(tmp_path, keyed):
     assert json.loads(json.dumps(doc)) == expected_now(before)
     operations = {op["operationId"] for ops in doc["paths"].values() for op in ops.values()}
     assert operations == {"health", "metrics", "search", "get_segment", "get_mask", "get_image", "get_overlay",
-                          "upload_image", "segment_image"}
+                          "upload_image", "segment_image", "label_images"}
 
 
 def run_cli(args: list[str], data: Path) -> subprocess.CompletedProcess:

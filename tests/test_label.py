@@ -229,10 +229,10 @@ def indexed(tmp_path_factory):
     return root
 
 
-def stored_vote(root: Path, path: Path) -> tuple[np.ndarray, list, float]:
+def stored_vote(root: Path, path: Path, store_dir: Path | None = None) -> tuple[np.ndarray, list, float]:
     """The label map of one indexed image computed from its stored points, the points, and the
     smallest gap between the top two classes' summed probabilities over the covered pixels."""
-    s = tiny_settings(root).model_copy(update={"store": StoreSettings(path=root / "store")})
+    s = tiny_settings(root).model_copy(update={"store": StoreSettings(path=store_dir or root / "store")})
     with open_store(s, writable=False) as store:
         entry = store.get_image(str(path))
         points = sorted(store.read_points([point_id(entry.sha256, i) for i in range(entry.n_segments)]),
@@ -342,3 +342,43 @@ def test_label_is_the_working_size_vote_enlarged_on_a_larger_image(tmp_path):
     for c in range(len(CLASSES)):
         enlarged[resize_mask(votes.labels == c, h, w)] = c
     assert (enlarged == expected).all()
+
+
+# The HTTP API, over real HTTP -------------------------------------------------------------------
+def test_api_label_pages_through_the_library_with_the_stored_vote(tmp_path):
+    import httpx
+
+    from servers import api_server, photo_bytes
+
+    with api_server(tmp_path) as base:
+        for name, side in (("chelsea", 96), ("coffee", 80)):
+            r = httpx.post(base + "/images", files={"file": (f"{name}.png", photo_bytes(name, side), "image/png")}, timeout=300)
+            assert r.status_code == 201, r.text
+        pages, offset = [], 0
+        while offset is not None:
+            r = httpx.post(base + "/label", json={"classes": CLASSES, "limit": 1, "offset": offset}, timeout=60)
+            assert r.status_code == 200, r.text
+            pages.append(r.json())
+            offset = pages[-1]["next_offset"]
+        bad = {
+            422: [{"classes": []}, {"classes": [" "]}, {"classes": ["cat", "cat"]}, {"classes": [f"c{i}" for i in range(256)]},
+                  {"classes": ["cat"], "under": "relative/dir"}, {"classes": ["cat"], "fallback": "image"},
+                  {"classes": ["cat"], "limit": 0}],
+            404: [{"classes": ["cat"], "under": "/nowhere"}],
+        }
+        answers = {code: [httpx.post(base + "/label", json=b, timeout=60) for b in bodies] for code, bodies in bad.items()}
+    assert [len(p["images"]) for p in pages] == [1, 1]  # two records, one per page, no page after the last
+    assert all(p["classes"] == CLASSES and p["fallback"] == "none" for p in pages)
+    for code, rs in answers.items():
+        for r in rs:
+            assert r.status_code == code, r.text
+            assert isinstance(r.json()["detail"], str) and r.json()["detail"]
+    assert "nothing is indexed under /nowhere" in answers[404][0].json()["detail"]
+    images = [img for p in pages for img in p["images"]]
+    assert len(images) == 2
+    for img in images:  # the server is gone: the store can be read here
+        expected, points, _ = stored_vote(tmp_path, Path(img["paths"][0]), tmp_path / "data" / "store")
+        assert {c["class"]: c["pixels"] for c in img["classes"]} == {
+            n: int((expected == i).sum()) for i, n in enumerate(CLASSES) if (expected == i).any()}
+        assert img["unlabeled_pixels"] == int((expected == UNLABELED).sum())
+        assert {s["id"] for c in img["classes"] for s in c["segments"]} <= {p.id for p in points}

@@ -134,10 +134,13 @@ class Runtime:
             extensions=s.image_extensions, pipeline=s.index_pipeline, decode_threads=s.decode_threads,
         )
 
-    def labeler(self, store: "VectorStore", embedder: "TextEmbedder | None" = None) -> "Labeler":
+    def labeler(
+        self, store: "VectorStore", embedder: "TextEmbedder | None" = None, fallback: str | None = None
+    ) -> "Labeler":
         """§4.3 voting over the store's own masks and vectors (``use-search label``): class names
         embedded by the store's model's text side, at that model's softmax scale (a USE checkpoint's
-        training scale, crop-CLIP's 100; ``voting.logit_scale`` overrides), ``voting`` templates."""
+        training scale, crop-CLIP's 100; ``voting.logit_scale`` overrides), ``voting`` templates;
+        ``fallback`` (default ``voting.fallback``, else none) for pixels no stored segment covers."""
         from use_search.model.text import template_set
         from use_search.voting.combine import CLIP_LOGIT_SCALE
         from use_search.voting.stored import LABEL_FALLBACK, Labeler
@@ -149,7 +152,7 @@ class Runtime:
 
             scale = read_use_config(self.settings.use_checkpoint).logit_scale
         return Labeler(store, embedder or self.query_embedder(), scale or CLIP_LOGIT_SCALE,
-                       template_set(v.templates), v.fallback or LABEL_FALLBACK)
+                       template_set(v.templates), fallback or v.fallback or LABEL_FALLBACK)
 
     def searcher(self, store: "VectorStore") -> "Searcher":
         from use_search.query.search import Searcher

@@ -199,3 +199,54 @@ class HealthOut(BaseModel):
     auth: bool
     worker: Literal["running", "stopped"]
     worker_jobs: int = Field(..., description="Heavy jobs running or waiting.")
+
+
+# POST /label: §4.3 voting over the stored masks and vectors -----------------------------------------
+class LabelRequest(Strict):
+    classes: list[ClassNames] = Field(..., min_length=1, max_length=MAX_CLASSES,
+                                      description="Class names (each item may be comma-separated).")
+    under: Optional[str] = Field(None, min_length=1, max_length=4096, json_schema_extra=ABSOLUTE,
+                                 description="Only images under this folder (absolute path).")
+    fallback: Literal["none", "nearest"] = Field(
+        "none", description="Pixels no stored segment covers: none (unlabeled) or the nearest labelled pixel's class.")
+    offset: int = Field(0, ge=0, le=2**53, description="Image records (paths) to skip: a previous page's next_offset.")
+    limit: int = Field(20, ge=1, le=200, description="Image records (paths) read for this page.")
+
+    @field_validator("under")
+    @classmethod
+    def _path(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else checked_path(v, "under")
+
+
+class LabelSegmentOut(BaseModel):
+    id: uuid.UUID
+    segment_index: int
+    pixels: int = Field(..., description="Pixels of this segment labelled with the class.")
+
+
+class LabelClassOut(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = Field(..., alias="class")
+    index: int = Field(..., description="The class's index in the request's list.")
+    pixels: int = Field(..., description="Pixels labelled with the class (at the image's own size).")
+    segments: list[LabelSegmentOut]
+
+
+class LabelImageOut(BaseModel):
+    sha256: str
+    paths: list[str] = Field(..., description="The image's indexed paths (under the folder asked for).")
+    width: int
+    height: int
+    segments: int = Field(..., description="Stored segments that voted.")
+    uncovered_pixels: int = Field(..., description="Pixels no stored segment covers.")
+    unlabeled_pixels: int = Field(..., description="Pixels without a class after the fallback.")
+    classes: list[LabelClassOut] = Field(..., description="The classes present, by index.")
+
+
+class LabelOut(BaseModel):
+    classes: list[str]
+    fallback: Literal["none", "nearest"]
+    images: list[LabelImageOut] = Field(
+        ..., description="One per content: an image indexed under several paths comes once, at its first path.")
+    next_offset: Optional[int] = Field(..., description="The offset of the next page; null after the last.")

@@ -45,15 +45,12 @@ def label(
     if under is not None and not under.is_dir():
         raise ValueError(f"--under {under}: no such folder")
     folder = str(under.absolute()) if under is not None else None
-    s = state.settings
-    if fallback is not None:
-        s = type(s).model_validate({**s.model_dump(), "voting": {**s.voting.model_dump(), "fallback": fallback}})
-    rt = Runtime.from_settings(s)
+    rt = Runtime.from_settings(state.settings)
     rt.preflight(("text",))
     embedder = rt.query_embedder()
     totals = LabelTotals(names)
     with _open_store(writable=False) as store:
-        labeler = rt.labeler(store, embedder)
+        labeler = rt.labeler(store, embedder, fallback)
         try:
             labeler.check(folder)
         except RuntimeError as e:  # StoreError: say which store
@@ -69,7 +66,7 @@ def label(
                     _write(f, image.to_json())
                     totals.add(image)
                 bar.advance(task)
-    _print_totals(totals, s.voting.fallback or "none", to_stdout)
+    _print_totals(totals, labeler.fallback, to_stdout)
     if not to_stdout:
         err.print(f"{totals.images} images labelled; JSON lines written to {out_path}", highlight=False)
 
