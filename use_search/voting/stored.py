@@ -5,7 +5,7 @@ their vectors. A class list is embedded once; each image then costs one read of 
 over the classes per segment (dot products) and the per-pixel vote of ``vote.vote``, run on the runs
 of the RLE rather than on pixels: a pixel's label depends only on which segments cover it, and that
 set changes only where some segment's run starts or ends, so the image is cut into the intervals
-between those boundaries (column-major, as COCO RLE counts) and each interval votes once. Areas are
+between those boundaries (column-major, as COCO RLE counts) and each distinct set of covering segments votes once. Areas are
 exact pixel counts; the work grows with the number of runs, not with the image's size.
 
 Memory holds one image's points at a time (plus the label map, only for the ``nearest`` fallback).
@@ -94,7 +94,18 @@ def vote_runs(runs: Sequence[tuple[np.ndarray, np.ndarray]], probs: np.ndarray, 
         k = np.searchsorted(ends, at, side="right")  # the first run ending after the interval's start
         inside = k < len(starts)
         covers[i, inside] = starts[k[inside]] <= at[inside]
-    labels = vote(covers[:, None, :], probs)[0]
+    if not runs:
+        return IntervalVotes(bounds, covers, np.full(len(at), UNLABELED, np.int32))
+    # Many intervals share their set of covering segments: one vote per distinct set.
+    packed = np.packbits(covers, axis=0)  # (ceil(N/8), I) uint8
+    words = -(-len(packed) // 8)
+    keys = np.zeros((len(at), 8 * words), np.uint8)
+    keys[:, : len(packed)] = packed.T
+    keys = keys.view(np.uint64)  # (I, words): up to 64 segments sort as one integer
+    sets, which = np.unique(keys[:, 0] if words == 1 else keys, axis=0, return_inverse=True)
+    sets = sets.reshape(len(sets), words).view(np.uint8)[:, : len(packed)]
+    distinct = np.unpackbits(sets.T, axis=0, count=len(runs)).astype(bool)  # (N, distinct sets)
+    labels = vote(distinct[:, None, :], probs)[0][which.ravel()]
     return IntervalVotes(bounds, covers, labels)
 
 
