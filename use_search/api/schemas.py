@@ -202,15 +202,25 @@ class HealthOut(BaseModel):
 
 
 # POST /label: §4.3 voting over the stored masks and vectors -----------------------------------------
+ClassName = Annotated[str, Field(min_length=1, max_length=MAX_CLASS_CHARS, json_schema_extra=VISIBLE)]
+
+
 class LabelRequest(Strict):
-    classes: list[ClassNames] = Field(..., min_length=1, max_length=MAX_CLASSES,
-                                      description="Class names (each item may be comma-separated).")
+    classes: list[ClassName] = Field(..., min_length=1, max_length=MAX_CLASSES, json_schema_extra={"uniqueItems": True},
+                                     description="Class names, distinct; a label map's class index is the position here.")
     under: Optional[str] = Field(None, min_length=1, max_length=4096, json_schema_extra=ABSOLUTE,
                                  description="Only images under this folder (absolute path).")
     fallback: Literal["none", "nearest"] = Field(
         "none", description="Pixels no stored segment covers: none (unlabeled) or the nearest labelled pixel's class.")
     offset: int = Field(0, ge=0, le=2**53, description="Image records (paths) to skip: a previous page's next_offset.")
     limit: int = Field(20, ge=1, le=200, description="Image records (paths) read for this page.")
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("class names must be distinct")
+        return [checked_text(n, "class name") for n in v]
 
     @field_validator("under")
     @classmethod

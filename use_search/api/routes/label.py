@@ -10,7 +10,6 @@ from fastapi import APIRouter, HTTPException
 
 from use_search.api.errors import DATA, errors
 from use_search.api.forms import StrictJSONRoute
-from use_search.api.routes.segment import class_names
 from use_search.api.schemas import ErrorOut, LabelOut, LabelRequest
 from use_search.api.state import State
 from use_search.store.base import SearchFilter
@@ -32,7 +31,7 @@ def label_images(body: LabelRequest, st: State) -> dict[str, Any]:
     once, at its first path, so a page may hold fewer images than records. The masks are the stored
     ones: an image larger than SAM's input was segmented at the working size and its masks enlarged,
     which ``/segment`` on an upload (answered at the working size) does not do."""
-    names = class_names(body.classes)
+    names = body.classes
     store = st.require_store()
     out: dict[str, Any] = {"classes": names, "fallback": body.fallback, "images": [], "next_offset": None}
     with st.store_lock:
