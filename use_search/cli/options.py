@@ -29,7 +29,7 @@ MODELS_HELP = (
 )
 
 # name of the command's parameter → (its type, its typer option). The mask knobs' defaults are
-# segment-anything's, the fields of ``config.MaskGeneration``.
+# segment-anything's, those of ``config.AutoMaskParams``.
 VOTING_OPTIONS: dict[str, tuple[Any, Any]] = {
     "models": (Optional[list[str]], typer.Option(None, "--model", "-m", help=MODELS_HELP)),
     "combine": (Optional[str], typer.Option(
@@ -132,6 +132,4 @@ def voting_models(settings: Settings):  # type: ignore[no-untyped-def]
 
 def amg_json(segmenter) -> dict:  # type: ignore[no-untyped-def]
     """The automatic-mask settings a segmenter ran with, for a result's ``settings``."""
-    import dataclasses
-
-    return {**dataclasses.asdict(segmenter.params), "engine": type(segmenter).__name__}
+    return {**segmenter.params.model_dump(), "engine": type(segmenter).__name__}
