@@ -1,6 +1,7 @@
 """What every command module of the CLI shares: the typer app, the consoles, the global options and
-the settings they make, the store they name, and the untrained-models banner. Command modules import this, never the package, so that the
-package can import them to register their commands (no import circle)."""
+the settings they make, the store they name, and the untrained-models banner. Command modules import
+this, never the package, so that the package can import them to register their commands (no import
+circle)."""
 
 from __future__ import annotations
 
