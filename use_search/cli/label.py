@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from use_search.cli.shell import app, err, out, state
+from use_search.cli.shell import app, banner, err, out, state
 from use_search.cli.shell import open_store as _open_store
 from use_search.cli.shell import store_label as _store_label
 
@@ -48,6 +48,7 @@ def label(
     rt = Runtime.from_settings(state.settings)
     rt.preflight(("text",))
     embedder = rt.query_embedder()
+    banner(embedder.untrained)
     totals = LabelTotals(names)
     with _open_store(writable=False) as store:
         labeler = rt.labeler(store, embedder, fallback)
