@@ -75,8 +75,7 @@ def build_store(args: argparse.Namespace, tmp: Path) -> dict:
             store.upsert_segments(batch)
             store.put_images(records)
             batch, records = [], []
-    store.optimize()
-    store.close()
+    store.close()  # no optimize(): label reads points by id, it never searches (no HNSW needed)
     rle_bytes = sum(len(r["counts"]) for r in pool) / POOL
     return {"build_s": round(time.perf_counter() - t0, 1), "dim": embedder.dim, "rle_chars_mean": round(rle_bytes)}
 
