@@ -129,7 +129,17 @@ def job_index(parts: Parts, data: bytes, path: str, sha256: str) -> Indexed:
     return Indexed(points, img.width, img.height, parts.embedder.model_id, parts.embedder.dim)
 
 
-JOBS: dict[str, Callable[..., Any]] = {"segment": job_segment, "index": job_index}
+def job_like(parts: Parts, data: bytes, point: tuple[int, int] | None) -> list[float]:
+    """The vector of an upload's segment under ``point`` (x, y in its own pixels), or of the whole
+    image, segmented at the working size and embedded by the store's model (more like this)."""
+    from use_search.imaging import decode_work
+    from use_search.query.forms import image_vector
+
+    img = decode_work(data, parts.settings.api.max_pixels, parts.side)
+    return image_vector(img.pixels, parts.embedder, parts.segmenter, point, (img.height, img.width)).tolist()
+
+
+JOBS: dict[str, Callable[..., Any]] = {"segment": job_segment, "index": job_index, "like": job_like}
 
 
 def _child(settings: Settings, conn: Connection, nice: int) -> None:
