@@ -72,12 +72,13 @@ def check_count(what: str, items: Sequence[object], most: int) -> None:
 
 
 def build(searcher: Searcher, ask: Ask, max_items: int = 8) -> VectorQuery:
-    """The engine query for ``ask``. Cost: one text-tower call per text, one store read (``read_points``,
+    """The engine query for ``ask``. Cost: one text-tower call for all its texts, one store read (``read_points``,
     vectors of the ``like`` examples) when there are examples."""
     for what, items in (("texts", ask.texts), ("like examples", ask.like + ask.like_vectors), ("negatives", ask.negatives)):
         check_count(what, items, max_items)
     searcher.check_store()
-    positives = [searcher.embed(t) for t in ask.texts] + list(ask.like_vectors)
+    texts = embed_all(searcher, [*ask.texts, *ask.negatives])
+    positives = texts[: len(ask.texts)] + list(ask.like_vectors)
     examples = []
     if ask.like:
         found = {p.id: p for p in searcher.store.read_points(list(dict.fromkeys(ask.like)))}
@@ -90,11 +91,16 @@ def build(searcher: Searcher, ask: Ask, max_items: int = 8) -> VectorQuery:
         raise QueryInputError("give a text or a segment to look like")
     return VectorQuery(
         positives=tuple(positives),
-        negatives=tuple(searcher.embed(t) for t in ask.negatives),
+        negatives=tuple(texts[len(ask.texts):]),
         flt=None if ask.flt is None or ask.flt.is_empty() else ask.flt,
         exclude_ids=tuple(p.id for p in examples),
         exclude_shas=tuple(dict.fromkeys(p.payload["sha256"] for p in examples)) if ask.other_images else (),
     )
+
+
+def embed_all(searcher: Searcher, texts: Sequence[str]) -> list[np.ndarray]:
+    """Every text's vector from one text-tower call (one batch), none when there is no text."""
+    return list(searcher.embedder.embed_texts(list(texts))) if texts else []
 
 
 def _checked(searcher: Searcher, hits: Sequence[Hit]) -> None:
@@ -145,7 +151,7 @@ def all_of(
     other segments for it (a common thing in a large store) is missed, even though it has every phrase.
     ``none`` is exact for the images found: one group-by query per ``none`` phrase restricted to them.
 
-    Cost: one text-tower call per phrase; store calls: 1 batch (``len(phrases) × candidates`` points,
+    Cost: one text-tower call (all phrases in one batch); store calls: 1 batch (``len(phrases) × candidates`` points,
     sha256 only) + 1 group-by per ``none`` phrase (restricted to the found images) + 1 retrieve of
     the ``≤ k × len(phrases)`` chosen segments."""
     if not phrases:
@@ -158,8 +164,8 @@ def all_of(
         raise QueryInputError("k must be at least 1")
     searcher.check_store()
     flt = None if flt is None or flt.is_empty() else flt
-    vectors = [searcher.embed(p) for p in phrases]
-    found = searcher.store.query_batch([VectorQuery((v,), flt=flt) for v in vectors], candidates, min_score)
+    vectors = embed_all(searcher, [*phrases, *none])
+    found = searcher.store.query_batch([VectorQuery((v,), flt=flt) for v in vectors[: len(phrases)]], candidates, min_score)
     best: list[dict[str, tuple[str, float]]] = []
     for points in found:
         per_image: dict[str, tuple[str, float]] = {}
@@ -167,9 +173,9 @@ def all_of(
             per_image.setdefault(p.sha256, (p.id, p.score))
         best.append(per_image)
     shared = set.intersection(*(set(b) for b in best))
-    for text in none:
+    for vector in vectors[len(phrases):]:
         if shared:
-            q = VectorQuery((searcher.embed(text),), only_shas=tuple(sorted(shared)))
+            q = VectorQuery((vector,), only_shas=tuple(sorted(shared)))
             shared -= {g[0].sha256 for g in searcher.store.query_groups(q, len(shared), 1, min_score) if g}
     ranked = sorted(shared, key=lambda s: (-min(b[s][1] for b in best), s))[:k]
     ids = list(dict.fromkeys(b[s][0] for s in ranked for b in best))
