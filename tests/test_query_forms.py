@@ -191,3 +191,24 @@ def test_group_by_image(searcher: Searcher, k: int, per_image: int) -> None:
     for m in found:
         assert_hits(m.segments, rows[m.path][:per_image])
         assert m.score == pytest.approx(rows[m.path][0][1], abs=TOL)
+
+
+# The segment under a point (--like-image FILE@X,Y) -----------------------------------------------
+def test_segment_at_picks_the_smallest_mask_under_the_point_or_says_none_does() -> None:
+    from use_search.query.forms import image_vector, parse_image_point, segment_at
+    from use_search.types import Segment
+
+    big = np.zeros((10, 20), bool)
+    big[2:8, 2:18] = True
+    small = np.zeros((10, 20), bool)
+    small[4:6, 4:6] = True
+    segs = [Segment(big, (2, 2, 16, 6), int(big.sum())), Segment(small, (4, 4, 2, 2), int(small.sum()))]
+    assert segment_at(segs, 5, 5) is segs[1]
+    assert segment_at(segs, 10, 3) is segs[0]
+    with pytest.raises(QueryInputError, match="no segment covers pixel 0,0"):
+        segment_at(segs, 0, 0)
+    with pytest.raises(QueryInputError, match="outside the image"):
+        segment_at(segs, 20, 0)
+    with pytest.raises(QueryInputError, match="point 40,3 is outside the image \\(40×20 pixels\\)"):
+        image_vector(np.zeros((10, 20, 3), np.uint8), None, None, (40, 3), original=(20, 40))
+    assert parse_image_point("a@b.png@3,4") == ("a@b.png", (3, 4)) and parse_image_point("a.png") == ("a.png", None)

@@ -132,11 +132,10 @@ def job_index(parts: Parts, data: bytes, path: str, sha256: str) -> Indexed:
 def job_like(parts: Parts, data: bytes, point: tuple[int, int] | None) -> list[float]:
     """The vector of an upload's segment under ``point`` (x, y in its own pixels), or of the whole
     image, segmented at the working size and embedded by the store's model (more like this)."""
-    from use_search.imaging import decode_work
-    from use_search.query.forms import image_vector
+    from use_search.query.forms import upload_vector
 
-    img = decode_work(data, parts.settings.api.max_pixels, parts.side)
-    return image_vector(img.pixels, parts.embedder, parts.segmenter, point, (img.height, img.width)).tolist()
+    s = parts.settings
+    return upload_vector(data, parts.embedder, parts.segmenter, point, s.api.max_pixels, s.work_side).tolist()
 
 
 JOBS: dict[str, Callable[..., Any]] = {"segment": job_segment, "index": job_index, "like": job_like}

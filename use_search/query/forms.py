@@ -225,7 +225,25 @@ def image_vector(pixels: np.ndarray, embedder, segmenter=None, point: tuple[int,
     return np.asarray(embedder.embed_segments(pixels, [chosen])[0], dtype=np.float32)
 
 
+def upload_vector(data: bytes, embedder, segmenter, point: tuple[int, int] | None,  # type: ignore[no-untyped-def]
+                  max_pixels: int, work_side: int | None) -> np.ndarray:
+    """``image_vector`` of an image file's bytes, decoded at the working size (setting ``work_side``,
+    else the segmenter's input size), as the indexer sees it."""
+    from use_search.imaging import decode_work, working_side
+
+    img = decode_work(data, max_pixels, working_side(segmenter, work_side))
+    return image_vector(img.pixels, embedder, segmenter, point, (img.height, img.width))
+
+
+def parse_image_point(value: str) -> tuple[str, tuple[int, int] | None]:
+    """``FILE`` or ``FILE@X,Y`` (the segment under pixel X,Y) → (file, point or None)."""
+    import re
+
+    m = re.fullmatch(r"(.+)@(\d+),(\d+)", value)
+    return (m.group(1), (int(m.group(2)), int(m.group(3)))) if m else (value, None)
+
+
 __all__ = [
     "Ask", "ImageMatch", "QueryInputError", "StoreError", "UnknownSegmentError",
-    "all_of", "build", "image_vector", "images", "segment_at", "segments",
+    "all_of", "build", "image_vector", "images", "parse_image_point", "segment_at", "segments", "upload_vector",
 ]
