@@ -6,7 +6,9 @@ qdrant-edge has no group-by query, so ``groups`` does what the server's ``query_
 segments reading only ``sha256`` until ``k`` distinct contents are seen (the fetch grows ×4 while
 fewer are; it stops when the collection has no more), then one batched query per content (limit
 ``per_group``, filtered to that content). Cost: 1 + (number of ×4 growths) + 1 engine calls; points
-touched: the fetched segments (sha256 only) plus ``k × per_group`` with payload.
+touched: the fetched segments (sha256 only) plus ``k × per_group`` with payload. When fewer than ``k``
+contents match (the filter, ``min_score``), the last fetch reads every matching point: a filtered
+engine query, bounded by the points the filter lets through.
 """
 
 from __future__ import annotations
