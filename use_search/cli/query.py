@@ -57,7 +57,8 @@ def query(
     example = _image_example(rt, like_image) if like_image else None
     embedder = rt.query_embedder()  # CLIP's text tower only: a model problem shows before the store is opened
     ask = forms.Ask(texts=[text] if text else [], like=like, like_vectors=[example] if example is not None else [],
-                    negatives=negatives, other_images=other_images, flt=flt, min_score=min_score)
+                    negatives=negatives, other_images=other_images, flt=flt, min_score=min_score,
+                    max_items=state.settings.query.max_phrases)
     with _open_store(writable=False) as store:
         if store.dim is None or store.count_segments() == 0:
             raise StoreError(f"the store at {_store_label()} is empty: run `use-search index FOLDER` first")

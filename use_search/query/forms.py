@@ -43,6 +43,7 @@ class Ask:
     other_images: bool = False
     flt: SearchFilter | None = None
     min_score: float | None = None
+    max_items: int = 8  # texts, examples, negatives: each at most this many (settings.query.max_phrases)
 
 
 @dataclass
@@ -71,11 +72,11 @@ def check_count(what: str, items: Sequence[object], most: int) -> None:
         raise QueryInputError(f"{what}: at most {most} (got {len(items)})")
 
 
-def build(searcher: Searcher, ask: Ask, max_items: int = 8) -> VectorQuery:
+def build(searcher: Searcher, ask: Ask) -> VectorQuery:
     """The engine query for ``ask``. Cost: one text-tower call for all its texts, one store read (``read_points``,
     vectors of the ``like`` examples) when there are examples."""
     for what, items in (("texts", ask.texts), ("like examples", ask.like + ask.like_vectors), ("negatives", ask.negatives)):
-        check_count(what, items, max_items)
+        check_count(what, items, ask.max_items)
     searcher.check_store()
     texts = embed_all(searcher, [*ask.texts, *ask.negatives])
     positives = texts[: len(ask.texts)] + list(ask.like_vectors)

@@ -44,7 +44,8 @@ def search(body: SearchRequest, st: State) -> dict[str, Any]:
             hits = searcher.search_vector(vector, body.k, None if flt.is_empty() else flt, body.min_score, body.dedup)
         return hits_json(st, hits)
     ask = Ask(texts=[body.text] if body.text else [], like=[str(r.segment_id) for r in body.like or []],
-              negatives=body.not_ or [], other_images=body.other_images, flt=flt, min_score=body.min_score)
+              negatives=body.not_ or [], other_images=body.other_images, flt=flt, min_score=body.min_score,
+              max_items=st.settings.query.max_phrases)
     return run_forms(st, body, ask)
 
 
