@@ -45,7 +45,7 @@ def test_like_leaves_out_the_example_and_with_other_images_its_image(indexed) ->
     assert other and first["sha256"] not in {r["sha256"] for r in other}
     assert [r["id"] for r in other] == [r["id"] for r in like if r["sha256"] != first["sha256"]]
     both = rows(run(["query", "a dog", "--like", first["id"], "--not", "grass", "-k", "5", "--json"], data))
-    assert len(both) == 5 and first["id"] not in {r["id"] for r in both}
+    assert len(both) == min(5, len(like)) and first["id"] not in {r["id"] for r in both}
 
 
 def test_all_and_group_print_one_row_per_image(indexed) -> None:
