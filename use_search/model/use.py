@@ -38,15 +38,14 @@ from use_search.model.checkpoint import (
     BackboneMismatchError,
     UseConfig,
     check_use_preset,
-    checkpoint_digest,
     fingerprint,
-    read_use_checkpoint,
-    read_use_config,
+    open_use_checkpoint,
     save_use_checkpoint,
 )
 from use_search.model.clip import ClipBundle, load_clip
 from use_search.model.dinov2 import Dinov2Bundle, load_dinov2
 from use_search.model.geometry import letterbox, segment_patch_weights
+from use_search.model.registry import config_name, model_id
 from use_search.model.text import TextEncoder
 from use_search.presets import Preset, get_preset
 from use_search.types import Segment
@@ -339,9 +338,9 @@ def describe_backbones(
     clip_fp, dino_fp = backbone_fingerprints(clip, dino)
     width = int(visual.conv1.out_channels)
     return UseConfig(
-        clip="tiny" if clip.model_id == "clip-tiny-untrained" else clip.model_id,  # load_clip's id for "tiny"
+        clip=config_name("clip", clip.model_id),
         clip_arch=clip.arch,
-        dinov2=dino.model_id,
+        dinov2=config_name("dinov2", dino.model_id),
         dinov2_arch=dino.arch,
         dinov2_blocks=dinov2_blocks,
         grid=grid,
@@ -396,16 +395,14 @@ class UseModel(nn.Module):
 
 
 def load_backbones(config_or_preset: UseConfig | Preset, settings: Settings, grid: int, device: str) -> tuple[ClipBundle, Dinov2Bundle]:
-    """CLIP and DINOv2 by registry name ("tiny" for the random-init test architectures); a missing
-    real checkpoint raises ``MissingWeightsError`` saying which file to put where."""
+    """CLIP and DINOv2 by the names of a USE config or a preset (model registry names, files, file
+    identities); a missing real checkpoint raises ``MissingWeightsError`` saying which file to put where."""
     if isinstance(config_or_preset, UseConfig):
-        clip_name, clip_arch = config_or_preset.clip, config_or_preset.clip_arch
-        dino_name, dino_arch = config_or_preset.dinov2, config_or_preset.dinov2_arch
+        clip_arch, dino_arch = config_or_preset.clip_arch, config_or_preset.dinov2_arch
     else:
-        clip_name, clip_arch = config_or_preset.clip, None
-        dino_name, dino_arch = config_or_preset.dinov2, None
-    clip = load_clip(clip_name, settings, arch=None if clip_name == "tiny" else clip_arch, device=device)
-    dino = load_dinov2(dino_name, settings, grid, arch=None if dino_name == "tiny" else dino_arch, device=device)
+        clip_arch = dino_arch = None
+    clip = load_clip(config_or_preset.clip, settings, arch=clip_arch, device=device)
+    dino = load_dinov2(config_or_preset.dinov2, settings, grid, arch=dino_arch, device=device)
     return clip, dino
 
 
@@ -426,7 +423,8 @@ def build_use_model(
 def load_use_model(path: Path, settings: Settings, device: str = "cpu") -> UseModel:
     """Rebuild a USE model from a checkpoint: load the backbones it names, check they are the ones
     it was trained on, load the trainable weights (strictly)."""
-    config, state = read_use_checkpoint(path)
+    ckpt = open_use_checkpoint(path)
+    config, state = ckpt.config, ckpt.state
     clip, dino = load_backbones(config, settings, config.grid, device)
     check_backbones(config, clip, dino, f"USE checkpoint {path}")
     model = UseModel(config, clip, dino)
@@ -460,9 +458,7 @@ class UseEmbedder(Embedder):
     The encoder runs once per image, on up to ``batch`` images per forward; all segments of those
     images are pooled in one batched op."""
 
-    def __init__(
-        self, model: UseModel, device: str = "cpu", name: str = "untrained", digest: str | None = None, batch: int = 8,
-    ) -> None:
+    def __init__(self, model: UseModel, device: str = "cpu", tag: str = "untrained", batch: int = 8) -> None:
         self.model = model.to(device).eval()
         self.device = device
         self.batch = max(1, batch)
@@ -470,8 +466,7 @@ class UseEmbedder(Embedder):
         self.text = TextEncoder(model.clip, device)
         self.dim = self.config.clip_embed_dim
         self.untrained = self.config.is_tiny or self.config.trained_steps == 0
-        tag = f"{name}-{digest}" if digest else name
-        self.model_id = f"use:{tag}" + (":untrained-tiny" if self.config.is_tiny else "")
+        self.model_id = model_id(model.clip.model_id, tag, untrained_tiny=self.config.is_tiny)
 
     def patch_weights(self, image_shape: tuple[int, int], segments: Sequence[Segment]) -> torch.Tensor:
         """(n, G·G) weights; raises ``ValueError`` on an empty or wrongly sized mask."""
@@ -522,7 +517,7 @@ class UseEmbedder(Embedder):
 def load_use_embedder(path: Path, settings: Settings, device: str) -> UseEmbedder:
     """The USE embedder of a checkpoint. Its backbones must be the configured preset's: a checkpoint
     trained on other backbones is refused with the preset to use instead."""
-    path = Path(path).expanduser()
-    check_use_preset(path, read_use_config(path), settings)
-    model = load_use_model(path, settings, device)
-    return UseEmbedder(model, device, name=path.stem, digest=checkpoint_digest(path))
+    ckpt = open_use_checkpoint(path)
+    check_use_preset(ckpt.path, ckpt.config, settings)
+    model = load_use_model(ckpt.path, settings, device)
+    return UseEmbedder(model, device, tag=ckpt.tag)

@@ -231,7 +231,7 @@ class Trainer:
                 self.model.trainable, device_ids=[torch.device(self.device).index] if self.device.startswith("cuda") else None
             )
         self.texts = TextBank(TextEncoder(self.model.clip, self.device), self.device, self.amp)
-        self.embedder = UseEmbedder(self.model, self.device, name="training") if val and ctx.rank == 0 else None
+        self.embedder = UseEmbedder(self.model, self.device, tag="training") if val and ctx.rank == 0 else None
         self.step = 0
 
     # -- state -------------------------------------------------------------------------------------
