@@ -43,7 +43,8 @@ def test_tiny_is_an_entry_like_the_published_checkpoints():
     assert {(k, n) for k, n in ENTRIES if n != TINY} == {(s.kind, s.name) for s in REGISTRY.values()}
     assert entry("clip", "sam_vit_b") is None and not random_init("clip", "/models/tiny")
     # The ids stores already hold for the tiny models.
-    assert [ENTRIES[(f, TINY)].model_id for f in ("sam", "clip", "dinov2")] == ["sam-tiny-untrained", "clip-tiny-untrained", "tiny"]
+    ids = [ENTRIES[(f, TINY)].model_id for f in ("sam", "clip", "dinov2")]
+    assert ids == ["sam-tiny-untrained", "clip-tiny-untrained", "tiny"]
 
 
 @pytest.mark.parametrize("family", ["sam", "clip", "dinov2"])
@@ -145,8 +146,9 @@ def test_an_index_run_reads_its_use_checkpoint_once(tmp_path, monkeypatch):
     target = str(ckpt.resolve())
 
     def audit(event: str, args: tuple) -> None:
-        if watching[0] and event == "open" and isinstance(args[0], (str, Path)) and str(Path(args[0]).resolve()) == target:
-            opened.append(event)
+        if watching[0] and event == "open" and isinstance(args[0], (str, Path)):
+            if str(Path(args[0]).resolve()) == target:
+                opened.append(event)
 
     sys.addaudithook(audit)  # cannot be removed: it stops counting when the test ends
     try:

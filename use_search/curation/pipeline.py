@@ -163,7 +163,8 @@ def build_components(config: CurationConfig) -> CurationComponents:
     )
     regions = VisualGenomeRegions(config.vg_regions, config.vg_image_data) if config.vg_regions else None
     grounding = config.grounding_model if captioners else None
-    untrained = any(random_init(k, v) for k, v in (("mllm", config.mllm), ("grounding", grounding), ("sam", config.sam)))
+    named = {"mllm": config.mllm, "grounding": grounding, "sam": config.sam}
+    untrained = any(random_init(family, name) for family, name in named.items())
     return CurationComponents(captioners, phrases, grounder, regions, segmenter, models, untrained)
 
 

@@ -164,9 +164,9 @@ class Source:
 def parse(family: Family, name: str | Path, settings: "Settings | None" = None, arch: str | None = None) -> Source:
     """Resolve ``NAME | FILE | ARCH:FILE`` (or a recorded model id) of ``family`` to its ``Source``,
     downloading a registry checkpoint if allowed. ``arch`` is the architecture a caller already knows
-    (a USE checkpoint's config) for a FILE; ``settings`` say where registry checkpoints are cached
-    (a USE checkpoint, a FILE only, needs none). A missing checkpoint is ``MissingWeightsError`` naming the
-    file and where to put it; a name of another family is a ``ValueError``."""
+    (a USE checkpoint's config) for a FILE; ``settings`` say where registry checkpoints are cached (a
+    USE checkpoint, a FILE only, needs none). A missing checkpoint is ``MissingWeightsError`` naming
+    the file and where to put it; a name of another family is a ``ValueError``."""
     name = str(name)
     e = entry(family, name)
     if e is not None:
@@ -203,7 +203,8 @@ def _by_identity(family: Family, identity: str, settings: "Settings | None") -> 
     given = getattr(settings, family, None)
     if given and given != identity:
         src = parse(family, given, settings)
-        if src.path is not None and file_identity(src.path, family, src.arch or arch) == identity:  # type: ignore[arg-type]
+        found = file_identity(src.path, family, src.arch or arch) if src.path else None  # type: ignore[arg-type]
+        if found == identity:
             return Source(family, identity, None, src.path, arch)
     info = FAMILIES[family]
     raise MissingWeightsError(
