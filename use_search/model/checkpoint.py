@@ -153,7 +153,7 @@ def _parse(path: Path, data: bytes) -> tuple[UseConfig, dict[str, torch.Tensor]]
         state = safetensors_bytes_load(data)
     except Exception as e:  # safetensors raises its own error types for non-safetensors input
         raise CheckpointError(f"{path} is not a safetensors file: {e}") from e
-    meta = header.get("__metadata__") or {} if isinstance(header, dict) else {}
+    meta = (header.get("__metadata__") or {}) if isinstance(header, dict) else {}
     if META_KEY not in meta:
         raise CheckpointError(f"{path} has no '{META_KEY}' metadata: not a USE checkpoint")
     return UseConfig.from_json(meta[META_KEY]), state
