@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader
 from use_search.config import Settings
 from use_search.model.checkpoint import read_use_checkpoint
 from use_search.model.text import TRAINING_TEMPLATES, TextEncoder
-from use_search.model.use import BackboneFeatures, UseEmbedder, UseModel, build_use_model
+from use_search.model.backbones import BackboneFeatures
+from use_search.model.use import UseEmbedder, UseModel, build_use_model
 from use_search.presets import preset_for
 from use_search.train.data import Batch, DataSpec, EpochBatches, PairDataset, PairImage, collate, feature_path, load_pairs
 from use_search.train.evaluate import evaluate_retrieval
