@@ -38,9 +38,13 @@ def expected_now(before: dict) -> dict:
     - ``SegmentationOut.fallback``: /segment names what labelled the pixels no segment covers.
     - ``HealthOut.store`` "read-only" and ``POST /images``' 503: a server on a store it cannot write
       searches and refuses uploads.
-    - ``POST /label`` and its ``Label*`` schemas (the snapshot's "added" part, as the open app gives
-      them; the keyed app adds its security requirement): labels of the indexed images by §4.3 voting
-      over their stored masks and vectors."""
+    The snapshot itself was regenerated (with the three spots above as they were) for the query forms:
+    ``SearchRequest`` takes ``like`` (``LikeRef``), ``other_images``, ``not``, ``all``, ``none``,
+    ``group``, ``per_image`` and ``text`` is optional; ``SearchOut.images`` (``ImageMatchOut``); the
+    /search 404 (an unknown ``like`` segment); ``POST /search/image`` (more like an upload).
+    Added since, outside ``keyed``/``open``: ``POST /label`` and its ``Label*`` schemas (the snapshot's
+    "added" part, as the open app gives them; the keyed app adds its security requirement): labels of
+    the indexed images by §4.3 voting over their stored masks and vectors."""
     doc = copy.deepcopy(before)
     added = json.loads(BEFORE.read_text())["added"]
     label = copy.deepcopy(added["paths"]["/label"])
@@ -70,7 +74,7 @@ def test_openapi_document_is_the_one_before_the_routers(tmp_path, keyed):
     assert json.loads(json.dumps(doc)) == expected_now(before)
     operations = {op["operationId"] for ops in doc["paths"].values() for op in ops.values()}
     assert operations == {"health", "metrics", "search", "get_segment", "get_mask", "get_image", "get_overlay",
-                          "upload_image", "segment_image", "label_images"}
+                          "upload_image", "segment_image", "search_image", "label_images"}
 
 
 def run_cli(args: list[str], data: Path) -> subprocess.CompletedProcess:
