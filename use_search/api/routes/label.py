@@ -20,7 +20,7 @@ router = APIRouter(route_class=StrictJSONRoute)
 NOT_INDEXED = {404: {"model": ErrorOut, "description": "Nothing is indexed under the folder asked for."}}
 
 
-@router.post("/label", response_model=LabelOut, responses={**errors(*DATA, 413), **NOT_INDEXED},
+@router.post("/label", response_model=LabelOut, responses={**errors(*DATA, 400, 413), **NOT_INDEXED},
              operation_id="label_images")
 def label_images(body: LabelRequest, st: State) -> dict[str, Any]:
     """Which classes each indexed image holds, their pixel areas (at the image's own size) and segments,
