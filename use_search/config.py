@@ -191,6 +191,16 @@ class StoreSettings(BaseModel):
     max_segment_mb: int | None = Field(default=128, ge=1)
     # Below this many KB of new vectors the engine leaves them unindexed (scanned exactly). None: qdrant's default.
     indexing_threshold_kb: int | None = Field(default=None, ge=1)
+    # How the segments collection holds its vectors and payloads (store/layout.py; docs/benchmarks.md,
+    # "Stores at scale"). Fixed when a store is created and recorded with it; None: the store's own
+    # (a new store: int8, vectors and payloads on disk). Given and different from the store's: an error.
+    quantization: Literal["none", "int8", "binary", "turbo4"] | None = None
+    vectors_on_disk: bool | None = None  # float vectors on disk (mmap); quantized ones stay in RAM
+    payload_on_disk: bool | None = None  # payloads (with the masks) on disk, read for the hits only
+    # Every search of a quantized store: rescore the candidates with the float vectors, and how many
+    # candidates (× k) the quantized index proposes.
+    rescore: bool = True
+    oversampling: float = Field(default=2.0, ge=1.0, le=16.0)
 
     @model_validator(mode="after")
     def _consistency_within_replicas(self) -> "StoreSettings":

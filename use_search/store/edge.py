@@ -42,6 +42,7 @@ import qdrant_edge as qe
 from use_search.store.base import (
     IMAGE_INDEXED_FIELDS,
     LEGACY_PATH_FIELD,
+    MASK_FIELDS,
     SEGMENT_INDEXED_FIELDS,
     ImageEntry,
     SearchFilter,
@@ -53,6 +54,19 @@ from use_search.store.base import (
     hit_from,
     image_id,
     references,
+)
+from use_search.store.build import points_per_segment
+from use_search.store.layout import (
+    LAYOUT_FILE,
+    LEGACY,
+    Layout,
+    SearchTuning,
+    edge_quantization,
+    edge_search_params,
+    edge_vectors,
+    read_recorded,
+    resolve,
+    write_recorded,
 )
 from use_search.types import Hit, SegmentPoint
 
@@ -103,7 +117,10 @@ class EdgeStore(VectorStore):
         max_segment_mb: int | None = 128,
         indexing_threshold_kb: int | None = None,
         free_space: Callable[[Path], int] = free_bytes,
+        layout: Mapping[str, Any] | None = None,
+        tuning: SearchTuning | None = None,
     ) -> None:
+        """``layout``: the creation-time settings asked for (store/layout.py; unset ones: the store's own)."""
         self.root = Path(path) / collection
         self.writable = writable
         self.min_free_bytes = min_free_bytes
@@ -112,6 +129,11 @@ class EdgeStore(VectorStore):
             max_segment_size=max_segment_mb * 1024 if max_segment_mb else None,
             indexing_threshold=indexing_threshold_kb,
         )
+        self._max_segment_mb = max_segment_mb
+        self._wanted = dict(layout or {})
+        self._tuning = tuning or SearchTuning()
+        self._layout: Layout | None = None
+        self._unwritten_since_build = 0  # points upserted since the last index build (an upper bound)
         self._segments: _Shard | None = None
         self._images: _Shard | None = None
         self._dim: int | None = None
@@ -147,7 +169,8 @@ class EdgeStore(VectorStore):
     def _open_shards(self) -> None:
         if _shard_exists(self._data / SEGMENTS_DIR):
             self._dim = _persisted_dim(self._data / SEGMENTS_DIR)
-            self._segments = _load(self._data / SEGMENTS_DIR, self._config(self._dim, qe.Distance.Cosine))
+            self._layout = resolve(read_recorded(self._data) or LEGACY, self._wanted, f"the store at {self.root}")
+            self._segments = _load(self._data / SEGMENTS_DIR, self._config(self._dim, qe.Distance.Cosine, self._layout))
         if _shard_exists(self._data / IMAGES_DIR):
             self._images = _load(self._data / IMAGES_DIR, self._config(1, qe.Distance.Dot))
 
@@ -160,8 +183,18 @@ class EdgeStore(VectorStore):
         finally:
             self._segments = self._images = None
 
-    def _config(self, dim: int, distance: Any) -> qe.EdgeConfig:
-        return qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=distance), optimizers=self._optimizers)
+    def _config(self, dim: int, distance: Any, layout: Layout | None = None) -> qe.EdgeConfig:
+        if layout is None:  # the image records: a constant 1-d vector each
+            return qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=distance), optimizers=self._optimizers)
+        return qe.EdgeConfig(
+            vectors=edge_vectors(layout, dim), quantization_config=edge_quantization(layout),
+            on_disk_payload=layout.payload_on_disk, optimizers=self._optimizers,
+        )
+
+    @property
+    def layout(self) -> Layout | None:
+        """How the segments collection holds vectors and payloads (None before ``ensure``)."""
+        return self._layout
 
     def _check_space(self, need: int, what: str) -> None:
         if not self.writable:
@@ -184,7 +217,9 @@ class EdgeStore(VectorStore):
                 )
         else:
             self._check_space(_new_store_bytes(self.root), "a new store")
-            self._segments = _create(self.root / SEGMENTS_DIR, self._config(dim, qe.Distance.Cosine))
+            self._layout = resolve(None, self._wanted, f"the store at {self.root}")
+            write_recorded(self.root, self._layout)  # before the shard: a shard is never without it
+            self._segments = _create(self.root / SEGMENTS_DIR, self._config(dim, qe.Distance.Cosine, self._layout))
             self._dim = dim
         if self._images is None:
             self._images = _create(self.root / IMAGES_DIR, self._config(1, qe.Distance.Dot))
@@ -208,11 +243,17 @@ class EdgeStore(VectorStore):
             np.asarray(p.vector).size * 4 + len(str(p.payload.get("rle", ""))) + SEGMENT_OVERHEAD_BYTES for p in points
         )
         self._check_space(WRITE_AMPLIFICATION * need, f"writing {len(points)} segments")
+        cap = points_per_segment(self._dim or 1, self._max_segment_mb)
         for start in range(0, len(points), UPSERT_BATCH):
             batch = [
                 qe.Point(p.id, _vector(p.vector), p.payload) for p in points[start : start + UPSERT_BATCH]
             ]
             shard.update(qe.UpdateOperation.upsert_points(batch))
+            self._unwritten_since_build += len(batch)
+            if cap is not None and self._unwritten_since_build >= cap:
+                # The engine puts every point written since the last build into one segment, whatever
+                # its size cap: building now keeps each new segment (and the build's memory) at the cap.
+                self._build(shard, self._pending(shard))
         shard.flush()
 
     def put_image(self, entry: ImageEntry) -> None:
@@ -284,7 +325,8 @@ class EdgeStore(VectorStore):
 
     # Segments ------------------------------------------------------------------------------------
     def search(
-        self, vector: np.ndarray, k: int, flt: SearchFilter | None = None, min_score: float | None = None
+        self, vector: np.ndarray, k: int, flt: SearchFilter | None = None, min_score: float | None = None,
+        masks: bool = True,
     ) -> list[Hit]:
         if self._segments is None or k <= 0:
             return []
@@ -293,7 +335,8 @@ class EdgeStore(VectorStore):
             query=qe.Query.Nearest(_vector(vector)),
             filter=_filter(flt),
             score_threshold=min_score,
-            with_payload=True,
+            with_payload=True if masks else qe.PayloadSelector.Exclude(list(MASK_FIELDS)),
+            params=edge_search_params(self._layout or Layout(quantization="none"), self._tuning),
         )
         return [hit_from(p.id, p.score, p.payload, flt) for p in self._segments.query(request)]
 
@@ -357,15 +400,21 @@ class EdgeStore(VectorStore):
     # Lifecycle -----------------------------------------------------------------------------------
     def optimize(self) -> None:
         for shard in (self._segments, self._images):
-            if shard is None:
-                continue
-            info = shard.info()
-            pending = info.points_count - info.indexed_vectors_count
-            if shard is self._segments and pending > 0:
-                # A build writes a new copy of the segments it rebuilds before dropping the old ones.
-                self._check_space(2 * pending * (4 * (self._dim or 1) + 1024), "building the search index")
-            shard.optimize()
-            shard.flush()
+            if shard is not None:
+                self._build(shard, self._pending(shard) if shard is self._segments else 0)
+
+    def _pending(self, shard: "_Shard") -> int:
+        info = shard.info()
+        return info.points_count - info.indexed_vectors_count
+
+    def _build(self, shard: "_Shard", pending: int) -> None:
+        if pending > 0:
+            # A build writes a new copy of the segments it rebuilds before dropping the old ones.
+            self._check_space(2 * pending * (4 * (self._dim or 1) + 1024), "building the search index")
+        shard.optimize()
+        shard.flush()
+        if shard is self._segments:
+            self._unwritten_since_build = 0
 
     def snapshot(self, out: Path) -> None:
         """A gzip tar of both shards, taken with the store locked and its shards closed (nothing moves
@@ -378,7 +427,7 @@ class EdgeStore(VectorStore):
             with tarfile.open(tmp, "w:gz", compresslevel=1) as tar:  # sparse engine files: mostly zeros
                 manifest = json.dumps({
                     "format": SNAPSHOT_FORMAT, "collection": self.root.name, "dim": dim,
-                    "points": points, "images": images,
+                    "points": points, "images": images, "layout": read_recorded(self._data),
                 }).encode()
                 info = tarfile.TarInfo(SNAPSHOT_MANIFEST)
                 info.size = len(manifest)
@@ -457,6 +506,8 @@ def restore_snapshot(archive: Path, path: Path, collection: str) -> dict[str, An
             finally:
                 for t in inner.values():
                     t.close()
+        if manifest.get("layout"):
+            write_recorded(root, Layout(**manifest["layout"]))
         for name, tmp in parts.items():
             try:
                 qe.EdgeShard.unpack_snapshot(str(tmp), str(root / name))
@@ -618,6 +669,8 @@ def _private_copy(root: Path) -> Path:
             for name in (SEGMENTS_DIR, IMAGES_DIR):
                 if (root / name).exists():
                     _copy_sparse_tree(root / name, dest / name)
+            if (root / LAYOUT_FILE).exists():
+                shutil.copyfile(root / LAYOUT_FILE, dest / LAYOUT_FILE)
         except BaseException:
             shutil.rmtree(dest.parent, ignore_errors=True)
             raise
