@@ -84,6 +84,8 @@ class SearchRequest(Strict):
         None, ge=-1.0, le=1.0, allow_inf_nan=False, description="Drop hits below this cosine score."
     )
     dedup: bool = Field(False, description="One hit per group of overlapping masks on an image.")
+    masks: bool = Field(True, description="Each hit carries its mask (rle). False: hits without it, a lighter "
+                        "answer; mask_url and overlay_url still draw it.")
 
     @field_validator("text")
     @classmethod
@@ -120,7 +122,7 @@ class HitOut(BaseModel):
     area: int
     width: int
     height: int
-    rle: RLE
+    rle: Optional[RLE] = Field(None, description="The mask; left out when the search asked for masks=false.")
     model: str
     mask_url: str
     overlay_url: str

@@ -277,7 +277,10 @@ def query(
         banner(embedder.untrained)
         if not flt.is_empty() and store.count_segments(flt) == 0:
             raise StoreError(_nothing_indexed(image, under))
-        hits = Searcher(store, embedder).search(text, k, None if flt.is_empty() else flt, min_score, dedup)
+        # The table shows no mask: the search leaves them out; --json and --save need them.
+        hits = Searcher(store, embedder).search(
+            text, k, None if flt.is_empty() else flt, min_score, dedup, masks=bool(as_json or save)
+        )
     if save:
         save.mkdir(parents=True, exist_ok=True)
     saved: dict[str, str] = {}

@@ -358,6 +358,11 @@ class VectorStore(ABC):
     def optimize(self) -> None:
         """Index what is not indexed yet (HNSW for the embedded store). No-op where the engine does it."""
 
+    def index_info(self) -> dict[str, int]:
+        """Segments collection: engine segments, points, points in an HNSW index (the rest are scanned)."""
+        n = self.count_segments()
+        return {"segments": 0, "points": n, "indexed": n}
+
     @abstractmethod
     def close(self) -> None: ...
 

@@ -24,6 +24,7 @@ from use_search.store.base import StoreError
 Quantization = Literal["none", "int8", "binary", "turbo4"]
 QUANTIZATIONS: tuple[str, ...] = ("none", "int8", "binary", "turbo4")
 LAYOUT_FILE = "layout.json"
+SERVER_METADATA_KEY = "use_search_layout"  # the server collection's record, in its metadata
 # A store written before layouts were recorded: floats in RAM, the engine's payload default.
 LEGACY = {"quantization": "none", "vectors_on_disk": False, "payload_on_disk": None}
 
@@ -127,11 +128,16 @@ def server_create_options(layout: Layout, dim: int) -> dict[str, Any]:
         "vectors_config": models.VectorParams(size=dim, distance=models.Distance.COSINE, on_disk=layout.vectors_on_disk),
         "quantization_config": quantization,
         "on_disk_payload": layout.payload_on_disk,
+        "metadata": {SERVER_METADATA_KEY: asdict(layout)},
     }
 
 
 def server_recorded(info: Any) -> dict[str, Any]:
-    """The layout a server collection was created with (``get_collection``'s answer)."""
+    """The layout a server collection was created with: its metadata's record, else (a collection made
+    before layouts, or by hand) what its config says."""
+    record = (getattr(info.config, "metadata", None) or {}).get(SERVER_METADATA_KEY)
+    if record:
+        return dict(record)
     q = info.config.quantization_config
     kind = "none"
     if q is not None:

@@ -302,6 +302,14 @@ class ServerStore(VectorStore):
             if ids and self._has(self.collection):
                 self.client.delete(self.collection, points_selector=models.PointIdsList(points=list(ids)), wait=True)
 
+    def index_info(self) -> dict[str, int]:
+        with self._errors():
+            if not self._has(self.collection):
+                return {"segments": 0, "points": 0, "indexed": 0}
+            info = self.client.get_collection(self.collection)
+        return {"segments": info.segments_count or 0, "points": info.points_count or 0,
+                "indexed": info.indexed_vectors_count or 0}
+
     def close(self) -> None:
         self.client.close()
 

@@ -36,6 +36,6 @@ def search(body: SearchRequest, st: State) -> dict[str, Any]:
     with st.text_lock:
         vector = searcher.embed(body.text)
     with st.store_lock:
-        hits = searcher.search_vector(vector, body.k, None if flt.is_empty() else flt, body.min_score, body.dedup)
+        hits = searcher.search_vector(vector, body.k, None if flt.is_empty() else flt, body.min_score, body.dedup, body.masks)
     names = st.filenames({h.path for h in hits})
     return {"hits": [hit_json(h, names[h.path]) for h in hits], "count": len(hits)}
