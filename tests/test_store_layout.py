@@ -125,3 +125,25 @@ def test_one_large_batch_is_indexed_in_segments_under_the_cap(tmp_path: Path) ->
         sum(f.stat().st_size for f in seg.rglob("*") if f.is_file() and "vector_storage" in f.parts) for seg in _segments_on_disk(tmp_path)
     ]
     assert len(vector_bytes) == 4 and max(vector_bytes) < 2 * 1024 * 1024
+
+
+def test_store_optimize_command_indexes_what_was_added_in_bulk(tmp_path: Path) -> None:
+    from test_reliability import cli, finish
+
+    dim, n = 32, 10_000
+    vectors = np.random.default_rng(1).normal(size=(n, dim)).astype(np.float32)
+    points = [make_point(f"/bulk/{i // 100}.jpg", f"{i // 100:064x}", i % 100, 100, vectors[i]) for i in range(n)]
+    with EdgeStore(tmp_path / "store", "segments", indexing_threshold_kb=64, max_segment_mb=None) as store:
+        store.ensure(dim)
+        store.upsert_segments(points)
+        assert store.index_info()["indexed"] == 0
+    env = {"USE_SEARCH_STORE__INDEXING_THRESHOLD_KB": "64"}
+    rc, out, err = finish(cli(["--store", str(tmp_path / "store"), "store", "optimize"], tmp_path / "data", extra_env=env))
+    assert rc == 0, err
+    assert f"{n:,} of {n:,} points indexed" in out and "(were 0 in" in out
+    with EdgeStore(tmp_path / "store", "segments") as store:
+        assert store.index_info()["indexed"] == n
+    env["USE_SEARCH_STORE__QUANTIZATION"] = "binary"  # the store was made with int8 (the default)
+    rc, out, err = finish(cli(["--store", str(tmp_path / "store"), "stats"], tmp_path / "data", extra_env=env))
+    assert rc == 2 and "Traceback" not in err
+    assert "store.quantization = int8 in the store, binary asked" in err
