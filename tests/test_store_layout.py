@@ -147,3 +147,16 @@ def test_store_optimize_command_indexes_what_was_added_in_bulk(tmp_path: Path) -
     rc, out, err = finish(cli(["--store", str(tmp_path / "store"), "stats"], tmp_path / "data", extra_env=env))
     assert rc == 2 and "Traceback" not in err
     assert "store.quantization = int8 in the store, binary asked" in err
+
+
+def test_a_snapshot_restores_the_layout(tmp_path: Path) -> None:
+    from use_search.store.edge import restore_snapshot
+
+    with EdgeStore(tmp_path / "a", "segments", layout={"quantization": "turbo4", "payload_on_disk": False}) as store:
+        store.ensure(DIM)
+        store.upsert_segments(make_points())
+        store.snapshot(tmp_path / "snap.tar.gz")
+    restore_snapshot(tmp_path / "snap.tar.gz", tmp_path / "b", "segments")
+    with EdgeStore(tmp_path / "b", "segments", writable=False) as store:
+        assert store.layout == Layout(quantization="turbo4", payload_on_disk=False)
+        assert store.count_segments() == len(make_points())

@@ -56,18 +56,8 @@ from use_search.store.base import (
     references,
 )
 from use_search.store.build import points_per_segment
-from use_search.store.layout import (
-    LAYOUT_FILE,
-    LEGACY,
-    Layout,
-    SearchTuning,
-    edge_quantization,
-    edge_search_params,
-    edge_vectors,
-    read_recorded,
-    resolve,
-    write_recorded,
-)
+from use_search.store import layout as lay
+from use_search.store.layout import Layout, SearchTuning
 from use_search.types import Hit, SegmentPoint
 
 LOCK_FILE = ".lock"
@@ -169,7 +159,7 @@ class EdgeStore(VectorStore):
     def _open_shards(self) -> None:
         if _shard_exists(self._data / SEGMENTS_DIR):
             self._dim = _persisted_dim(self._data / SEGMENTS_DIR)
-            self._layout = resolve(read_recorded(self._data) or LEGACY, self._wanted, f"the store at {self.root}")
+            self._layout = lay.resolve(lay.read_recorded(self._data) or lay.LEGACY, self._wanted, f"the store at {self.root}")
             self._segments = _load(self._data / SEGMENTS_DIR, self._config(self._dim, qe.Distance.Cosine, self._layout))
         if _shard_exists(self._data / IMAGES_DIR):
             self._images = _load(self._data / IMAGES_DIR, self._config(1, qe.Distance.Dot))
@@ -187,7 +177,7 @@ class EdgeStore(VectorStore):
         if layout is None:  # the image records: a constant 1-d vector each
             return qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=distance), optimizers=self._optimizers)
         return qe.EdgeConfig(
-            vectors=edge_vectors(layout, dim), quantization_config=edge_quantization(layout),
+            vectors=lay.edge_vectors(layout, dim), quantization_config=lay.edge_quantization(layout),
             on_disk_payload=layout.payload_on_disk, optimizers=self._optimizers,
         )
 
@@ -217,8 +207,8 @@ class EdgeStore(VectorStore):
                 )
         else:
             self._check_space(_new_store_bytes(self.root), "a new store")
-            self._layout = resolve(None, self._wanted, f"the store at {self.root}")
-            write_recorded(self.root, self._layout)  # before the shard: a shard is never without it
+            self._layout = lay.resolve(None, self._wanted, f"the store at {self.root}")
+            lay.write_recorded(self.root, self._layout)  # before the shard: a shard is never without it
             self._segments = _create(self.root / SEGMENTS_DIR, self._config(dim, qe.Distance.Cosine, self._layout))
             self._dim = dim
         if self._images is None:
@@ -336,7 +326,7 @@ class EdgeStore(VectorStore):
             filter=_filter(flt),
             score_threshold=min_score,
             with_payload=True if masks else qe.PayloadSelector.Exclude(list(MASK_FIELDS)),
-            params=edge_search_params(self._layout or Layout(quantization="none"), self._tuning),
+            params=lay.edge_search_params(self._layout or Layout(quantization="none"), self._tuning),
         )
         return [hit_from(p.id, p.score, p.payload, flt) for p in self._segments.query(request)]
 
@@ -427,7 +417,7 @@ class EdgeStore(VectorStore):
             with tarfile.open(tmp, "w:gz", compresslevel=1) as tar:  # sparse engine files: mostly zeros
                 manifest = json.dumps({
                     "format": SNAPSHOT_FORMAT, "collection": self.root.name, "dim": dim,
-                    "points": points, "images": images, "layout": read_recorded(self._data),
+                    "points": points, "images": images, "layout": lay.read_recorded(self._data),
                 }).encode()
                 info = tarfile.TarInfo(SNAPSHOT_MANIFEST)
                 info.size = len(manifest)
@@ -507,7 +497,7 @@ def restore_snapshot(archive: Path, path: Path, collection: str) -> dict[str, An
                 for t in inner.values():
                     t.close()
         if manifest.get("layout"):
-            write_recorded(root, Layout(**manifest["layout"]))
+            lay.write_recorded(root, Layout(**manifest["layout"]))
         for name, tmp in parts.items():
             try:
                 qe.EdgeShard.unpack_snapshot(str(tmp), str(root / name))
@@ -669,8 +659,8 @@ def _private_copy(root: Path) -> Path:
             for name in (SEGMENTS_DIR, IMAGES_DIR):
                 if (root / name).exists():
                     _copy_sparse_tree(root / name, dest / name)
-            if (root / LAYOUT_FILE).exists():
-                shutil.copyfile(root / LAYOUT_FILE, dest / LAYOUT_FILE)
+            if (root / lay.LAYOUT_FILE).exists():
+                shutil.copyfile(root / lay.LAYOUT_FILE, dest / lay.LAYOUT_FILE)
         except BaseException:
             shutil.rmtree(dest.parent, ignore_errors=True)
             raise
