@@ -123,7 +123,7 @@ class EdgeStore(VectorStore):
         self._wanted = dict(layout or {})
         self._tuning = tuning or SearchTuning()
         self._layout: Layout | None = None
-        self._unwritten_since_build = 0  # points upserted since the last index build (an upper bound)
+        self._written_since_build = 0  # points upserted since the last index build (an upper bound)
         self._segments: _Shard | None = None
         self._images: _Shard | None = None
         self._dim: int | None = None
@@ -239,8 +239,8 @@ class EdgeStore(VectorStore):
                 qe.Point(p.id, _vector(p.vector), p.payload) for p in points[start : start + UPSERT_BATCH]
             ]
             shard.update(qe.UpdateOperation.upsert_points(batch))
-            self._unwritten_since_build += len(batch)
-            if cap is not None and self._unwritten_since_build >= cap:
+            self._written_since_build += len(batch)
+            if cap is not None and self._written_since_build >= cap:
                 # The engine puts every point written since the last build into one segment, whatever
                 # its size cap: building now keeps each new segment (and the build's memory) at the cap.
                 self._build(shard, self._pending(shard))
@@ -404,7 +404,7 @@ class EdgeStore(VectorStore):
         shard.optimize()
         shard.flush()
         if shard is self._segments:
-            self._unwritten_since_build = 0
+            self._written_since_build = 0
 
     def snapshot(self, out: Path) -> None:
         """A gzip tar of both shards, taken with the store locked and its shards closed (nothing moves
