@@ -196,6 +196,29 @@ def query(args: argparse.Namespace) -> dict:
     return out
 
 
+def rle_cost(n: int = 20_000, dim: int = 64) -> dict:
+    """What the masks cost on disk: the same n points with and without ``rle`` in their payloads (float
+    vectors and payloads on disk, no HNSW), bytes per point of the payload storage and of the store."""
+    mix, rles = Mixture(100, dim), masks()
+    out = {"rle_json_bytes": float(np.mean([len(json.dumps(r)) for r in rles]))}
+    for with_rle in (True, False):
+        with tempfile.TemporaryDirectory() as d:
+            store = EdgeStore(Path(d), "segments", layout=SETTINGS["none"], max_segment_mb=None, min_free_bytes=0)
+            store.ensure(dim)
+            for start in range(0, n, 4096):
+                points = make_points(start, mix.points(start, min(4096, n - start)), rles)
+                for p in points if not with_rle else []:
+                    p.payload.pop("rle")
+                store.upsert_segments(points)
+            store.optimize()
+            store.close()
+            payload = sum(disk_bytes(Path(dp)) for dp, _, _ in os.walk(d) if Path(dp).name == "payload_storage")
+            tag = "with_rle" if with_rle else "without_rle"
+            out[f"payload_bytes_per_point_{tag}"] = payload / n
+            out[f"store_bytes_per_point_{tag}"] = disk_bytes(Path(d)) / n
+    return out
+
+
 def exact_ids(n: int, dim: int, n_queries: int, batch: int) -> list[list[str]]:
     """Brute-force top k of every query over all n points, streamed in the build's batches."""
     mix = Mixture(CENTRES, dim)
@@ -229,6 +252,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--work", default=None, help="folder for the stores (default: a temporary one)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--rle-cost", action="store_true", help="only measure the masks' bytes on disk per point")
     ap.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--query", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
@@ -241,6 +265,10 @@ def main() -> None:
         print(json.dumps(build(args) if args.build else query(args)))
         return
     from benchlib import machine, print_table, write_json
+
+    if args.rle_cost:
+        print(json.dumps(rle_cost()))
+        return
     rows = []
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         for n in map(int, args.sizes.split(",")):
