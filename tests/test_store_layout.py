@@ -143,10 +143,10 @@ def test_store_optimize_command_indexes_what_was_added_in_bulk(tmp_path: Path) -
     assert f"{n:,} of {n:,} points indexed" in out and "(were 0 in" in out
     with EdgeStore(tmp_path / "store", "segments") as store:
         assert store.index_info()["indexed"] == n
-    env["USE_SEARCH_STORE__QUANTIZATION"] = "binary"  # the store was made with int8 (the default)
+    env["USE_SEARCH_STORE__QUANTIZATION"] = "binary"  # the store was made with turbo4 (the default)
     rc, out, err = finish(cli(["--store", str(tmp_path / "store"), "stats"], tmp_path / "data", extra_env=env))
     assert rc == 2 and "Traceback" not in err
-    assert "store.quantization = int8 in the store, binary asked" in err
+    assert "store.quantization = turbo4 in the store, binary asked" in err
 
 
 def test_a_snapshot_restores_the_layout(tmp_path: Path) -> None:

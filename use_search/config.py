@@ -240,7 +240,7 @@ class StoreSettings(BaseModel):
     indexing_threshold_kb: int | None = Field(default=None, ge=1)
     # How the segments collection holds its vectors and payloads (store/layout.py; docs/benchmarks.md,
     # "Stores at scale"). Fixed when a store is created and recorded with it; None: the store's own
-    # (a new store: int8, vectors and payloads on disk). Given and different from the store's: an error.
+    # (a new store: turbo4, vectors and payloads on disk). Given and different from the store's: an error.
     quantization: Literal["none", "int8", "binary", "turbo4"] | None = None
     vectors_on_disk: bool | None = None  # float vectors on disk (mmap); quantized ones stay in RAM
     payload_on_disk: bool | None = None  # payloads (with the masks) on disk, read for the hits only
