@@ -233,8 +233,10 @@ class StoreSettings(BaseModel):
     # this much free: qdrant-edge writes through mmap, so running out of space would kill the process.
     min_free_mb: int = Field(default=16, ge=0)
     # Largest engine segment: a run's new points get their own HNSW graph (or join the smallest one
-    # under the cap) instead of rebuilding the whole collection's. Larger: fewer segments to search,
-    # costlier builds after a run. None: leave the store's setting (qdrant's default, CPUs × 256 MB).
+    # under the cap) instead of rebuilding the whole collection's, and a large write builds each time
+    # this many MB of float vectors are written, so the build's memory stays near it (store/build.py).
+    # Larger: fewer segments to search (faster), more memory per build (docs/benchmarks.md, "Stores
+    # at scale"). None: no cap (qdrant's default, CPUs × 256 MB, for merges only).
     max_segment_mb: int | None = Field(default=128, ge=1)
     # Below this many KB of new vectors the engine leaves them unindexed (scanned exactly). None: qdrant's default.
     indexing_threshold_kb: int | None = Field(default=None, ge=1)

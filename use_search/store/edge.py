@@ -19,8 +19,10 @@ space of the store's file system and raises ``StoreFullError`` while there is st
 
 Index builds: segments are capped (``max_segment_mb``), so ``optimize()`` builds an HNSW graph over the
 points added since the last build (merged with the smallest indexed segment when both fit under the
-cap), never over the whole collection again; new points below the engine's indexing threshold stay in
-a plain segment that searches scan exactly.
+cap), never over the whole collection again; a write that adds a cap's worth of vectors builds on the
+way (store/build.py: the engine alone would put them all in one segment); new points below the
+engine's indexing threshold stay in a plain segment that searches scan exactly. Quantization and what
+lives on disk: store/layout.py.
 """
 
 from __future__ import annotations
