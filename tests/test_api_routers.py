@@ -38,7 +38,12 @@ def expected_now(before: dict) -> dict:
     - ``SegmentationOut.fallback``: /segment names what labelled the pixels no segment covers.
     - ``HealthOut.store`` "read-only" and ``POST /images``' 503: a server on a store it cannot write
       searches and refuses uploads.
-    - ``SearchRequest.masks`` and ``HitOut.rle`` optional: a search may answer hits without masks."""
+    - ``SearchRequest.masks`` and ``HitOut.rle`` optional: a search may answer hits without masks.
+
+    The snapshot itself was regenerated (with the spots above as they were) for the query forms:
+    ``SearchRequest`` takes ``like`` (``LikeRef``), ``other_images``, ``not``, ``all``, ``none``,
+    ``group``, ``per_image`` and ``text`` is optional; ``SearchOut.images`` (``ImageMatchOut``); the
+    /search 404 (an unknown ``like`` segment); ``POST /search/image`` (more like an upload)."""
     doc = copy.deepcopy(before)
     out = doc["components"]["schemas"]["SegmentationOut"]
     out["properties"]["fallback"] = {
@@ -74,7 +79,7 @@ def test_openapi_document_is_the_one_before_the_routers(tmp_path, keyed):
     assert json.loads(json.dumps(doc)) == expected_now(before)
     operations = {op["operationId"] for ops in doc["paths"].values() for op in ops.values()}
     assert operations == {"health", "metrics", "search", "get_segment", "get_mask", "get_image", "get_overlay",
-                          "upload_image", "segment_image"}
+                          "upload_image", "segment_image", "search_image"}
 
 
 def run_cli(args: list[str], data: Path) -> subprocess.CompletedProcess:

@@ -217,6 +217,16 @@ class TrainSettings(BaseModel):
     mask_same_text: bool = True
 
 
+class QuerySettings(BaseModel):
+    """The query forms of ``use_search.query.forms`` (more like this, negatives, --all, --group)."""
+
+    # --all: each phrase's candidate set is its this-many best segments (one batched engine query); an
+    # image is found only when every phrase has a segment of it among that phrase's candidates.
+    all_candidates: int = Field(default=1000, ge=1, le=100_000)
+    max_phrases: int = Field(default=8, ge=1)  # --all / --none / --not / like examples, each at most this many
+    per_image: int = Field(default=3, ge=1)  # --group image: best segments listed per image
+
+
 class StoreSettings(BaseModel):
     backend: Literal["embedded", "server"] = "embedded"
     path: Path | None = None  # embedded store folder; default <data_dir>/store
@@ -318,6 +328,7 @@ class Settings(BaseSettings):
     amg: AutoMaskSettings = AutoMaskSettings()
     box: BoxPromptSettings = BoxPromptSettings()
     store: StoreSettings = StoreSettings()
+    query: QuerySettings = QuerySettings()
     voting: VotingSettings = VotingSettings()
     train: TrainSettings = TrainSettings()
 

@@ -52,13 +52,16 @@ from use_search.store.base import (
     StoreError,
     StoredPoint,
     StoreFullError,
+    Scored,
+    VectorQuery,
     VectorStore,
     hit_from,
     image_id,
     references,
 )
-from use_search.store.build import points_per_segment
+from use_search.store import edge_query
 from use_search.store import layout as lay
+from use_search.store.build import points_per_segment
 from use_search.store.layout import Layout, SearchTuning
 from use_search.types import Hit, SegmentPoint
 
@@ -331,6 +334,15 @@ class EdgeStore(VectorStore):
             params=lay.edge_search_params(self._layout or Layout(quantization="none"), self._tuning),
         )
         return [hit_from(p.id, p.score, p.payload, flt) for p in self._segments.query(request)]
+
+    def query(self, q: VectorQuery, k: int, min_score: float | None = None) -> list[Hit]:
+        return edge_query.query(self._segments, q, k, min_score) if self._segments is not None and k > 0 else []
+
+    def query_batch(self, qs: Sequence[VectorQuery], k: int, min_score: float | None = None) -> list[list[Scored]]:
+        return edge_query.query_batch(self._segments, qs, k, min_score) if self._segments is not None else [[] for _ in qs]
+
+    def query_groups(self, q: VectorQuery, k: int, per_group: int, min_score: float | None = None) -> list[list[Hit]]:
+        return edge_query.groups(self._segments, q, k, per_group, min_score) if self._segments is not None else []
 
     def get_segments(self, ids: Sequence[str]) -> list[Hit]:
         if self._segments is None or not ids:

@@ -23,6 +23,8 @@ from use_search.store.base import (
     SearchFilter,
     StoredPoint,
     StoreError,
+    Scored,
+    VectorQuery,
     VectorStore,
     hit_from,
     image_id,
@@ -246,6 +248,33 @@ class ServerStore(VectorStore):
             )
         return [hit_from(p.id, p.score, p.payload, flt) for p in result.points]
 
+    # Query forms: the engine's recommend (sum_scores), batch and group-by queries -------------------
+    def query(self, q: VectorQuery, k: int, min_score: float | None = None) -> list[Hit]:
+        with self._errors():
+            if k <= 0 or not self._has(self.collection):
+                return []
+            result = self.client.query_points(self.collection, **_request(q, k, min_score, True))
+        return [hit_from(p.id, q.scaled(p.score), p.payload, q.flt) for p in result.points]
+
+    def query_batch(self, qs: Sequence[VectorQuery], k: int, min_score: float | None = None) -> list[list[Scored]]:
+        with self._errors():
+            if not qs or not self._has(self.collection):
+                return [[] for _ in qs]
+            requests = [models.QueryRequest(**_request(q, k, min_score, ["sha256"], batch=True)) for q in qs]
+            results = self.client.query_batch_points(self.collection, requests=requests)
+        return [
+            [Scored(str(p.id), q.scaled(p.score), p.payload["sha256"]) for p in r.points] for q, r in zip(qs, results)
+        ]
+
+    def query_groups(self, q: VectorQuery, k: int, per_group: int, min_score: float | None = None) -> list[list[Hit]]:
+        with self._errors():
+            if k <= 0 or not self._has(self.collection):
+                return []
+            result = self.client.query_points_groups(
+                self.collection, group_by="sha256", group_size=per_group, **_request(q, k, min_score, True)
+            )
+        return [[hit_from(p.id, q.scaled(p.score), p.payload, q.flt) for p in g.hits] for g in result.groups]
+
     def get_segments(self, ids: Sequence[str]) -> list[Hit]:
         with self._errors():
             if not ids or not self._has(self.collection):
@@ -367,3 +396,28 @@ def _filter(flt: SearchFilter | None, path_field: str = "paths") -> models.Filte
     return models.Filter(
         must=[models.FieldCondition(key=k, match=models.MatchValue(value=v)) for k, v in flt.conditions(path_field)]
     )
+
+
+def _request(q: VectorQuery, k: int, min_score: float | None, payload: Any, batch: bool = False) -> dict[str, Any]:
+    """Keyword arguments of one query: ``query_points`` names the filter ``query_filter``, a batch's
+    ``QueryRequest`` names it ``filter``."""
+    if q.nearest:
+        query: Any = _vector(q.positives[0])
+    else:
+        query = models.RecommendQuery(recommend=models.RecommendInput(
+            positive=[_vector(v) for v in q.positives], negative=[_vector(v) for v in q.negatives],
+            strategy=models.RecommendStrategy.SUM_SCORES,
+        ))
+    must: list[Any] = [models.FieldCondition(key=k_, match=models.MatchValue(value=v)) for k_, v in (q.flt.conditions() if q.flt else [])]
+    if q.only_shas:
+        must.append(models.FieldCondition(key="sha256", match=models.MatchAny(any=list(q.only_shas))))
+    must_not: list[Any] = []
+    if q.exclude_ids:
+        must_not.append(models.HasIdCondition(has_id=list(q.exclude_ids)))
+    if q.exclude_shas:
+        must_not.append(models.FieldCondition(key="sha256", match=models.MatchAny(any=list(q.exclude_shas))))
+    flt = models.Filter(must=must, must_not=must_not) if must or must_not else None
+    return {
+        "query": query, "limit": k, "filter" if batch else "query_filter": flt,
+        "score_threshold": q.threshold(min_score), "with_payload": payload,
+    }
