@@ -191,6 +191,10 @@ class EdgeStore(VectorStore):
         """How the segments collection holds vectors and payloads (None before ``ensure``)."""
         return self._layout
 
+    def _params(self) -> Any:
+        """Every search's quantization tuning (rescore, oversampling); None on a float store."""
+        return lay.edge_search_params(self._layout or Layout(quantization="none"), self._tuning)
+
     def _check_space(self, need: int, what: str) -> None:
         if not self.writable:
             raise StoreError(f"the store at {self.root} is open for reading only: {what} needs a writer")
@@ -331,18 +335,18 @@ class EdgeStore(VectorStore):
             filter=_filter(flt),
             score_threshold=min_score,
             with_payload=True if masks else qe.PayloadSelector.Exclude(list(MASK_FIELDS)),
-            params=lay.edge_search_params(self._layout or Layout(quantization="none"), self._tuning),
+            params=self._params(),
         )
         return [hit_from(p.id, p.score, p.payload, flt) for p in self._segments.query(request)]
 
     def query(self, q: VectorQuery, k: int, min_score: float | None = None) -> list[Hit]:
-        return edge_query.query(self._segments, q, k, min_score) if self._segments is not None and k > 0 else []
+        return edge_query.query(self._segments, q, k, min_score, self._params()) if self._segments is not None and k > 0 else []
 
     def query_batch(self, qs: Sequence[VectorQuery], k: int, min_score: float | None = None) -> list[list[Scored]]:
-        return edge_query.query_batch(self._segments, qs, k, min_score) if self._segments is not None else [[] for _ in qs]
+        return edge_query.query_batch(self._segments, qs, k, min_score, self._params()) if self._segments is not None else [[] for _ in qs]
 
     def query_groups(self, q: VectorQuery, k: int, per_group: int, min_score: float | None = None) -> list[list[Hit]]:
-        return edge_query.groups(self._segments, q, k, per_group, min_score) if self._segments is not None else []
+        return edge_query.groups(self._segments, q, k, per_group, min_score, self._params()) if self._segments is not None else []
 
     def get_segments(self, ids: Sequence[str]) -> list[Hit]:
         if self._segments is None or not ids:

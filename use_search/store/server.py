@@ -236,7 +236,6 @@ class ServerStore(VectorStore):
         with self._errors():
             if k <= 0 or not self._has(self.collection):
                 return []
-            layout = self.layout or Layout(quantization="none")
             result = self.client.query_points(
                 self.collection,
                 query=_vector(vector),
@@ -244,7 +243,7 @@ class ServerStore(VectorStore):
                 query_filter=_filter(flt),
                 score_threshold=min_score,
                 with_payload=True if masks else models.PayloadSelectorExclude(exclude=list(MASK_FIELDS)),
-                search_params=server_search_params(layout, self._tuning),
+                search_params=self._params(),
             )
         return [hit_from(p.id, p.score, p.payload, flt) for p in result.points]
 
@@ -253,14 +252,15 @@ class ServerStore(VectorStore):
         with self._errors():
             if k <= 0 or not self._has(self.collection):
                 return []
-            result = self.client.query_points(self.collection, **_request(q, k, min_score, True))
+            result = self.client.query_points(self.collection, **_request(q, k, min_score, True), search_params=self._params())
         return [hit_from(p.id, q.scaled(p.score), p.payload, q.flt) for p in result.points]
 
     def query_batch(self, qs: Sequence[VectorQuery], k: int, min_score: float | None = None) -> list[list[Scored]]:
         with self._errors():
             if not qs or not self._has(self.collection):
                 return [[] for _ in qs]
-            requests = [models.QueryRequest(**_request(q, k, min_score, ["sha256"], batch=True)) for q in qs]
+            params = self._params()
+            requests = [models.QueryRequest(**_request(q, k, min_score, ["sha256"], batch=True), params=params) for q in qs]
             results = self.client.query_batch_points(self.collection, requests=requests)
         return [
             [Scored(str(p.id), q.scaled(p.score), p.payload["sha256"]) for p in r.points] for q, r in zip(qs, results)
@@ -271,9 +271,14 @@ class ServerStore(VectorStore):
             if k <= 0 or not self._has(self.collection):
                 return []
             result = self.client.query_points_groups(
-                self.collection, group_by="sha256", group_size=per_group, **_request(q, k, min_score, True)
+                self.collection, group_by="sha256", group_size=per_group, **_request(q, k, min_score, True),
+                search_params=self._params(),
             )
         return [[hit_from(p.id, q.scaled(p.score), p.payload, q.flt) for p in g.hits] for g in result.groups]
+
+    def _params(self) -> Any:
+        """Every search's quantization tuning (rescore, oversampling); None on a float collection."""
+        return server_search_params(self.layout or Layout(quantization="none"), self._tuning)
 
     def get_segments(self, ids: Sequence[str]) -> list[Hit]:
         with self._errors():
