@@ -150,7 +150,7 @@ def test_store_optimize_command_indexes_what_was_added_in_bulk(tmp_path: Path) -
 
 
 def test_a_snapshot_restores_the_layout(tmp_path: Path) -> None:
-    from use_search.store.edge import restore_snapshot
+    from use_search.store.edge_snapshot import restore_snapshot
 
     with EdgeStore(tmp_path / "a", "segments", layout={"quantization": "turbo4", "payload_on_disk": False}) as store:
         store.ensure(DIM)

@@ -75,7 +75,7 @@ class Runtime:
         s = self.settings
         if s.store.backend != "embedded":
             return True
-        from use_search.store.edge import can_write
+        from use_search.store.edge_files import can_write
 
         return can_write(s.store_path / s.store.collection)
 

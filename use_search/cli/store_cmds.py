@@ -115,7 +115,7 @@ def restore(archive: Path = typer.Argument(..., help="A file written by `store s
         raise StoreError("store restore is not supported on the server backend: use Qdrant's own snapshot API")
     if not archive.is_file():
         raise FileNotFoundError(f"no such snapshot file: {archive}")
-    from use_search.store.edge import restore_snapshot
+    from use_search.store.edge_snapshot import restore_snapshot
 
     manifest = restore_snapshot(archive, s.store_path, s.store.collection)
     out.print(f"restored {manifest['images']} images, {manifest['points']} points into {_store_label()}")

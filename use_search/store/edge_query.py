@@ -15,24 +15,20 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import numpy as np
 import qdrant_edge as qe
 
 from use_search.store.base import Scored, VectorQuery, hit_from
+from use_search.store.edge_shard import as_vector
 from use_search.types import Hit
 
 SHA_ONLY = ["sha256"]
 
 
-def _vector(vector: np.ndarray) -> list[float]:
-    return np.asarray(vector, dtype=np.float32).ravel().tolist()
-
-
 def engine_query(q: VectorQuery) -> Any:
     if q.nearest:
-        return qe.Query.Nearest(_vector(q.positives[0]))
+        return qe.Query.Nearest(as_vector(q.positives[0]))
     return qe.Query.RecommendSumScores(
-        qe.RecommendQuery(positives=[_vector(v) for v in q.positives], negatives=[_vector(v) for v in q.negatives])
+        qe.RecommendQuery(positives=[as_vector(v) for v in q.positives], negatives=[as_vector(v) for v in q.negatives])
     )
 
 
