@@ -1,5 +1,6 @@
-"""Distributed indexing on Ray Data: a local 2-CPU Ray cluster gives exactly the points of a
-single-process ``Indexer`` run on the same photos (tiny preset); the stages also work without Ray."""
+"""Distributed indexing on Ray Data: a local 2-CPU Ray cluster gives exactly the points of the
+single-process ``Indexer`` the CLI builds (``factory.Runtime.indexer``) on the same photos (tiny preset),
+with crop layers off and on; the stages also work without Ray."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ import pytest
 import torch
 
 from use_search.config import AutoMaskSettings, Settings
-from use_search.imaging import working_side
-from use_search.indexer import Indexer
+from use_search.factory import Runtime
 from use_search.indexer.runner import commit
 from use_search.indexer.ray_runner import (
     RESULT_KEYS,
@@ -68,17 +68,19 @@ def snapshot(store) -> tuple[dict, dict]:
     return points, images
 
 
-def test_ray_run_gives_the_points_of_a_single_process_run(tmp_path, photos, settings, parts, one_thread):
+@pytest.mark.parametrize("crop_layers", [0, 1])
+def test_ray_run_gives_the_points_of_the_cli_single_process_run(tmp_path, photos, settings, crop_layers, one_thread):
     ray = pytest.importorskip("ray", reason="ray[data] is not installed: pip install 'ray[data]'")
     pytest.importorskip("ray.data", reason="ray[data] is not installed: pip install 'ray[data]'")
+    # No NMS across crops either (the random masks all span their crop): every crop's masks are kept.
+    amg = settings.amg.model_copy(update={"crop_n_layers": crop_layers, "crop_nms_thresh": 1.0})
+    settings = settings.model_copy(update={"amg": amg})
     root = photos["voc"].parent
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
     (root / "empty.png").write_bytes(b"")
 
     with EdgeStore(tmp_path / "single", "segments") as store:
-        side = working_side(parts[0], settings.work_side)  # as the CLI's indexer: the tiny SAM's 256 px
-        assert side == 256
-        single = Indexer(store, *parts, batch_images=2, extensions=EXTS, work_side=side).index(root)
+        single = Runtime.from_settings(settings).indexer(store).index(root)  # what `use-search index` runs
         want_points, want_images = snapshot(store)
     assert single.indexed == 4 and len(want_points) == single.segments >= 4 * 20
 
