@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from use_search.config import AutoMaskSettings, Settings
-from use_search.factory import Runtime
+from use_search.factory import Runtime, engine_parts
 from use_search.indexer.runner import commit
 from use_search.indexer.ray_runner import (
     RESULT_KEYS,
@@ -19,7 +19,6 @@ from use_search.indexer.ray_runner import (
     SegmentEmbed,
     StoreWriter,
     WriterActor,
-    default_parts,
     hash_row,
     index_with_ray,
     plan,
@@ -44,7 +43,7 @@ def settings(tmp_path_factory) -> Settings:
 
 @pytest.fixture(scope="module")
 def parts(settings):
-    return default_parts(settings)
+    return engine_parts(settings)
 
 
 @pytest.fixture
@@ -89,7 +88,7 @@ def test_ray_run_gives_the_points_of_the_cli_single_process_run(tmp_path, photos
         opts = RayOptions(actor_batch=2, torch_threads=1)
         with EdgeStore(tmp_path / "ray", "segments") as store:
             events = []
-            report = index_with_ray(settings, store, root, options=opts, on_image=events.append)
+            report = index_with_ray(settings, store, root, build_parts=engine_parts, options=opts, on_image=events.append)
             got_points, got_images = snapshot(store)
 
             assert (report.indexed, report.segments) == (single.indexed, single.segments)
@@ -109,7 +108,7 @@ def test_ray_run_gives_the_points_of_the_cli_single_process_run(tmp_path, photos
                     assert best.id == hit.id and best.score == pytest.approx(1.0, abs=1e-5)
 
             # A rerun finds everything indexed, without reading a file it has a record for.
-            again = index_with_ray(settings, store, root, options=opts)
+            again = index_with_ray(settings, store, root, build_parts=engine_parts, options=opts)
             assert (again.indexed, again.skipped, len(again.failed)) == (0, 4, 2)
             assert again.hashed == 2  # the two bad files only
             assert snapshot(store)[0].keys() == want_points.keys()

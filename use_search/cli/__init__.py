@@ -157,6 +157,7 @@ def index(
     rt.preflight(("sam", "clip"))  # missing weights fail before the store is even created
     with rt.store() as store:
         if ray is not None:
+            from use_search.factory import engine_parts
             from use_search.indexer.ray_runner import RayOptions, index_with_ray
 
             opts = RayOptions(address=ray, num_actors=ray_actors)
@@ -164,7 +165,7 @@ def index(
             err.print(f"store: {_store_label()}  ·  Ray: {ray}  ·  models load in the Ray actors")
 
             def run(**kw):  # type: ignore[no-untyped-def]
-                return index_with_ray(state.settings, store, folder, options=opts, **kw)
+                return index_with_ray(state.settings, store, folder, build_parts=engine_parts, options=opts, **kw)
         else:
             indexer = rt.indexer(store)  # the models load on the first file with new content
             banner()
@@ -420,15 +421,16 @@ def segment(
     an ensemble of models, A.2), per-pixel sum."""
     settings = _voting_settings(models, combine, templates, logit_scale, fallback,
                                 points_per_side, pred_iou_thresh, stability_thresh)
+    from use_search.imaging import working_side
     from use_search.indexer.read import ImageReadError, read_image
     from use_search.query.voting import check_class_names, label_png, segment_by_voting
 
     names = check_class_names([c for c in classes.split(",") if c.strip()])
-    try:
-        loaded = read_image(image, settings.max_image_pixels)
+    segmenter, ensemble = _voting_models(settings)
+    try:  # at the working size, as the API's /segment
+        loaded = read_image(image, settings.max_image_pixels, working_side(segmenter, settings.work_side))
     except ImageReadError as e:
         raise ValueError(f"{image}: {e}") from None
-    segmenter, ensemble = _voting_models(settings)
     votes = segment_by_voting(loaded.pixels, names, segmenter, ensemble, settings.voting)
     labels = votes.labels
     out_path.write_bytes(label_png(labels))
@@ -673,9 +675,9 @@ def _eval_models():  # type: ignore[no-untyped-def]
 
     rt = Runtime.from_settings(state.settings)
     rt.preflight(("sam", "clip"))
-    embedder = rt.embedder()
+    segmenter, embedder, side = rt.engine_parts()
     banner(embedder.untrained)
-    return rt, rt.segmenter(), embedder
+    return rt, segmenter, embedder, side
 
 
 def _eval_progress(label: str) -> Progress:
@@ -823,11 +825,10 @@ def eval_retrieval(
 ) -> None:
     """Text → segment recall@k and mAP: index the images, query every category name."""
     from use_search.eval import RetrievalDataset, index_and_evaluate
-    from use_search.imaging import working_side
 
     cutoffs = [int(k) for k in ks.split(",") if k.strip()]
     ds = RetrievalDataset(images, annotations)
-    rt, segmenter, embedder = _eval_models()
+    rt, segmenter, embedder, side = _eval_models()
 
     def evaluate(store):  # type: ignore[no-untyped-def]
         with _eval_progress("indexing") as bar:
@@ -836,7 +837,7 @@ def eval_retrieval(
                 ds, segmenter, embedder, store, ks=cutoffs, depth=depth, iou_threshold=iou,
                 max_image_pixels=state.settings.max_image_pixels, extensions=state.settings.image_extensions,
                 on_image=lambda ev: bar.update(task, advance=1, name=Path(ev.path).name),
-                work_side=working_side(segmenter, state.settings.work_side),  # what `index` does
+                work_side=side,  # what `index` does
             )
 
     if into_store:
