@@ -46,6 +46,26 @@ def test_pixel_limit_guards_against_bombs():
         decode_work(data, 1_000_000, None).pixels
 
 
+def test_files_and_uploads_accept_the_same_formats(tmp_path, voc):
+    """One format list: a file the indexer reads is one the API takes, and the refusal is the same."""
+    from use_search.imaging import FORMATS, PixelBudgetError, probe
+
+    path = tmp_path / "icon.png"  # an icon under an image name
+    path.write_bytes(_bytes(Image.fromarray(voc["rgb"]).resize((32, 32)), "ICO"))
+    with pytest.raises(ImageReadError, match="unsupported image format ICO; accepted: JPEG, PNG") as e:
+        read_image(path, 10**8)
+    with pytest.raises(ImageReadError, match=str(e.value)):
+        probe(path.read_bytes(), 10**8)
+    assert "ICO" not in FORMATS
+    with pytest.raises(PixelBudgetError):  # the pixel limit is the API's 413 error, for files too
+        read_image(_write(tmp_path / "big.png", _bytes(Image.new("L", (2000, 1000)), "PNG")), 1_000_000)
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
 def test_exif_rotation_gives_the_upright_image(voc):
     rgb = voc["rgb"]
     exif = Image.Exif()
