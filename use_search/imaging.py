@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -163,25 +162,25 @@ def decode_work(data: bytes, max_pixels: int, side: int | None) -> WorkImage:
     """
     img, info = _open(data, max_pixels, late_exif=True)
     th, tw = work_shape(info.height, info.width, side)
+    # No warnings.catch_warnings here: it is not thread-safe, and the indexer decodes in threads.
+    # ``max_pixels`` is the guard; Pillow's own bomb check (``DecompressionBombError``) stays an error.
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if img.format == "JPEG" and (th, tw) != (info.height, info.width):
-                raw_w, raw_h = img.size
-                f = DRAFT_MARGIN * tw / info.width
-                img.draft("RGB", (max(1, int(raw_w * f)), max(1, int(raw_h * f))))
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-            if (img.height, img.width) != (th, tw):
-                if img.mode == "1":
-                    img = img.convert("L")  # a third of the RGB array at full size, the same resize
-                elif img.mode not in ("L", "RGB"):
-                    img = to_rgb(img)  # transparency, palette, 16-bit, CMYK: made RGB first, as at full size
-                img = img.resize((tw, th), RESAMPLE)
-            rgb = to_rgb(img)
+        if img.format == "JPEG" and (th, tw) != (info.height, info.width):
+            raw_w, raw_h = img.size
+            f = DRAFT_MARGIN * tw / info.width
+            img.draft("RGB", (max(1, int(raw_w * f)), max(1, int(raw_h * f))))
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        if (img.height, img.width) != (th, tw):
+            if img.mode == "1":
+                img = img.convert("L")  # a third of the RGB array at full size, the same resize
+            elif img.mode not in ("L", "RGB"):
+                img = to_rgb(img)  # transparency, palette, 16-bit, CMYK: made RGB first, as at full size
+            img = img.resize((tw, th), RESAMPLE)
+        rgb = to_rgb(img)
     except ImageReadError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise ImageReadError(f"decompression bomb guard: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageReadError(f"cannot decode: {e}") from None
