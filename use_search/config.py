@@ -11,16 +11,19 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import platformdirs
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+
+if TYPE_CHECKING:
+    from use_search.presets import Preset
 
 APP = "use-search"
 
@@ -59,18 +62,18 @@ def read_config_file(path: Path, model: type[BaseModel]) -> dict:
     return data
 
 
-class AutoMaskSettings(BaseModel):
-    """Automatic mask generation from a grid of point prompts (segment-anything's defaults).
+class AutoMaskParams(BaseModel):
+    """Automatic mask generation from a grid of point prompts: segment-anything's
+    ``SamAutomaticMaskGenerator`` settings (same names and defaults), plus ``precision``. The one
+    definition of these knobs: the settings' ``amg`` block is this with the preset's three left open
+    (``AutoMaskSettings``), and the segmenters take it as resolved for a preset (``for_preset``)."""
 
-    The paper (§4.1) lowers both thresholds to 0.6 for curation to get more segments; for indexing we
-    keep SAM's defaults. ``None`` means "the preset decides" (the tiny preset relaxes them because its
-    random weights never reach SAM's confidence levels).
-    """
+    model_config = ConfigDict(frozen=True)
 
-    points_per_side: int | None = None
+    points_per_side: int = 32
     points_per_batch: int = 64
-    pred_iou_thresh: float | None = None
-    stability_score_thresh: float | None = None
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
     stability_score_offset: float = 1.0
     box_nms_thresh: float = 0.7
     crop_n_layers: int = 0
@@ -78,14 +81,58 @@ class AutoMaskSettings(BaseModel):
     crop_overlap_ratio: float = 512 / 1500
     crop_n_points_downscale_factor: int = 1
     min_mask_region_area: int = 0
-    # Batched engine: "exact" = fp32 and segment-anything's arithmetic, its masks up to pixels whose logit
-    # is within fp32 rounding of the mask threshold (segmenter/batched.py);
-    # "fast" = bf16 encoder/decoder + fp16 upscaling on CUDA and SDPA (borders and close calls move,
-    # see README); "auto" = fast on CUDA, exact elsewhere.
+    # The batched engine's arithmetic. "exact": float32 and segment-anything's attention arithmetic,
+    # segment-anything's masks up to pixels whose logit is within float32 rounding of the mask
+    # threshold (segmenter/batched.py). "fast": bfloat16 encoder/decoder and float16 mask upscaling on
+    # CUDA, scaled_dot_product_attention everywhere (borders and close calls move, see README).
+    # "auto": fast on CUDA, exact elsewhere. The reference engine is always segment-anything's float32.
     precision: Literal["auto", "fast", "exact"] = "auto"
+
+    @model_validator(mode="after")
+    def _grid_has_points(self) -> "AutoMaskParams":
+        if self.points_per_side is not None and self.points_per_side < 1:
+            raise ValueError("points_per_side must be a positive integer")
+        if self.crop_n_layers < 0 or self.crop_n_points_downscale_factor < 1:
+            raise ValueError("crop_n_layers must be >= 0 and crop_n_points_downscale_factor >= 1")
+        side = self.points_per_side
+        if side is not None and side // self.crop_n_points_downscale_factor**self.crop_n_layers < 1:
+            raise ValueError(
+                f"the last crop layer gets no points: points_per_side {side} / "
+                f"crop_n_points_downscale_factor {self.crop_n_points_downscale_factor}^{self.crop_n_layers} < 1"
+            )
+        return self
+
+    @property
+    def post_nms_thresh(self) -> float:
+        """segment-anything's threshold for the NMS after ``min_mask_region_area`` cleaning."""
+        return max(self.box_nms_thresh, self.crop_nms_thresh)
+
+
+class AutoMaskSettings(AutoMaskParams):
+    """The ``amg`` settings block: ``AutoMaskParams`` where ``None`` means "the preset decides" (the tiny
+    preset relaxes the thresholds because its random weights never reach SAM's confidence levels), plus
+    the engine. The paper (§4.1) lowers both thresholds to 0.6 for curation to get more segments; for
+    indexing we keep SAM's defaults."""
+
+    model_config = ConfigDict(frozen=False)
+
+    points_per_side: int | None = None  # type: ignore[assignment]
+    pred_iou_thresh: float | None = None  # type: ignore[assignment]
+    stability_score_thresh: float | None = None  # type: ignore[assignment]
     # "batched": BatchedAutoSegmenter (built for GPU throughput); "reference": segment-anything's
     # SamAutomaticMaskGenerator loop. The same masks with precision "exact" (up to fp32 rounding).
     engine: Literal["batched", "reference"] = "batched"
+
+    def for_preset(self, preset: Preset) -> AutoMaskParams:
+        """These settings with what is left open taken from the preset."""
+        return AutoMaskParams(**{
+            **self.model_dump(exclude={"engine"}),
+            "points_per_side": preset.points_per_side if self.points_per_side is None else self.points_per_side,
+            "pred_iou_thresh": preset.pred_iou_thresh if self.pred_iou_thresh is None else self.pred_iou_thresh,
+            "stability_score_thresh": (
+                preset.stability_score_thresh if self.stability_score_thresh is None else self.stability_score_thresh
+            ),
+        })
 
 
 class BoxPromptSettings(BaseModel):

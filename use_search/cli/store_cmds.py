@@ -1,4 +1,5 @@
-"""``use-search store check | snapshot | restore``: the store's integrity and backups."""
+"""``use-search stats`` and ``use-search store check | snapshot | restore``: what the store holds, its
+integrity and backups."""
 
 from __future__ import annotations
 
@@ -7,11 +8,22 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from use_search.cli.shell import err, out, state
+from use_search.cli.shell import app, err, out, state
 from use_search.cli.shell import open_store as _open_store
 from use_search.cli.shell import store_label as _store_label
 
+@app.command()
+def stats() -> None:
+    """Counts of images (by content and by path) and segments in the store."""
+    with _open_store(writable=False) as store:
+        out.print(f"store: {_store_label()}")
+        out.print(
+            f"images: {store.count_contents()}  paths: {store.count_images()}  segments: {store.count_segments()}  dim: {store.dim}"
+        )
+
+
 store_app = typer.Typer(no_args_is_help=True, help="Check, repair, back up and restore the store.")
+app.add_typer(store_app, name="store")
 
 SHOWN_PROBLEMS = 50  # problems listed one per line; the rest are counted
 

@@ -25,8 +25,7 @@ largest first.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -34,50 +33,10 @@ from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.modeling import Sam
 from segment_anything.utils.amg import MaskData
 
+from use_search.config import AutoMaskParams  # the automatic-mask knobs, defined once
 from use_search.masks import mask_bbox
 from use_search.segmenter.amg import ResizeToEncoder, box_nms, postprocess_small_regions
 from use_search.types import Segment
-
-
-@dataclass(frozen=True)
-class AutoMaskParams:
-    """``SamAutomaticMaskGenerator``'s settings (same names and defaults), plus ``precision``."""
-
-    points_per_side: int = 32
-    points_per_batch: int = 64
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    stability_score_offset: float = 1.0
-    box_nms_thresh: float = 0.7
-    crop_n_layers: int = 0
-    crop_nms_thresh: float = 0.7
-    crop_overlap_ratio: float = 512 / 1500
-    crop_n_points_downscale_factor: int = 1
-    min_mask_region_area: int = 0
-    # The batched engine's arithmetic. "exact": float32 and segment-anything's attention arithmetic,
-    # segment-anything's masks up to pixels whose logit is within float32 rounding of the mask
-    # threshold (see batched.py). "fast": bfloat16 encoder/decoder and float16 mask
-    # upscaling on CUDA, scaled_dot_product_attention everywhere (see batched.py for what it costs).
-    # "auto": fast on CUDA, exact elsewhere. The reference engine is always segment-anything's float32.
-    precision: Literal["auto", "fast", "exact"] = "auto"
-
-    def __post_init__(self) -> None:
-        if self.points_per_side is None or self.points_per_side < 1:
-            raise ValueError("points_per_side must be a positive integer")
-        if self.crop_n_layers < 0 or self.crop_n_points_downscale_factor < 1:
-            raise ValueError("crop_n_layers must be >= 0 and crop_n_points_downscale_factor >= 1")
-        if self.points_per_side // self.crop_n_points_downscale_factor**self.crop_n_layers < 1:
-            raise ValueError(
-                f"the last crop layer gets no points: points_per_side {self.points_per_side} / "
-                f"crop_n_points_downscale_factor {self.crop_n_points_downscale_factor}^{self.crop_n_layers} < 1"
-            )
-        if self.precision not in ("auto", "fast", "exact"):
-            raise ValueError(f"precision must be auto, fast or exact, not {self.precision!r}")
-
-    @property
-    def post_nms_thresh(self) -> float:
-        """segment-anything's threshold for the NMS after ``min_mask_region_area`` cleaning."""
-        return max(self.box_nms_thresh, self.crop_nms_thresh)
 
 
 class AutoSegmenter:
@@ -88,16 +47,7 @@ class AutoSegmenter:
         self.params = params
         self.generator = _Generator(
             sam,
-            points_per_side=params.points_per_side,
-            points_per_batch=params.points_per_batch,
-            pred_iou_thresh=params.pred_iou_thresh,
-            stability_score_thresh=params.stability_score_thresh,
-            stability_score_offset=params.stability_score_offset,
-            box_nms_thresh=params.box_nms_thresh,
-            crop_n_layers=params.crop_n_layers,
-            crop_nms_thresh=params.crop_nms_thresh,
-            crop_overlap_ratio=params.crop_overlap_ratio,
-            crop_n_points_downscale_factor=params.crop_n_points_downscale_factor,
+            **params.model_dump(exclude={"precision", "min_mask_region_area"}),  # segment-anything's own names
             min_mask_region_area=0,  # done below, without OpenCV
             output_mode="binary_mask",
         )

@@ -68,7 +68,7 @@ from segment_anything.utils.amg import (
 
 from use_search.masks import encode_rle, mask_bbox
 from use_search.segmenter.amg import ResizeToEncoder, box_nms, postprocess_small_regions
-from use_search.segmenter.automatic import AutoMaskParams
+from use_search.config import AutoMaskParams
 from use_search.types import Segment
 
 
