@@ -43,7 +43,8 @@ from benchlib import (  # noqa: E402
 import use_search  # noqa: E402
 from use_search.model.crop_clip import CropClipEmbedder  # noqa: E402
 from use_search.model.geometry import letterbox  # noqa: E402
-from use_search.model.use import DEFAULT_GRID, BackboneFeatures, UseEmbedder, UseModel, describe_backbones  # noqa: E402
+from use_search.model.backbones import BackboneFeatures  # noqa: E402
+from use_search.model.use import DEFAULT_GRID, UseEmbedder, UseModel, describe_backbones  # noqa: E402
 from use_search.presets import get_preset  # noqa: E402
 
 

@@ -134,16 +134,36 @@ def test_segment_and_mask_png(client, uploaded):
     assert int((png > 0).sum()) == seg["area"]
 
 
+def test_search_without_masks_keeps_box_and_area_and_the_mask_route_draws_it(client, uploaded):
+    full = client.post("/search", json={"text": "coffee", "k": 5}).json()["hits"]
+    r = client.post("/search", json={"text": "coffee", "k": 5, "masks": False})
+    assert r.status_code == 200, r.text
+    light = r.json()["hits"]
+    assert [h["id"] for h in light] == [h["id"] for h in full]
+    for with_mask, without in zip(full, light):
+        assert without["rle"] is None
+        assert {k: v for k, v in without.items() if k != "rle"} == {k: v for k, v in with_mask.items() if k != "rle"}
+        png = np.asarray(Image.open(io.BytesIO(client.get(without["mask_url"]).content)))
+        np.testing.assert_array_equal(png > 0, decode_rle(with_mask["rle"]))
+
+
 def test_unknown_and_malformed_ids(client):
     assert client.get(f"/segments/{uuid.uuid4()}").status_code == 404
     assert client.get(f"/segments/{uuid.uuid4()}/mask.png").status_code == 404
     assert client.get(f"/images/{uuid.uuid4()}/overlay.png").status_code == 404
-    for bad in ("not-a-uuid", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "1234"):
+    # An id that is no UUID reaches the route and fails its typed path parameter: 422 naming it.
+    for bad, why in (("not-a-uuid", "invalid character: found `n` at 0"), ("1234", "invalid length: found 4")):
+        for path, param in ((f"/segments/{bad}", "seg_id"), (f"/segments/{bad}/mask.png", "seg_id"),
+                            (f"/images/{bad}/overlay.png", "img_id")):
+            r = client.get(path)
+            assert r.status_code == 422 and r.headers["content-type"] == "application/json", (path, r.text)
+            assert r.json()["detail"] == f"path.{param}: Input should be a valid UUID, {why}", path
+    # An encoded "/" in the id decodes to more path segments: no route has that shape, so the router
+    # answers 404 before any handler (or the disk) is reached.
+    for bad in ("..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd"):
         for path in (f"/segments/{bad}", f"/segments/{bad}/mask.png", f"/images/{bad}/overlay.png"):
             r = client.get(path)
-            assert r.status_code in (400, 404, 422), (path, r.status_code)
-            assert r.headers["content-type"].startswith("application/json") and r.json()["detail"]
-    assert client.get("/segments/not-a-uuid").status_code == 422
+            assert r.status_code == 404 and r.json() == {"detail": "Not Found"}, (path, r.text)
 
 
 def test_overlay_png(client, uploaded):
@@ -188,10 +208,15 @@ def test_corrupt_and_oversized_uploads_store_nothing(client, server, uploaded):
     before = counts(client)
     files_before = sorted(p.name for p in (server["data"] / "uploads").iterdir())
     good = photo_bytes("chelsea", "JPEG")
-    for name, data in [("broken.jpg", good[: len(good) // 3]), ("text.png", b"this is not an image"), ("empty.png", b"")]:
+    # A well-formed request whose file is no usable image is 400 (422 is for invalid parameters): refused
+    # from the header before any work (empty, text), or when the worker decodes it (a truncated JPEG's
+    # header is whole).
+    refusals = [("broken.jpg", good[: len(good) // 3], "cannot decode: image file is truncated"),
+                ("text.png", b"this is not an image", "not an image (unrecognised format)"), ("empty.png", b"", "empty file")]
+    for name, data, why in refusals:
         r = client.post("/images", files={"file": (name, data, "image/jpeg")})
-        assert r.status_code in (400, 422), (name, r.status_code, r.text)
-        assert "image" in r.json()["detail"] or "empty" in r.json()["detail"], r.text
+        assert r.status_code == 400, (name, r.status_code, r.text)
+        assert r.json()["detail"].startswith(f"not a usable image: {why}"), r.text
     big = np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(big).save(buf, format="PNG")

@@ -37,7 +37,13 @@ def expected_now(before: dict) -> dict:
     """``before`` with the changes made since, each on purpose:
     - ``SegmentationOut.fallback``: /segment names what labelled the pixels no segment covers.
     - ``HealthOut.store`` "read-only" and ``POST /images``' 503: a server on a store it cannot write
-      searches and refuses uploads."""
+      searches and refuses uploads.
+    - ``SearchRequest.masks`` and ``HitOut.rle`` optional: a search may answer hits without masks.
+
+    The snapshot itself was regenerated (with the spots above as they were) for the query forms:
+    ``SearchRequest`` takes ``like`` (``LikeRef``), ``other_images``, ``not``, ``all``, ``none``,
+    ``group``, ``per_image`` and ``text`` is optional; ``SearchOut.images`` (``ImageMatchOut``); the
+    /search 404 (an unknown ``like`` segment); ``POST /search/image`` (more like an upload)."""
     doc = copy.deepcopy(before)
     out = doc["components"]["schemas"]["SegmentationOut"]
     out["properties"]["fallback"] = {
@@ -51,6 +57,18 @@ def expected_now(before: dict) -> dict:
         "description": "read-only: the server cannot write the store's folder; it searches, uploads are refused (503).",
     }
     doc["paths"]["/images"]["post"]["responses"]["503"]["description"] += " Also: the store is read-only for this server."
+    # POST /search's ``masks``: false answers hits without their RLE (searches leave the masks on disk).
+    doc["components"]["schemas"]["SearchRequest"]["properties"]["masks"] = {
+        "type": "boolean", "title": "Masks", "default": True,
+        "description": "Each hit carries its mask (rle). False: hits without it, a lighter answer; mask_url and "
+                       "overlay_url still draw it.",
+    }
+    hit = doc["components"]["schemas"]["HitOut"]
+    hit["properties"]["rle"] = {
+        "anyOf": [{"$ref": "#/components/schemas/RLE"}, {"type": "null"}],
+        "description": "The mask; left out when the search asked for masks=false.",
+    }
+    hit["required"].remove("rle")
     return doc
 
 
@@ -61,7 +79,7 @@ def test_openapi_document_is_the_one_before_the_routers(tmp_path, keyed):
     assert json.loads(json.dumps(doc)) == expected_now(before)
     operations = {op["operationId"] for ops in doc["paths"].values() for op in ops.values()}
     assert operations == {"health", "metrics", "search", "get_segment", "get_mask", "get_image", "get_overlay",
-                          "upload_image", "segment_image"}
+                          "upload_image", "segment_image", "search_image"}
 
 
 def run_cli(args: list[str], data: Path) -> subprocess.CompletedProcess:

@@ -38,14 +38,14 @@ def test_every_voting_command_takes_the_shared_options(path, fallback):
 def test_the_shared_options_keep_their_place_among_the_command_s_own():
     assert list(options("eval", "semseg")) == [
         "images", "labels", "classes", "ignore_index", "reduce_zero_label", "limit", "save_preds",
-        "models", "combine", "templates", "logit_scale", "fallback", "points_per_side", "pred_iou_thresh",
+        "members", "misplaced_model", "combine", "templates", "logit_scale", "fallback", "points_per_side", "pred_iou_thresh",
         "stability_thresh", "per_class", "as_json", "out_file",
     ]
 
 
 def test_flags_given_replace_the_settings_and_the_rest_stay(monkeypatch):
     monkeypatch.setattr(state, "settings", Settings(amg=AutoMaskSettings(box_nms_thresh=0.5)))
-    s = VotingFlags(models=["a.safetensors:0.25"], logit_scale=50.0, points_per_side=4, stability_thresh=0.0).settings()
+    s = VotingFlags(members=["a.safetensors:0.25"], logit_scale=50.0, points_per_side=4, stability_thresh=0.0).settings()
     assert [(m.path.name, m.weight) for m in s.voting.models] == [("a.safetensors", 0.25)]
     assert s.voting.logit_scale == 50.0 and s.voting.combine == "ovseg"
     assert (s.amg.points_per_side, s.amg.stability_score_thresh, s.amg.pred_iou_thresh) == (4, 0.0, None)
@@ -73,3 +73,17 @@ def test_a_grid_without_points_is_refused_by_the_settings_and_the_params(bad, wo
     for model in (AutoMaskSettings, AutoMaskParams):
         with pytest.raises(ValueError, match=words):
             model(**bad)
+
+
+@pytest.mark.parametrize("path", [("segment",), ("eval", "semseg"), ("eval", "parts")])
+def test_the_weighted_list_is_member_and_model_after_the_command_points_to_it(path, monkeypatch):
+    """``--model`` means the one global checkpoint; the ensemble list is ``--member PATH[:WEIGHT]``."""
+    got = options(*path)
+    assert got["members"] == ("--member",)
+    hidden = [p for p in command(*path).params if p.name == "misplaced_model"]
+    assert hidden and hidden[0].hidden
+    monkeypatch.setattr(state, "settings", Settings())
+    with pytest.raises(ValueError) as e:
+        VotingFlags(misplaced_model=["a.safetensors:0.25"]).settings()
+    msg = str(e.value)
+    assert "--member PATH[:WEIGHT]" in msg and "use-search --model a.safetensors" in msg

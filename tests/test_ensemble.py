@@ -306,7 +306,7 @@ def cli(args: list[str], data_dir: Path, timeout: int = 300) -> subprocess.Compl
 
 
 def test_cli_eval_semseg_ensemble_matches_hand_computation(ckpts, tmp_path):
-    """`eval semseg --model A:1 --model B:0.25` with the tiny SAM and AMG flags: the predicted labels
+    """`eval semseg --member A:1 --member B:0.25` with the tiny SAM and AMG flags: the predicted labels
     are the hand-combined vote (OVSeg's form, the default) over the same SAM segments, uncovered pixels
     left unlabeled (the default for eval); the JSON states models, scales, combination, templates,
     fallback and the automatic-mask settings."""
@@ -315,7 +315,7 @@ def test_cli_eval_semseg_ensemble_matches_hand_computation(ckpts, tmp_path):
 
     root, settings = ckpts["root"], ckpts["settings"]
     r = cli(["--preset", "tiny", "eval", "semseg", str(root / "images"), str(root / "labels"),
-             "--classes", str(root / "classes.txt"), "--model", f"{ckpts['a']}:1", "--model", f"{ckpts['b']}:0.25",
+             "--classes", str(root / "classes.txt"), "--member", f"{ckpts['a']}:1", "--member", f"{ckpts['b']}:0.25",
              "--templates", "train4", "--points-per-side", "4", "--pred-iou-thresh", "0.05",
              "--stability-thresh", "0", "--save-preds", str(tmp_path / "pred"), "--json"], tmp_path / "data")
     assert r.returncode == 0, r.stderr
@@ -344,12 +344,15 @@ def test_cli_voting_options_refuse_bad_input(ckpts, tmp_path):
     root = ckpts["root"]
     base = ["--preset", "tiny", "eval", "semseg", str(root / "images"), str(root / "labels"), "--classes", str(root / "classes.txt")]
     for extra, message in [
-        (["--model", str(tmp_path / "nope.safetensors") + ":0.7"], "nope.safetensors"),
-        (["--model", f"{ckpts['a']}:-1"], "greater than 0"),
-        (["--model", str(ckpts["a"]), "--model", f"{ckpts['a']}:0.5"], "same checkpoint twice"),
+        (["--member", str(tmp_path / "nope.safetensors") + ":0.7"], "nope.safetensors"),
+        (["--member", f"{ckpts['a']}:-1"], "greater than 0"),
+        (["--member", str(ckpts["a"]), "--member", f"{ckpts['a']}:0.5"], "same checkpoint twice"),
         (["--fallback", "zeros"], "fallback"),
         (["--combine", "max"], "combine"),
-        (["--model", f"{ckpts['a']}:1", "--model", f"{ckpts['b']}:4"], "sum below 1"),
+        (["--member", f"{ckpts['a']}:1", "--member", f"{ckpts['b']}:4"], "sum below 1"),
+        # --model is the one global checkpoint: after a voting command it points to --member.
+        (["--model", f"{ckpts['a']}:0.7"], "--member PATH[:WEIGHT]"),
+        (["-m", str(ckpts["a"])], "--member PATH[:WEIGHT]"),
         (["--logit-scale", "0"], "logit_scale"),
     ]:
         r = cli(base + extra, tmp_path / "data")
@@ -364,8 +367,8 @@ def test_cli_segment_with_an_ensemble_and_the_image_fallback(ckpts, tmp_path):
 
     root, settings = ckpts["root"], ckpts["settings"]
     image = root / "images" / "chelsea.png"
-    r = cli(["--preset", "tiny", "segment", str(image), "--classes", "cat, grass,sky", "--model", str(ckpts["a"]),
-             "--model", f"{ckpts['b']}:0.7", "--templates", "train4", "--fallback", "image", "-o", str(tmp_path / "l.png")],
+    r = cli(["--preset", "tiny", "segment", str(image), "--classes", "cat, grass,sky", "--member", str(ckpts["a"]),
+             "--member", f"{ckpts['b']}:0.7", "--templates", "train4", "--fallback", "image", "-o", str(tmp_path / "l.png")],
             tmp_path / "data")
     assert r.returncode == 0, r.stderr
     labels = read_label_png((tmp_path / "l.png").read_bytes())

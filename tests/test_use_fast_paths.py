@@ -12,15 +12,8 @@ from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 
 from modelfiles import randomize
 from use_search.config import Settings
-from use_search.model.use import (
-    BackboneFeatures,
-    MultiLevelMerge,
-    UseEmbedder,
-    UseModel,
-    build_use_model,
-    clip_block,
-    load_use_model,
-)
+from use_search.model.backbones import BackboneFeatures, clip_block
+from use_search.model.use import MultiLevelMerge, UseEmbedder, UseModel, build_use_model, load_use_model
 from use_search.masks import mask_bbox
 from use_search.model.crop_clip import CropClipEmbedder
 from use_search.presets import get_preset

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from use_search.config import Settings
+from use_search.model.registry import parse
 from use_search.presets import Preset, preset_for
-from use_search.weights import MissingWeightsError, missing_weights_error, resolve
+from use_search.weights import MissingWeightsError, missing_weights_error
 
 if TYPE_CHECKING:
     from use_search.indexer.runner import EngineParts, Indexer
@@ -21,20 +22,6 @@ if TYPE_CHECKING:
     from use_search.query.search import Searcher
     from use_search.segmenter import AutoSegmenter, BatchedAutoSegmenter
     from use_search.store import VectorStore
-
-
-def _checkpoint_file(kind: str, name: str, settings: Settings) -> None:
-    """Resolve one model name to its file (``MissingWeightsError`` naming the file if absent)."""
-    if kind == "clip":
-        from use_search.model.clip import clip_source
-
-        clip_source(name, settings)
-    elif kind == "dinov2":
-        from use_search.model.dinov2 import dinov2_source
-
-        dinov2_source(name, settings)
-    else:
-        resolve(name, settings)
 
 
 def preflight(settings: Settings, preset: Preset, parts: tuple[str, ...] = ("sam", "clip")) -> None:
@@ -46,9 +33,9 @@ def preflight(settings: Settings, preset: Preset, parts: tuple[str, ...] = ("sam
     needed: list[tuple[str, str]] = [("sam", preset.sam)] if "sam" in parts else []
     if "clip" in parts or "text" in parts:
         if settings.use_checkpoint is not None:
-            from use_search.model.checkpoint import read_use_config
+            from use_search.model.checkpoint import open_use_checkpoint
 
-            cfg = read_use_config(settings.use_checkpoint)
+            cfg = open_use_checkpoint(settings.use_checkpoint).config
             needed.append(("clip", cfg.clip))
             if "clip" in parts:
                 needed.append(("dinov2", cfg.dinov2))
@@ -56,10 +43,8 @@ def preflight(settings: Settings, preset: Preset, parts: tuple[str, ...] = ("sam
             needed.append(("clip", preset.clip))
     errors = []
     for kind, name in needed:
-        if name == "tiny":
-            continue
         try:
-            _checkpoint_file(kind, name, settings)
+            parse(kind, name, settings)  # type: ignore[arg-type]
         except MissingWeightsError as e:
             errors.append(str(e))
     if errors:

@@ -19,9 +19,10 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Preset:
     name: str
-    sam: str  # registry name, or "tiny"
-    clip: str  # registry name, or "tiny"
-    dinov2: str  # registry name, or "tiny"
+    # Model registry names (use_search/model/registry.py): a published checkpoint, or "tiny".
+    sam: str
+    clip: str
+    dinov2: str
     dinov2_blocks: int = 6  # paper §4.2: patch tokens from DINOv2's last 6 blocks
     untrained: bool = False
     # Automatic-mask defaults (segment-anything's own defaults for the real models).
@@ -105,5 +106,7 @@ def preset_for(settings: "Settings") -> Preset:
     p = get_preset(name)
     if settings.preset == AUTO and name == "base":
         p = replace(p, points_per_side=AUTO_CPU_POINTS_PER_SIDE)
+    from use_search.model.registry import random_init
+
     models = {k: getattr(settings, k) or getattr(p, k) for k in ("sam", "clip", "dinov2")}
-    return replace(p, **models, untrained=p.untrained or "tiny" in models.values())
+    return replace(p, **models, untrained=p.untrained or any(random_init(k, v) for k, v in models.items()))

@@ -86,7 +86,7 @@ class Hit:
     area: int
     width: int
     height: int
-    rle: dict[str, Any]
+    rle: dict[str, Any] | None  # None: searched without masks (``VectorStore.with_masks`` reads them)
     model: str
     payload: dict[str, Any]
     paths: list[str] = field(default_factory=list)
@@ -108,7 +108,7 @@ class Hit:
             area=int(payload["area"]),
             width=int(payload["width"]),
             height=int(payload["height"]),
-            rle=payload["rle"],
+            rle=payload.get("rle"),
             model=payload["model"],
             payload=payload,
         )
@@ -116,6 +116,8 @@ class Hit:
     def mask(self) -> np.ndarray:
         from use_search.masks import decode_rle
 
+        if self.rle is None:
+            raise ValueError(f"segment {self.id} was searched without its mask: read it with the store's with_masks")
         return decode_rle(self.rle)
 
     def to_json(self) -> dict[str, Any]:
@@ -129,6 +131,6 @@ class Hit:
             "area": self.area,
             "width": self.width,
             "height": self.height,
-            "rle": self.rle,
+            **({"rle": self.rle} if self.rle is not None else {}),
             "model": self.model,
         }

@@ -39,7 +39,7 @@ from use_search.config import Settings
 DOCS_ASSETS = "/docs-assets"  # Swagger UI and ReDoc, as the fastapi-offline package ships them (no CDN)
 OPEN_PREFIXES = ("/static/", DOCS_ASSETS + "/")  # the page and docs hold no data (their data calls need the key)
 PAGE_PATHS = ("/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc", "/favicon.ico")
-UPLOAD_ROUTES = ("/images", "/segment")
+UPLOAD_ROUTES = ("/images", "/segment", "/search/image")
 MULTIPART_OVERHEAD = 64 * 1024  # form fields and part headers around an upload
 
 

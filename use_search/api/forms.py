@@ -12,7 +12,10 @@ from fastapi.routing import APIRoute
 
 from use_search.api.errors import jsonable
 
-FORM_PARTS = {"/images": {"file": 1}, "/segment": {"file": 1, "image_id": 1, "labels_format": 1, "classes": None}}
+FORM_PARTS = {
+    "/images": {"file": 1}, "/segment": {"file": 1, "image_id": 1, "labels_format": 1, "classes": None},
+    "/search/image": {"file": 1, "x": 1, "y": 1, "k": 1, "min_score": 1, "group": 1},
+}
 
 
 def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ def tidy_openapi(doc: dict[str, Any], keyed: bool) -> dict[str, Any]:
     """What FastAPI cannot say from the signatures: a multipart part is absent or present, never
     "null"; links from the responses that hand out ids to the routes that take them; and, on a
     server with a key, the X-API-Key scheme on every route that needs it."""
-    for path, method in (("/segment", "post"), ("/images", "post")):
+    for path, method in (("/segment", "post"), ("/images", "post"), ("/search/image", "post")):
         ref = doc["paths"][path][method]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
         for prop in doc["components"]["schemas"][ref.rsplit("/", 1)[1]]["properties"].values():
             options = [o for o in prop.pop("anyOf", []) if o.get("type") != "null"]

@@ -11,7 +11,7 @@ import unicodedata
 import uuid
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_CLASSES = 255  # label PNGs are 8-bit with 255 = unlabeled
 MAX_CLASS_CHARS = 200
@@ -75,26 +75,86 @@ class Filters(Strict):
         return None if v is None else checked_path(v, f"filters.{info.field_name}")
 
 
+MAX_PHRASES = 8  # settings.query.max_phrases' default: the schema states the bound a request may use
+Phrase = Annotated[str, Field(min_length=1, max_length=1000, json_schema_extra=VISIBLE)]
+
+
+class LikeRef(Strict):
+    segment_id: uuid.UUID = Field(..., strict=False, description="A stored segment (a hit's id): find segments like it.")
+
+
+def _given(*fields: str) -> dict[str, Any]:
+    """JSON Schema: each of ``fields`` is present and not null."""
+    types = {"text": "string", "min_score": "number", "group": "string"}
+    return {"required": list(fields), "properties": {f: {"type": types.get(f, "array")} for f in fields}}
+
+
+# What ``SearchRequest._one_form`` checks, said in the schema (so generated clients and schemathesis know
+# it): text, like or all; all alone (no text, like, not, group); none only with all and min_score.
+ONE_FORM = {
+    "anyOf": [_given("text"), _given("like"), _given("all")],
+    "allOf": [
+        {"anyOf": [{"not": _given("all")}, {"not": {"anyOf": [_given(f) for f in ("text", "like", "not", "group")]}}]},
+        {"anyOf": [{"not": _given("none")}, _given("all", "min_score")]},
+    ],
+}
+
+
 class SearchRequest(Strict):
-    text: str = Field(..., min_length=1, max_length=1000, json_schema_extra=VISIBLE,
-                      description="What to look for, e.g. \"car's license plate\".")
-    k: int = Field(10, ge=1, le=200, description="Number of hits.")
+    """One form at a time: ``text`` and/or ``like`` (segments), with ``not`` as negatives; or ``all``
+    (images showing every phrase), with ``none`` to drop images. ``group: "image"`` gives one row per
+    image for the text / like form. Scores: see the README's "Queries" section."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=ONE_FORM)
+
+    text: Optional[str] = Field(None, min_length=1, max_length=1000, json_schema_extra=VISIBLE,
+                                description="What to look for, e.g. \"car's license plate\".")
+    like: Optional[list[LikeRef]] = Field(None, min_length=1, max_length=MAX_PHRASES,
+                                          description="More like these stored segments (they are left out of the hits).")
+    other_images: bool = Field(False, description="With like: also leave out the other segments of their images.")
+    not_: Optional[list[Phrase]] = Field(None, alias="not", min_length=1, max_length=MAX_PHRASES,
+                                         description="Negatives: each subtracts its cosine from the score.")
+    all: Optional[list[Phrase]] = Field(None, min_length=1, max_length=MAX_PHRASES,
+                                        description="Images with a segment for every phrase (answered in images).")
+    none: Optional[list[Phrase]] = Field(None, min_length=1, max_length=MAX_PHRASES,
+                                         description="With all: drop images having a segment scoring min_score or more for one of these.")
+    group: Optional[Literal["image"]] = Field(None, description="image: one row per image with its best segments (answered in images).")
+    per_image: int = Field(3, ge=1, le=20, description="With group: the best segments listed per image.")
+    k: int = Field(10, ge=1, le=200, description="Number of hits (of images for all / group).")
     filters: Optional[Filters] = None
     min_score: Optional[float] = Field(
-        None, ge=-1.0, le=1.0, allow_inf_nan=False, description="Drop hits below this cosine score."
+        None, ge=-1.0, le=1.0, allow_inf_nan=False, description="Drop hits below this score (a cosine for one text or one example)."
     )
     dedup: bool = Field(False, description="One hit per group of overlapping masks on an image.")
+    masks: bool = Field(True, description="Each hit carries its mask (rle). False: hits without it, a lighter "
+                        "answer; mask_url and overlay_url still draw it.")
 
     @field_validator("text")
     @classmethod
-    def _text(cls, v: str) -> str:
-        return checked_text(v, "text")
+    def _text(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else checked_text(v, "text")
 
-    @field_validator("k", mode="before")
+    @field_validator("not_", "all", "none")
+    @classmethod
+    def _phrases(cls, v: Optional[list[str]], info: Any) -> Optional[list[str]]:
+        return None if v is None else [checked_text(t, info.field_name.rstrip("_")) for t in v]
+
+    @field_validator("k", "per_image", mode="before")
     @classmethod
     def _whole(cls, v: Any) -> Any:
         """JSON Schema's integer includes 5.0; strings and booleans stay refused."""
         return int(v) if isinstance(v, float) and v.is_integer() else v
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "SearchRequest":
+        if self.all is not None:
+            if self.text is not None or self.like is not None or self.not_ is not None or self.group is not None:
+                raise ValueError("all cannot be combined with text, like, not or group")
+        elif self.text is None and self.like is None:
+            raise ValueError("give text, like (a list of segment ids) or all (a list of phrases)")
+        if self.none is not None and (self.all is None or self.min_score is None):
+            raise ValueError("none needs all and min_score")
+        return self
 
 
 # Responses ---------------------------------------------------------------------------------------
@@ -120,15 +180,26 @@ class HitOut(BaseModel):
     area: int
     width: int
     height: int
-    rle: RLE
+    rle: Optional[RLE] = Field(None, description="The mask; left out when the search asked for masks=false.")
     model: str
     mask_url: str
     overlay_url: str
 
 
+class ImageMatchOut(BaseModel):
+    image_id: uuid.UUID
+    path: str
+    filename: str
+    sha256: str
+    score: float = Field(..., description="group: the best segment's score; all: the weakest phrase's best segment's score.")
+    segments: list[HitOut] = Field(..., description="group: the image's best segments; all: the best segment for each phrase, in order.")
+    phrases: Optional[list[str]] = Field(None, description="all: the phrase each segment matched.")
+
+
 class SearchOut(BaseModel):
     hits: list[HitOut]
     count: int
+    images: Optional[list[ImageMatchOut]] = Field(None, description="all / group: one row per image (hits is then empty).")
 
 
 class ImageSegmentOut(BaseModel):

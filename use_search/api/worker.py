@@ -127,7 +127,16 @@ def job_index(parts: Parts, data: bytes, path: str, sha256: str) -> Indexed:
     return Indexed(points, rec.width, rec.height, parts.embedder.model_id, parts.embedder.dim)
 
 
-JOBS: dict[str, Callable[..., Any]] = {"segment": job_segment, "index": job_index}
+def job_like(parts: Parts, data: bytes, point: tuple[int, int] | None) -> list[float]:
+    """The vector of an upload's segment under ``point`` (x, y in its own pixels), or of the whole
+    image, segmented at the working size and embedded by the store's model (more like this)."""
+    from use_search.query.forms import upload_vector
+
+    s = parts.settings
+    return upload_vector(data, parts.embedder, parts.segmenter, point, s.api.max_pixels, s.work_side).tolist()
+
+
+JOBS: dict[str, Callable[..., Any]] = {"segment": job_segment, "index": job_index, "like": job_like}
 
 
 def _child(settings: Settings, conn: Connection, nice: int) -> None:

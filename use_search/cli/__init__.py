@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from use_search.cli import index_query, serve, segment, weights, train, curate, eval, store_cmds, prune  # noqa: F401,I001 - registers the commands, in this order
+from use_search.cli import index_query, query, serve, segment, weights, train, curate, eval, store_cmds, prune  # noqa: F401,I001 - registers the commands, in this order
 from use_search.cli.index_query import RateColumn  # noqa: F401 - the progress column, importable from the CLI
 from use_search.cli.shell import app, err
 from use_search.weights import ChecksumError, MissingWeightsError, UnreadableCheckpointError

@@ -52,6 +52,7 @@ def curate_run(
     """Captions → phrases/expressions → grounding boxes → SAM masks → mask NMS → pair shards."""
     from use_search.curation import CurationConfig, run_curation
     from use_search.curation.captions import GenerationParams
+    from use_search.model.registry import TINY
 
     generation = GenerationParams(max_new_tokens=mllm_max_new_tokens, prompt_template=mllm_prompt_template)
     banner()
@@ -63,7 +64,7 @@ def curate_run(
         mllm_processor=mllm_processor, trust_remote_code=trust_remote_code, mllm_batch_size=mllm_batch_size,
         generation=generation,
         vg_regions=vg_regions, vg_image_data=vg_image_data, sam=preset.sam, limit=limit, settings=s,
-        **({"grounding_model": grounding} if grounding else {"grounding_model": "tiny"} if tiny else {}),
+        **({"grounding_model": grounding} if grounding else {"grounding_model": TINY} if tiny else {}),
     )
     r = run_curation(cfg)
     if r.untrained and not preset.untrained:  # a tiny model the preset did not announce (e.g. --grounding tiny)

@@ -77,7 +77,7 @@ def eval_semseg(
     out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the results as JSON here."),
 ) -> None:
     """mIoU / pAcc / mAcc of §4.3 voting over SAM segments on ADE20K / Pascal-Context-style data.
-    Several --model PATH:WEIGHT vote as an ensemble (A.2)."""
+    Several --member PATH:WEIGHT vote as an ensemble (A.2)."""
     settings = flags.settings()
     from use_search.eval import SemsegDataset, evaluate_semseg
     from use_search.model.text import template_set
@@ -116,7 +116,7 @@ def eval_parts(
     out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the results as JSON here."),
 ) -> None:
     """Mask mAP@[.5:.95] (COCOeval) of the SAM segments whose top class is a part (§4.4).
-    Several --model PATH:WEIGHT vote as an ensemble (A.2)."""
+    Several --member PATH:WEIGHT vote as an ensemble (A.2)."""
     settings = flags.settings()
     from use_search.eval import PartsDataset, evaluate_parts
     from use_search.eval.common import read_class_list

@@ -1,22 +1,19 @@
-"""``use-search index | query``: fill the store from a folder, search it by text."""
+"""``use-search index``: fill the store from a folder (``query`` is in ``cli/query.py``)."""
 
 from __future__ import annotations
 
-import json
 import signal
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from use_search.cli.shell import app, banner, err, out, state
-from use_search.cli.shell import open_store as _open_store
+from use_search.cli.shell import app, banner, err, state
 from use_search.cli.shell import store_label as _store_label
 
 
@@ -170,74 +167,3 @@ def _interrupts() -> Iterator[_Stop]:
         yield stop
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-@app.command(
-    epilog="Exit codes: 0 the hits are printed (none when none passes --min-score); 2 a usage or setup error: "
-    "an empty store, --image / --under naming a missing path or one with nothing indexed, missing weights."
-)
-def query(
-    text: str = typer.Argument(..., help="What to look for, e.g. \"car's license plate\"."),
-    k: int = typer.Option(10, "-k", "--top", help="Number of results."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per line instead of a table."),
-    save: Optional[Path] = typer.Option(None, "--save", help="Write overlay PNGs of the hit masks here."),
-    image: Optional[Path] = typer.Option(None, "--image", help="Only segments of this image."),
-    under: Optional[Path] = typer.Option(None, "--under", help="Only images under this folder."),
-    min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop hits below this cosine score."),
-    dedup: bool = typer.Option(False, "--dedup", help="One hit per overlapping group of masks on an image."),
-) -> None:
-    """Embed TEXT with CLIP (prompt templates), search the store, show ranked segments."""
-    from use_search.factory import Runtime
-    from use_search.query.render import hit_overlay
-    from use_search.query.search import Searcher
-    from use_search.store.base import SearchFilter, StoreError
-
-    rt = Runtime.from_settings(state.settings)
-    rt.preflight(("text",))
-    flt = SearchFilter(
-        path=str(image.absolute()) if image else None, under=str(under.absolute()) if under else None
-    )
-    embedder = rt.query_embedder()  # CLIP's text tower only: a model problem shows before the store is opened
-    with _open_store(writable=False) as store:
-        if store.dim is None or store.count_segments() == 0:
-            raise StoreError(f"the store at {_store_label()} is empty: run `use-search index FOLDER` first")
-        banner(embedder.untrained)
-        if not flt.is_empty() and store.count_segments(flt) == 0:
-            raise StoreError(_nothing_indexed(image, under))
-        hits = Searcher(store, embedder).search(text, k, None if flt.is_empty() else flt, min_score, dedup)
-    if save:
-        save.mkdir(parents=True, exist_ok=True)
-    saved: dict[str, str] = {}
-    for rank, h in enumerate(hits, 1):
-        if save:
-            dest = save / f"{rank:02d}-{Path(h.path).stem}-seg{h.segment_index}.png"
-            try:
-                hit_overlay(h, state.settings.max_image_pixels).save(dest)
-                saved[h.id] = str(dest)
-            except (OSError, ValueError) as e:
-                err.print(f"[yellow]cannot render[/] {escape(h.path)}: {escape(str(e))}")
-    if as_json:
-        for rank, h in enumerate(hits, 1):
-            row = {"rank": rank, **h.to_json()}
-            if h.id in saved:
-                row["overlay"] = saved[h.id]
-            print(json.dumps(row))
-        return
-    t = Table(title=f"{len(hits)} segments for “{escape(text)}”")
-    for col in ("rank", "score", "image", "segment", "bbox (x,y,w,h)", "area"):
-        t.add_column(col, justify="right" if col in ("rank", "score", "area", "segment") else "left")
-    for rank, h in enumerate(hits, 1):
-        t.add_row(str(rank), f"{h.score:.4f}", escape(h.path), str(h.segment_index), ",".join(map(str, h.bbox)), str(h.area))
-    # Piped or redirected: wide enough for whole paths (a terminal's table cuts them to fit).
-    (out if out.is_terminal else Console(width=max(out.width, 120 + max((len(h.path) for h in hits), default=0)))).print(t)
-    if save:
-        err.print(f"overlays written to {save}")
-
-
-def _nothing_indexed(image: Optional[Path], under: Optional[Path]) -> str:
-    """Why ``--image`` / ``--under`` match no segment: the path is not there, or nothing is indexed there."""
-    for opt, path, there in (("--image", image, image and image.is_file()), ("--under", under, under and under.is_dir())):
-        if path is not None and not there:
-            return f"{opt} {path}: no such {'file' if opt == '--image' else 'folder'}"
-    where = f"{image}" if image else f"under {under}"
-    return f"nothing is indexed {'for ' if image else ''}{where} in {_store_label()}: run `use-search index {image or under}` first"

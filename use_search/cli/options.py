@@ -21,22 +21,38 @@ from use_search.cli.shell import banner, err, state
 if TYPE_CHECKING:
     from use_search.config import Settings
 
-MODELS_HELP = (
-    "USE checkpoint PATH[:WEIGHT]; repeat it for an ensemble whose per-segment class probabilities are "
-    "combined with the weights before voting (paper A.2: curated-data model 1, COCO-ground-truth model 0.7 "
-    "on PC-59, 0.25 elsewhere). Given here it replaces the global --model for this command; index and query "
-    "always use the one global --model (a store holds one vector space). Default: the global --model, else crop-CLIP."
+MEMBERS_HELP = (
+    "Ensemble member: a USE checkpoint PATH[:WEIGHT]; repeat it for an ensemble whose per-segment class "
+    "probabilities are combined with the weights before voting (paper A.2: curated-data model 1, "
+    "COCO-ground-truth model 0.7 on PC-59, 0.25 elsewhere). Given, the members replace the global --model for "
+    "this command; index and query always use the one global --model (a store holds one vector space). "
+    "Default: the global --model, else crop-CLIP."
 )
+
+
+def misplaced_model_error(given: list[str]) -> ValueError:
+    """``--model`` after a voting command: it names the one global checkpoint, before the command."""
+    from use_search.config import WeightedModel
+
+    path = WeightedModel.parse_spec(given[0])["path"]
+    return ValueError(
+        f"--model after the command is not an option: --model names the one global checkpoint and goes before "
+        f"the command (use-search --model {path} COMMAND ...); an ensemble member with its weight is "
+        f"--member PATH[:WEIGHT], repeated for each member (e.g. --member {given[0]})"
+    )
+
 
 # name of the command's parameter → (its type, its typer option). The mask knobs' defaults are
 # segment-anything's, those of ``config.AutoMaskParams``.
 VOTING_OPTIONS: dict[str, tuple[Any, Any]] = {
-    "models": (Optional[list[str]], typer.Option(None, "--model", "-m", help=MODELS_HELP)),
+    "members": (Optional[list[str]], typer.Option(None, "--member", help=MEMBERS_HELP)),
+    # Not an option here: caught to say that --model is global and the list is --member.
+    "misplaced_model": (Optional[list[str]], typer.Option(None, "--model", "-m", hidden=True)),
     "combine": (Optional[str], typer.Option(
         None, "--combine",
-        help="Ensemble combination: ovseg (default, A.2 \"same as OVSeg\": p1^(1-λ)·p2^λ with λ = the second --model's "
-        "weight relative to the first, so -m curated:1 -m cocogt:0.25 gives p1^0.75·p2^0.25; the λ must sum below 1), "
-        "mean (Σ w·p / Σ w) or geometric (Π p^(w/Σw), renormalised per segment).",
+        help="Ensemble combination: ovseg (default, A.2 \"same as OVSeg\": p1^(1-λ)·p2^λ with λ = the second "
+        "--member's weight relative to the first, so --member curated:1 --member cocogt:0.25 gives p1^0.75·p2^0.25; "
+        "the λ must sum below 1), mean (Σ w·p / Σ w) or geometric (Π p^(w/Σw), renormalised per segment).",
     )),
     "templates": (Optional[str], typer.Option(
         None, "--templates", help="Class-name templates: train4, imagenet80 (default) or a file, one per line with {}.",
@@ -60,7 +76,7 @@ VOTING_OPTIONS: dict[str, tuple[Any, Any]] = {
         None, "--stability-thresh", min=0.0, max=1.0, help="SAM stability-score filter (default: SAM's 0.95).",
     )),
 }
-VOTING_FIELDS = ("models", "combine", "templates", "logit_scale", "fallback")
+VOTING_FIELDS = ("combine", "templates", "logit_scale", "fallback")  # and members, the settings' ``models``
 MASK_FIELDS = {"points_per_side": "points_per_side", "pred_iou_thresh": "pred_iou_thresh",
                "stability_thresh": "stability_score_thresh"}  # option → field of the settings' ``amg`` block
 
@@ -69,7 +85,8 @@ MASK_FIELDS = {"points_per_side": "points_per_side", "pred_iou_thresh": "pred_io
 class VotingFlags:
     """The voting and automatic-mask options as given (``None``: not given, the settings decide)."""
 
-    models: Optional[list[str]] = None
+    members: Optional[list[str]] = None
+    misplaced_model: Optional[list[str]] = None
     combine: Optional[str] = None
     templates: Optional[str] = None
     logit_scale: Optional[float] = None
@@ -81,7 +98,9 @@ class VotingFlags:
     def settings(self) -> Settings:
         """``state.settings`` with these flags applied (validated by the settings model)."""
         s = state.settings
-        given = {"models": self.models or None, **{k: getattr(self, k) for k in VOTING_FIELDS[1:]}}
+        if self.misplaced_model:
+            raise misplaced_model_error(self.misplaced_model)
+        given = {"models": self.members or None, **{k: getattr(self, k) for k in VOTING_FIELDS}}
         voting = {k: v for k, v in given.items() if v is not None}
         amg = {field: getattr(self, k) for k, field in MASK_FIELDS.items() if getattr(self, k) is not None}
         return type(s).model_validate({

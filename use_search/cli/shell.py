@@ -52,8 +52,11 @@ def common(
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Qdrant server API key (default: env USE_SEARCH_STORE__API_KEY)."),
     collection: Optional[str] = typer.Option(None, "--collection", help="Collection name."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: auto)."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Trained USE checkpoint (default: crop-CLIP baseline)."),
-    sam: Optional[str] = typer.Option(None, "--sam", help="SAM instead of the preset's: registry name or checkpoint file."),
+    model: Optional[Path] = typer.Option(
+        None, "--model", help="Trained USE checkpoint, the one model of every command (default: crop-CLIP baseline); "
+        "an ensemble for segment / eval is --member PATH:WEIGHT after the command.",
+    ),
+    sam: Optional[str] = typer.Option(None, "--sam", help="SAM instead of the preset's: registry name, checkpoint file, or ARCH:FILE (e.g. vit_b:sam.pth)."),
     clip: Optional[str] = typer.Option(None, "--clip", help="CLIP instead of the preset's: registry name, checkpoint file, or ARCH:FILE (e.g. ViT-B-16:clip.pt)."),
     dinov2: Optional[str] = typer.Option(None, "--dinov2", help="DINOv2 (USE model) instead of the preset's: registry name, file, or ARCH:FILE."),
     weights_dir: Optional[Path] = typer.Option(None, "--weights-dir", help="Where checkpoints are cached."),

@@ -1,5 +1,5 @@
-"""``use-search stats`` and ``use-search store check | snapshot | restore``: what the store holds, its
-integrity and backups."""
+"""``use-search stats`` and ``use-search store check | optimize | snapshot | restore``: what the store
+holds, its integrity, index and backups."""
 
 from __future__ import annotations
 
@@ -73,6 +73,26 @@ def _print_report(report) -> None:  # type: ignore[no-untyped-def]
         out.print(f"... and {len(report.problems) - SHOWN_PROBLEMS} more")
     if report.ok:
         out.print("[green]ok[/]: every point reads back sound and matches its image record")
+
+
+@store_app.command("optimize")
+def optimize() -> None:
+    """Build the search index over every point not indexed yet (after adding in bulk, e.g. through the
+    API or a script), in segments of at most store.max_segment_mb. `index` does this after each run."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with _open_store() as store:
+        before = store.index_info()
+        pending = before["points"] - before["indexed"]
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+        with Progress(*columns, console=err, transient=True) as progress:
+            progress.add_task(f"indexing {pending:,} of {before['points']:,} points", total=None)
+            store.optimize()
+        after = store.index_info()
+    out.print(
+        f"{_store_label()}: {after['indexed']:,} of {after['points']:,} points indexed in {after['segments']} "
+        f"segments (were {before['indexed']:,} in {before['segments']})"
+    )
 
 
 @store_app.command("snapshot")

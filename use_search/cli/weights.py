@@ -32,8 +32,10 @@ def weights_list() -> None:
 
 def _names(names: list[str], preset: Optional[str]) -> list[str]:
     if preset:
+        from use_search.model.registry import random_init
+
         p = get_preset(resolve(state.settings.model_copy(update={"preset": preset})))
-        names = names + [n for n in (p.sam, p.clip, p.dinov2) if n != "tiny"]
+        names = names + [n for k, n in (("sam", p.sam), ("clip", p.clip), ("dinov2", p.dinov2)) if not random_init(k, n)]
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
         raise ValueError(f"unknown checkpoint(s): {', '.join(unknown)}; see `use-search weights list`")

@@ -35,6 +35,7 @@ from use_search.curation.shards import ShardWriter, done_images
 from use_search.curation.tiny import tiny_grounder, tiny_mllm_captioner
 from use_search.indexer.read import ImageReadError, LoadedImage, find_images, read_image
 from use_search.segmenter.boxes import BoxSegmenter
+from use_search.model.registry import random_init
 from use_search.segmenter.sam import load_sam
 
 PAPER_SAM_THRESH = 0.6  # §4.1: SAM's predicted-IoU and stability thresholds, lowered for curation
@@ -130,7 +131,7 @@ def build_components(config: CurationConfig) -> CurationComponents:
     if config.coco_captions:
         captioners.append(CocoCaptions(config.coco_captions))
     if config.mllm:
-        if config.mllm == "tiny":
+        if random_init("mllm", config.mllm):
             mllm = tiny_mllm_captioner(config.generation, device=device, batch_size=config.mllm_batch_size)
         else:
             mllm = load_mllm_captioner(
@@ -145,7 +146,7 @@ def build_components(config: CurationConfig) -> CurationComponents:
         phrases = load_phrase_extractor(config.spacy_model)
         models["spacy"] = f"{phrases.nlp.meta['lang']}_{phrases.nlp.meta['name']}-{phrases.nlp.meta['version']}"
         thresholds = {"box_threshold": config.box_threshold, "nms_threshold": config.grounding_nms}
-        if config.grounding_model == "tiny":
+        if random_init("grounding", config.grounding_model):
             grounder = tiny_grounder(device=device, **thresholds)
         else:
             grounder = load_grounder(config.grounding_model, device=device, offline=offline, **thresholds)
@@ -153,7 +154,7 @@ def build_components(config: CurationConfig) -> CurationComponents:
     sam, sam_id = load_sam(config.sam, settings, device)
     models["sam"] = sam_id
     # Random weights never reach SAM's confidence levels: the tiny SAM filters nothing by default.
-    default_thresh = None if config.sam == "tiny" else PAPER_SAM_THRESH
+    default_thresh = None if random_init("sam", config.sam) else PAPER_SAM_THRESH
     segmenter = BoxSegmenter(
         sam, config.box or settings.box,
         pred_iou_thresh=default_thresh if config.sam_pred_iou_thresh is None else config.sam_pred_iou_thresh,
@@ -162,7 +163,8 @@ def build_components(config: CurationConfig) -> CurationComponents:
     )
     regions = VisualGenomeRegions(config.vg_regions, config.vg_image_data) if config.vg_regions else None
     grounding = config.grounding_model if captioners else None
-    untrained = "tiny" in (config.mllm, grounding, config.sam)
+    named = {"mllm": config.mllm, "grounding": grounding, "sam": config.sam}
+    untrained = any(random_init(family, name) for family, name in named.items())
     return CurationComponents(captioners, phrases, grounder, regions, segmenter, models, untrained)
 
 

@@ -22,6 +22,7 @@ import torch
 
 from use_search.curation.captions import PART_AWARE_PROMPT, GenerationParams, MLLMCaptioner
 from use_search.curation.grounding import GroundingDinoGrounder
+from use_search.model.registry import ENTRIES, TINY
 
 TINY_SEED = 0
 
@@ -149,7 +150,7 @@ def build_tiny_mllm() -> tuple[Any, Any]:
 def tiny_mllm_captioner(params: GenerationParams | None, *, device: str, batch_size: int) -> MLLMCaptioner:
     """The captioner ``--mllm tiny`` names (what ``load_mllm_captioner`` gives for a real model)."""
     return MLLMCaptioner(
-        *build_tiny_mllm(), params, device=device, model_id="mllm-tiny-untrained", batch_size=batch_size
+        *build_tiny_mllm(), params, device=device, model_id=ENTRIES[("mllm", TINY)].model_id, batch_size=batch_size
     )
 
 
@@ -157,5 +158,5 @@ def tiny_grounder(*, device: str, box_threshold: float, nms_threshold: float) ->
     """The grounder ``--grounding-model tiny`` names (what ``load_grounder`` gives for a real model)."""
     return GroundingDinoGrounder(
         *build_tiny_grounding_dino(), box_threshold=box_threshold, nms_threshold=nms_threshold, device=device,
-        model_id="grounding-dino-tiny-untrained",
+        model_id=ENTRIES[("grounding", TINY)].model_id,
     )

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 
 from use_search.config import Settings
 from use_search.model.base import Embedder
-from use_search.presets import Preset
 
 if TYPE_CHECKING:
     from use_search.model.text_tower import TextEmbedder
+    from use_search.presets import Preset
 
 
 def load_embedder(settings: Settings, preset: Preset, device: str) -> Embedder:
@@ -32,16 +32,19 @@ def load_query_embedder(settings: Settings, preset: Preset, device: str) -> "Tex
     CLIP its checkpoint names) and the same ``model_id``, so the store's model check holds."""
     from use_search.model.text_tower import TextEmbedder, load_text_clip
 
-    if settings.use_checkpoint is not None:
-        from use_search.model.checkpoint import check_use_preset, read_use_config, use_model_id
+    from use_search.model.registry import model_id
 
-        path = settings.use_checkpoint.expanduser()
-        config = read_use_config(path)
-        check_use_preset(path, config, settings)
-        clip = load_text_clip(config.clip, settings, None if config.clip == "tiny" else config.clip_arch, device)
-        return TextEmbedder(clip, use_model_id(path, config), config.is_tiny or config.trained_steps == 0, device)
+    if settings.use_checkpoint is not None:
+        from use_search.model.checkpoint import check_use_preset, open_use_checkpoint
+
+        ckpt = open_use_checkpoint(settings.use_checkpoint)
+        config = ckpt.config
+        check_use_preset(ckpt.path, config, settings)
+        clip = load_text_clip(config.clip, settings, config.clip_arch, device)
+        tag = model_id(clip.model_id, ckpt.tag, untrained_tiny=config.is_tiny)
+        return TextEmbedder(clip, tag, config.is_tiny or config.trained_steps == 0, device)
     clip = load_text_clip(preset.clip, settings, device=device)
-    return TextEmbedder(clip, f"crop-clip:{clip.model_id}", preset.untrained, device)
+    return TextEmbedder(clip, model_id(clip.model_id), preset.untrained, device)
 
 
 __all__ = ["Embedder", "load_embedder", "load_query_embedder"]

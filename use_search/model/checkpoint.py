@@ -12,13 +12,16 @@ import dataclasses
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as safetensors_bytes_load
 from safetensors.torch import save_file
+
+from use_search.model.registry import parse, random_init
 
 if TYPE_CHECKING:
     from use_search.config import Settings
@@ -65,7 +68,8 @@ class UseConfig:
 
     @property
     def is_tiny(self) -> bool:
-        return self.clip == "tiny" or self.dinov2 == "tiny"
+        """Built on a random-init backbone (the registry's ``tiny``)."""
+        return random_init("clip", self.clip) or random_init("dinov2", self.dinov2)
 
     @property
     def z_dim(self) -> int:
@@ -107,44 +111,88 @@ def save_use_checkpoint(path: Path, state: dict[str, torch.Tensor], config: UseC
     return path
 
 
-def _open(path: Path) -> Any:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"USE checkpoint not found: {path}")
+@dataclass(frozen=True)
+class UseCheckpoint:
+    """A USE checkpoint file as read once: its config, trainable weights and content digest."""
+
+    path: Path
+    config: UseConfig
+    state: dict[str, torch.Tensor]
+    digest: str  # short sha256 of the file: two checkpoints with one file name differ
+
+    @property
+    def tag(self) -> str:
+        """What the model id records of the file (``registry.model_id``): stem and content digest."""
+        return f"{self.path.stem}-{self.digest}"
+
+
+# Every USE checkpoint a process reads, by resolved path, with the (inode, size, mtime) it was read
+# at: preflight, the embedder, the query side and the model all ask for it, and the file is read once.
+# A rewritten file (training's last.safetensors) is read again. A few entries: a process uses few.
+_CACHE: dict[Path, tuple[tuple[int, int, int], UseCheckpoint]] = {}
+_CACHE_SIZE = 8
+_cache_lock = threading.Lock()
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _read_file(path: Path) -> tuple[bytes, tuple[int, int, int]]:
+    """The one place a USE checkpoint file is opened: its bytes and the stamp they were read at."""
+    with open(path, "rb") as f:
+        return f.read(), _stamp(os.fstat(f.fileno()))
+
+
+def _parse(path: Path, data: bytes) -> tuple[UseConfig, dict[str, torch.Tensor]]:
+    """Config and tensors of a safetensors file's bytes. The format: an 8-byte little-endian header
+    length, then a JSON header whose ``__metadata__`` holds our config, then the tensor data."""
     try:
-        return safe_open(str(path), framework="pt", device="cpu")
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        state = safetensors_bytes_load(data)
     except Exception as e:  # safetensors raises its own error types for non-safetensors input
         raise CheckpointError(f"{path} is not a safetensors file: {e}") from e
-
-
-def _config(f: Any, path: Path) -> UseConfig:
-    meta = f.metadata() or {}
+    meta = (header.get("__metadata__") or {}) if isinstance(header, dict) else {}
     if META_KEY not in meta:
         raise CheckpointError(f"{path} has no '{META_KEY}' metadata: not a USE checkpoint")
-    return UseConfig.from_json(meta[META_KEY])
+    return UseConfig.from_json(meta[META_KEY]), state
+
+
+def open_use_checkpoint(path: Path | str) -> UseCheckpoint:
+    """The USE checkpoint at ``path``, read from disk only the first time this process asks for it
+    (and again when the file changed)."""
+    path = parse("use", str(path)).path
+    assert path is not None
+    key = path.resolve()
+    with _cache_lock:
+        hit = _CACHE.get(key)
+        if hit is not None and hit[0] == _stamp(path.stat()):
+            return hit[1]
+        data, stamp = _read_file(path)
+        config, state = _parse(path, data)
+        ckpt = UseCheckpoint(path, config, state, hashlib.sha256(data).hexdigest()[:8])
+        _CACHE.pop(key, None)
+        _CACHE[key] = (stamp, ckpt)
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        return ckpt
+
+
+def clear_checkpoint_cache() -> None:
+    with _cache_lock:
+        _CACHE.clear()
 
 
 def read_use_config(path: Path) -> UseConfig:
-    """The config alone (the header is read, not the weights)."""
-    with _open(path) as f:
-        return _config(f, path)
+    return open_use_checkpoint(path).config
 
 
 def read_use_checkpoint(path: Path) -> tuple[UseConfig, dict[str, torch.Tensor]]:
-    with _open(path) as f:
-        return _config(f, path), {k: f.get_tensor(k) for k in f.keys()}
-
-
-def checkpoint_digest(path: Path) -> str:
-    """Short content hash, part of the model id so two checkpoints with one file name differ."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:8]
-
-
-def use_model_id(path: Path, config: UseConfig) -> str:
-    """The ``model`` payloads record for a USE checkpoint (``UseEmbedder.model_id``): file stem and a
-    short content digest, marked when its backbones are the random-init tiny ones."""
-    path = Path(path).expanduser()
-    return f"use:{path.stem}-{checkpoint_digest(path)}" + (":untrained-tiny" if config.is_tiny else "")
+    """Config and trainable weights (a new dict; the tensors are shared with the cache, do not change
+    them in place)."""
+    ckpt = open_use_checkpoint(path)
+    return ckpt.config, dict(ckpt.state)
 
 
 def check_use_preset(path: Path, config: UseConfig, settings: "Settings") -> None:

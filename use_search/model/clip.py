@@ -9,36 +9,24 @@ transformers when installed), seconds that a text query does not need (see ``tex
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import json
 import logging
 import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from use_search.config import Settings
-from use_search.weights import (
-    REGISTRY,
-    MissingWeightsError,
-    file_identity,
-    is_torchscript,
-    resolve,
-    safetensors_load,
-    torch_load,
-    torchscript_load,
-)
+from use_search.model.registry import CONFIG_DIR, Source, parse, tiny_arch
+from use_search.model.registry import clip_configs as model_configs
+from use_search.weights import is_torchscript, safetensors_load, torch_load, torchscript_load
 
 if TYPE_CHECKING:
     import open_clip
 
-CONFIG_DIR = Path(__file__).parent / "configs"
-TINY_CLIP = "use-tiny-clip"
-TINY_ID = "clip-tiny-untrained"
+TINY_CLIP = tiny_arch("clip")
 TINY_SEED = 0
 # Kept in OpenAI's CLIP files (TorchScript attributes, and plain state dicts saved from them); OpenAI's
 # and open_clip's loaders drop them, the model has no such parameters.
@@ -53,66 +41,10 @@ def _open_clip():  # type: ignore[no-untyped-def]
     return open_clip
 
 
-@functools.cache
-def model_configs() -> dict[str, dict[str, Any]]:
-    """open_clip's architecture configs (its ``model_configs/*.json``, read without importing
-    open_clip) plus ours (``tiny``)."""
-    spec = importlib.util.find_spec("open_clip")
-    dirs = [Path(p) / "model_configs" for p in (spec.submodule_search_locations or [])] if spec else []
-    out: dict[str, dict[str, Any]] = {}
-    for folder in [*dirs, CONFIG_DIR]:
-        for f in sorted(folder.glob("*.json")):
-            cfg = json.loads(f.read_text())
-            if "embed_dim" in cfg and "vision_cfg" in cfg and "text_cfg" in cfg:
-                out[f.stem] = cfg
-    return out
-
-
-@dataclass(frozen=True)
-class ClipSource:
-    """Where a CLIP comes from: ``tiny``, or a checkpoint file with its open_clip architecture."""
-
-    name: str  # as given: "tiny", a registry name, a path, or ARCH:PATH
-    path: Path | None  # None for tiny
-    arch: str | None  # None until inferred from the file
-    registry: str | None  # registry name when named so
-
-
-def clip_source(name_or_path: str, settings: Settings, arch: str | None = None) -> ClipSource:
-    """Resolve a CLIP name to its file (downloading a registry checkpoint if allowed). A model id
-    of a file-loaded CLIP (``clip:ARCH:FILE-DIGEST``, as a USE checkpoint records its backbone) is
-    found through ``settings.clip`` when that file has this identity."""
-    name = str(name_or_path)
-    if name == "tiny":
-        return ClipSource(name, None, TINY_CLIP, None)
-    spec = REGISTRY.get(name)
-    if spec is not None:
-        if spec.kind != "clip":
-            raise ValueError(f"'{name}' is a {spec.kind} checkpoint, not CLIP")
-        return ClipSource(name, resolve(name, settings), spec.arch, name)
-    if Path(name).expanduser().is_file():
-        return ClipSource(name, Path(name).expanduser(), arch, None)
-    prefix, _, rest = name.partition(":")
-    if prefix in model_configs() and rest:
-        return ClipSource(name, resolve(rest, settings), prefix, None)
-    if prefix == "clip" and rest.count(":") >= 1:
-        return _source_for_identity(name, settings)
-    if rest and Path(rest).expanduser().is_file():
-        raise ValueError(f"'{prefix}' is not an open_clip architecture (e.g. ViT-B-16, ViT-L-14-336): --clip {name}")
-    return ClipSource(name, resolve(name, settings), arch, None)  # raises: neither file nor name
-
-
-def _source_for_identity(identity: str, settings: Settings) -> ClipSource:
-    arch = identity.split(":", 2)[1]
-    given = settings.clip
-    if given and given != identity:
-        src = clip_source(given, settings)
-        if src.path is not None and file_identity(src.path, "clip", arch) == identity:
-            return ClipSource(identity, src.path, arch, None)
-    raise MissingWeightsError(
-        f"the model was built on CLIP '{identity}', loaded from a file: pass that file with "
-        f"--clip {arch}:FILE (or USE_SEARCH_CLIP)"
-    )
+def clip_source(name_or_path: str, settings: Settings, arch: str | None = None) -> Source:
+    """A CLIP name (``NAME | FILE | ARCH:FILE``, or the model id of a file-loaded CLIP as a USE
+    checkpoint records its backbone) resolved by the model registry."""
+    return parse("clip", name_or_path, settings, arch)
 
 
 def read_clip_state(path: Path, name: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
@@ -240,16 +172,16 @@ def load_clip(name_or_path: str, settings: Settings, arch: str | None = None, de
     """``tiny``, a registry name (``clip_vit_l14_336_openai``), a checkpoint file (architecture
     inferred, or given by ``arch`` / ``ARCH:FILE``)."""
     src = clip_source(name_or_path, settings, arch)
-    if src.path is None:
-        arch, model_id = TINY_CLIP, TINY_ID
-        model = build_tiny_clip()
+    if src.random_init:
+        arch, model = TINY_CLIP, build_tiny_clip()
     else:
+        assert src.path is not None
         state, shapes = read_clip_state(src.path, src.registry)
         arch = src.arch or infer_clip_arch(shapes, src.path)
         model = build_clip(arch)
         state = _open_clip().factory.convert_state_dict(model, state)
         load_state_strict(model, state, src.path, f"CLIP {arch}")
-        model_id = src.registry or file_identity(src.path, "clip", arch)
+    model_id = src.model_id(arch)
     open_clip = _open_clip()
     model = model.to(device).eval()
     cfg = model.visual.preprocess_cfg

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from use_search.model.base import Embedder
 from use_search.model.clip import ClipBundle
+from use_search.model.registry import model_id
 from use_search.model.text import TextEncoder
 from use_search.types import Segment
 
@@ -28,7 +29,7 @@ class CropClipEmbedder(Embedder):
         self.text = TextEncoder(clip, device)
         self.dim = clip.dim
         self.untrained = untrained
-        self.model_id = f"crop-clip:{clip.model_id}"
+        self.model_id = model_id(clip.model_id)
         self._mean = torch.tensor(clip.mean, device=device).view(3, 1, 1)
         self._std = torch.tensor(clip.std, device=device).view(3, 1, 1)
 

@@ -16,9 +16,10 @@ import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from use_search.config import Settings
-from use_search.weights import REGISTRY, MissingWeightsError, file_identity, resolve, safetensors_load, torch_load
+from use_search.model.registry import parse, tiny_arch
+from use_search.weights import safetensors_load, torch_load
 
-TINY_DINOV2 = "use-tiny-dinov2"
+TINY_DINOV2 = tiny_arch("dinov2")
 TINY_SEED = 0
 # ImageNet statistics: what DINOv2 was trained with (timm's pretrained cfg for the dinov2 models).
 DINOV2_MEAN = (0.485, 0.456, 0.406)
@@ -29,7 +30,7 @@ DINOV2_STD = (0.229, 0.224, 0.225)
 class Dinov2Bundle:
     model: VisionTransformer
     arch: str  # timm model name, or TINY_DINOV2
-    model_id: str  # registry name, "tiny", or "dinov2:<arch>:<file name>-<content digest>"
+    model_id: str  # the model registry's id: registry name, or "dinov2:<arch>:<file name>-<content digest>"
     patch_size: int
     mean: tuple[float, float, float] = DINOV2_MEAN
     std: tuple[float, float, float] = DINOV2_STD
@@ -87,36 +88,6 @@ def infer_dinov2_arch(state: dict[str, torch.Tensor], path: Path) -> str:
     return f"{DINOV2_BY_WIDTH[int(width)]}_patch14_{'reg4_' if registers else ''}dinov2"
 
 
-def dinov2_source(name_or_path: str, settings: Settings, arch: str | None = None) -> tuple[Path, str | None, str | None]:
-    """(file, timm arch or None to infer, registry name or None) for a registry name, a file,
-    ``ARCH:FILE``, or the model id of a file-loaded DINOv2 (found through ``settings.dinov2``)."""
-    name = str(name_or_path)
-    spec = REGISTRY.get(name)
-    if spec is not None:
-        if spec.kind != "dinov2":
-            raise ValueError(f"'{name}' is a {spec.kind} checkpoint, not DINOv2")
-        return resolve(name, settings), spec.arch, name
-    if Path(name).expanduser().is_file():
-        return Path(name).expanduser(), arch, None
-    prefix, _, rest = name.partition(":")
-    if prefix == "dinov2" and rest.count(":") >= 1:  # a model id: dinov2:ARCH:FILE-DIGEST
-        id_arch = rest.split(":", 1)[0]
-        given = settings.dinov2
-        if given and given != name:
-            path, given_arch, _ = dinov2_source(given, settings)
-            if file_identity(path, "dinov2", given_arch or id_arch) == name:
-                return path, id_arch, None
-        raise MissingWeightsError(
-            f"the model was built on DINOv2 '{name}', loaded from a file: pass that file with "
-            f"--dinov2 {id_arch}:FILE (or USE_SEARCH_DINOV2)"
-        )
-    if rest and Path(rest).expanduser().is_file():
-        if not timm.is_model(prefix):
-            raise ValueError(f"'{prefix}' is not a timm architecture (e.g. vit_large_patch14_dinov2): --dinov2 {name}")
-        return resolve(rest, settings), prefix, None
-    return resolve(name, settings), arch, None  # raises: neither a file nor a known name
-
-
 def load_dinov2(
     name_or_path: str, settings: Settings, grid: int, arch: str | None = None, device: str = "cpu"
 ) -> Dinov2Bundle:
@@ -126,10 +97,12 @@ def load_dinov2(
     A registry name whose file is missing raises ``MissingWeightsError`` (from ``weights.resolve``):
     real names never fall back to random weights.
     """
-    if name_or_path == "tiny":
-        model, arch, model_id = build_tiny_dinov2(grid), TINY_DINOV2, "tiny"
+    src = parse("dinov2", name_or_path, settings, arch)
+    if src.random_init:
+        model, arch = build_tiny_dinov2(grid), TINY_DINOV2
     else:
-        path, arch, registry = dinov2_source(name_or_path, settings, arch)
+        path, arch, registry = src.path, src.arch, src.registry
+        assert path is not None
         state = read_dinov2_state(path, registry)
         found = infer_dinov2_arch(state, path)
         if arch is None:
@@ -145,9 +118,8 @@ def load_dinov2(
         except RuntimeError as e:
             detail = "; ".join(ln.strip() for ln in str(e).splitlines()[1:] if ln.strip())[:300]
             raise ValueError(f"checkpoint {path} does not fit DINOv2 {arch}: {detail}") from None
-        model_id = registry or file_identity(path, "dinov2", arch)
     patch = model.patch_embed.patch_size
     return Dinov2Bundle(
-        model=model.to(device).eval(), arch=arch, model_id=model_id,
+        model=model.to(device).eval(), arch=arch, model_id=src.model_id(arch),
         patch_size=int(patch[0] if isinstance(patch, (tuple, list)) else patch),
     )

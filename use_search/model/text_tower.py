@@ -26,7 +26,6 @@ from torch import nn
 from use_search.config import Settings
 from use_search.model.clip import (
     TINY_CLIP,
-    TINY_ID,
     clip_source,
     infer_clip_arch,
     load_clip,
@@ -36,7 +35,6 @@ from use_search.model.clip import (
     seeded_init_,
 )
 from use_search.model.text import TextEncoder
-from use_search.weights import file_identity
 
 # CLIPTextCfg fields (open_clip) this tower implements, with the defaults it supports for the rest.
 PLAIN_TEXT_FIELDS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
@@ -158,14 +156,15 @@ class TextClip:
 def load_text_clip(name_or_path: str, settings: Settings, arch: str | None = None, device: str = "cpu") -> TextClip:
     """The text tower of the CLIP ``load_clip`` would load for the same arguments, with its model id."""
     src = clip_source(name_or_path, settings, arch)
-    if src.path is None:
+    if src.random_init:
         cfg = plain_text_config(TINY_CLIP)
         assert cfg is not None
         tower = seeded_init_(ClipTextTower(**cfg))  # the tiny CLIP's text weights (same names, same seed)
-        return _text_clip(tower, cfg, TINY_CLIP, TINY_ID, device)
+        return _text_clip(tower, cfg, TINY_CLIP, src.model_id(TINY_CLIP), device)
+    assert src.path is not None
     state, shapes = read_clip_state(src.path, src.registry)
     arch = src.arch or infer_clip_arch(shapes, src.path)
-    model_id = src.registry or file_identity(src.path, "clip", arch)
+    model_id = src.model_id(arch)
     cfg = plain_text_config(arch)
     if cfg is None:  # a text tower this module does not implement: open_clip's CLIP without its image tower
         bundle = load_clip(name_or_path, settings, arch, device)

@@ -9,7 +9,8 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from use_search.config import Settings
-from use_search.weights import REGISTRY, file_identity, resolve, torch_load
+from use_search.model.registry import parse, tiny_arch
+from use_search.weights import REGISTRY, torch_load
 
 # segment-anything's three architectures plus our tiny one:
 # (embed dim, depth, heads, global-attention blocks, input size).
@@ -19,7 +20,7 @@ SAM_ARCHS: dict[str, tuple[int, int, int, tuple[int, ...], int]] = {
     "vit_b": (768, 12, 12, (2, 5, 8, 11), 1024),
     # Random-init, for tests and smoke runs only. A 256 px input (16×16 embedding grid) makes the
     # mask decoder, which runs per prompt, ~16× cheaper on CPU than SAM's 1024 px.
-    "tiny": (64, 2, 2, (1,), 256),
+    tiny_arch("sam"): (64, 2, 2, (1,), 256),
 }
 TINY_SEED = 0
 
@@ -54,7 +55,7 @@ def build_tiny_sam() -> Sam:
     """The tiny preset's SAM: seeded, so every process builds the same untrained network."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-        return build_sam("tiny")
+        return build_sam(tiny_arch("sam"))
 
 
 def arch_of_state_dict(state: dict[str, torch.Tensor], path: Path | str = "the checkpoint") -> str:
@@ -75,20 +76,26 @@ def arch_of_state_dict(state: dict[str, torch.Tensor], path: Path | str = "the c
     )
 
 
-def load_sam_file(path: Path, device: str = "cpu", expect: str | None = None) -> tuple[Sam, str]:
+def load_sam_file(
+    path: Path, device: str = "cpu", expect: str | None = None, arch: str | None = None
+) -> tuple[Sam, str]:
     """(model, architecture) of an official SAM checkpoint (a plain state dict, as segment-anything
     publishes them). The file's own tensor shapes decide the architecture; ``expect`` names the
-    registry entry it must be (``sam_vit_b``): a file of another architecture is an error."""
+    registry entry it must be (``sam_vit_b``), ``arch`` the architecture it was given as (``ARCH:FILE``):
+    a file of another architecture is an error."""
     state = torch_load(path, expect)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {path} is not a segment-anything state dict (no tensors by name)")
-    arch = arch_of_state_dict(state, path)
+    found = arch_of_state_dict(state, path)
     spec = REGISTRY.get(expect or "")
-    if spec is not None and spec.arch != arch:
+    if spec is not None and spec.arch != found:
         raise ValueError(
-            f"checkpoint {path} holds a SAM {arch}, not the {spec.arch} that '{spec.name}' is: "
+            f"checkpoint {path} holds a SAM {found}, not the {spec.arch} that '{spec.name}' is: "
             f"re-fetch with `use-search weights fetch {spec.name}`"
         )
+    if arch is not None and arch != found:
+        raise ValueError(f"checkpoint {path} holds a SAM {found}, not a {arch}: --sam {found}:{path}")
+    arch = found
     sam = build_sam(arch)
     try:
         sam.load_state_dict(state)
@@ -99,14 +106,13 @@ def load_sam_file(path: Path, device: str = "cpu", expect: str | None = None) ->
 
 
 def load_sam(name_or_path: str, settings: Settings, device: str = "cpu") -> tuple[Sam, str]:
-    """(model, model id) for ``tiny``, a registry name (``sam_vit_h``) or a checkpoint path. The id
-    of a file is ``sam:<arch>:<file name>-<content digest>`` (the registry name when the file is
-    the published checkpoint)."""
-    if name_or_path == "tiny":
-        return build_tiny_sam().to(device), "sam-tiny-untrained"
-    spec = REGISTRY.get(name_or_path)
-    if spec is not None and spec.kind != "sam":
-        raise ValueError(f"'{name_or_path}' is a {spec.kind} checkpoint, not SAM")
-    path = resolve(name_or_path, settings)
-    sam, arch = load_sam_file(path, device, spec.name if spec else None)
-    return sam, spec.name if spec else file_identity(path, "sam", arch)
+    """(model, model id) for ``tiny``, a registry name (``sam_vit_h``), a checkpoint path or
+    ``ARCH:FILE``. The id of a file is ``sam:<arch>:<file name>-<content digest>`` (the registry name
+    when the file is the published checkpoint)."""
+    src = parse("sam", name_or_path, settings)
+    if src.random_init:
+        return build_tiny_sam().to(device), src.model_id(tiny_arch("sam"))
+    assert src.path is not None
+    registry = src.registry
+    sam, arch = load_sam_file(src.path, device, registry, None if registry else src.arch)
+    return sam, src.model_id(arch)

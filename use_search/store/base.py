@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import uuid
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 
@@ -43,6 +43,9 @@ IMAGE_NAMESPACE = uuid.UUID("0d6c8a51-2b7e-4f8e-9c3a-54a1b7e90c42")
 SEGMENT_INDEXED_FIELDS = ("paths", "sha256", "dirs")
 IMAGE_INDEXED_FIELDS = ("path", "sha256", "dirs")
 LEGACY_PATH_FIELD = "path"  # segments written before content addressing: one path per point, indexed
+# What a search can leave out of its hits: the COCO RLE mask (~770 bytes of a point's ~1.3 KB payload),
+# which only drawing, --json and the mask route need; ``VectorStore.with_masks`` fetches it by id.
+MASK_FIELDS = ("rle",)
 
 
 def image_id(path: str) -> str:
@@ -137,6 +140,49 @@ class SearchFilter:
         if self.sha256 is not None:
             out.append(("sha256", self.sha256))
         return out
+
+
+@dataclass(frozen=True)
+class VectorQuery:
+    """One engine query over the segments: nearest to a single positive vector, or the engine's
+    recommend (``sum_scores`` strategy) over several positives and/or negatives.
+
+    Score of a point x: ``(Σ_p cos(x, p) − Σ_n cos(x, n)) / len(positives)``: the engine's sum_scores
+    divided by the number of positives, so one positive and no negative is exactly the cosine, several
+    positives their mean cosine, and each negative subtracts its cosine (scaled the same way).
+    ``exclude_ids`` / ``exclude_shas`` leave points / whole contents out; ``only_shas`` keeps only
+    those contents (all are indexed payload conditions, evaluated by the engine)."""
+
+    positives: tuple[np.ndarray, ...]
+    negatives: tuple[np.ndarray, ...] = ()
+    flt: SearchFilter | None = None
+    exclude_ids: tuple[str, ...] = ()
+    exclude_shas: tuple[str, ...] = ()
+    only_shas: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.positives:
+            raise ValueError("a query needs at least one positive vector")
+
+    @property
+    def nearest(self) -> bool:
+        return len(self.positives) == 1 and not self.negatives
+
+    def threshold(self, min_score: float | None) -> float | None:
+        """``min_score`` in the engine's units (it applies the threshold before our division)."""
+        return None if min_score is None else min_score * len(self.positives)
+
+    def scaled(self, engine_score: float) -> float:
+        return engine_score / len(self.positives)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A point of a candidate list: its id, score and content, without the rest of its payload."""
+
+    id: str
+    score: float
+    sha256: str
 
 
 class VectorStore(ABC):
@@ -299,8 +345,33 @@ class VectorStore(ABC):
 
     @abstractmethod
     def search(
-        self, vector: np.ndarray, k: int, flt: SearchFilter | None = None, min_score: float | None = None
-    ) -> list[Hit]: ...
+        self, vector: np.ndarray, k: int, flt: SearchFilter | None = None, min_score: float | None = None,
+        masks: bool = True,
+    ) -> list[Hit]:
+        """The ``k`` nearest segments; ``masks=False``: their ``rle`` is left out (None)."""
+
+    def with_masks(self, hits: Sequence[Hit]) -> list[Hit]:
+        """``hits`` with their masks: those searched without are read by id (one call)."""
+        missing = [h.id for h in hits if h.rle is None]
+        if not missing:
+            return list(hits)
+        rles = {h.id: h.rle for h in self.get_segments(missing)}
+        return [h if h.rle is not None else replace(h, rle=rles.get(h.id), payload={**h.payload, "rle": rles.get(h.id)})
+                for h in hits]
+
+    # Query forms (``use_search.query.forms``): each one engine call ----------------------------------
+    @abstractmethod
+    def query(self, q: VectorQuery, k: int, min_score: float | None = None) -> list[Hit]:
+        """The ``k`` best segments for ``q`` (score as ``VectorQuery`` says), best first."""
+
+    @abstractmethod
+    def query_batch(self, qs: Sequence[VectorQuery], k: int, min_score: float | None = None) -> list[list[Scored]]:
+        """The ``k`` best points of each query, in one engine call, reading only their ``sha256``."""
+
+    @abstractmethod
+    def query_groups(self, q: VectorQuery, k: int, per_group: int, min_score: float | None = None) -> list[list[Hit]]:
+        """The ``k`` best contents (images) for ``q``, ranked by their best segment, each with its
+        ``per_group`` best segments."""
 
     @abstractmethod
     def get_segments(self, ids: Sequence[str]) -> list[Hit]:
@@ -343,6 +414,11 @@ class VectorStore(ABC):
 
     def optimize(self) -> None:
         """Index what is not indexed yet (HNSW for the embedded store). No-op where the engine does it."""
+
+    def index_info(self) -> dict[str, int]:
+        """Segments collection: engine segments, points, points in an HNSW index (the rest are scanned)."""
+        n = self.count_segments()
+        return {"segments": 0, "points": n, "indexed": n}
 
     @abstractmethod
     def close(self) -> None: ...

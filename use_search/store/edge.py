@@ -19,8 +19,10 @@ space of the store's file system and raises ``StoreFullError`` while there is st
 
 Index builds: segments are capped (``max_segment_mb``), so ``optimize()`` builds an HNSW graph over the
 points added since the last build (merged with the smallest indexed segment when both fit under the
-cap), never over the whole collection again; new points below the engine's indexing threshold stay in
-a plain segment that searches scan exactly.
+cap), never over the whole collection again; a write that adds a cap's worth of vectors builds on the
+way (store/build.py: the engine alone would put them all in one segment); new points below the
+engine's indexing threshold stay in a plain segment that searches scan exactly. Quantization and what
+lives on disk: store/layout.py.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import qdrant_edge as qe
 from use_search.store.base import (
     IMAGE_INDEXED_FIELDS,
     LEGACY_PATH_FIELD,
+    MASK_FIELDS,
     SEGMENT_INDEXED_FIELDS,
     ImageEntry,
     SearchFilter,
@@ -49,11 +52,17 @@ from use_search.store.base import (
     StoreError,
     StoredPoint,
     StoreFullError,
+    Scored,
+    VectorQuery,
     VectorStore,
     hit_from,
     image_id,
     references,
 )
+from use_search.store import edge_query
+from use_search.store import layout as lay
+from use_search.store.build import points_per_segment
+from use_search.store.layout import Layout, SearchTuning
 from use_search.types import Hit, SegmentPoint
 
 LOCK_FILE = ".lock"
@@ -103,7 +112,10 @@ class EdgeStore(VectorStore):
         max_segment_mb: int | None = 128,
         indexing_threshold_kb: int | None = None,
         free_space: Callable[[Path], int] = free_bytes,
+        layout: Mapping[str, Any] | None = None,
+        tuning: SearchTuning | None = None,
     ) -> None:
+        """``layout``: the creation-time settings asked for (store/layout.py; unset ones: the store's own)."""
         self.root = Path(path) / collection
         self.writable = writable
         self.min_free_bytes = min_free_bytes
@@ -112,6 +124,11 @@ class EdgeStore(VectorStore):
             max_segment_size=max_segment_mb * 1024 if max_segment_mb else None,
             indexing_threshold=indexing_threshold_kb,
         )
+        self._max_segment_mb = max_segment_mb
+        self._wanted = dict(layout or {})
+        self._tuning = tuning or SearchTuning()
+        self._layout: Layout | None = None
+        self._written_since_build = 0  # points upserted since the last index build (an upper bound)
         self._segments: _Shard | None = None
         self._images: _Shard | None = None
         self._dim: int | None = None
@@ -147,7 +164,8 @@ class EdgeStore(VectorStore):
     def _open_shards(self) -> None:
         if _shard_exists(self._data / SEGMENTS_DIR):
             self._dim = _persisted_dim(self._data / SEGMENTS_DIR)
-            self._segments = _load(self._data / SEGMENTS_DIR, self._config(self._dim, qe.Distance.Cosine))
+            self._layout = lay.resolve(lay.read_recorded(self._data) or lay.LEGACY, self._wanted, f"the store at {self.root}")
+            self._segments = _load(self._data / SEGMENTS_DIR, self._config(self._dim, qe.Distance.Cosine, self._layout))
         if _shard_exists(self._data / IMAGES_DIR):
             self._images = _load(self._data / IMAGES_DIR, self._config(1, qe.Distance.Dot))
 
@@ -160,8 +178,22 @@ class EdgeStore(VectorStore):
         finally:
             self._segments = self._images = None
 
-    def _config(self, dim: int, distance: Any) -> qe.EdgeConfig:
-        return qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=distance), optimizers=self._optimizers)
+    def _config(self, dim: int, distance: Any, layout: Layout | None = None) -> qe.EdgeConfig:
+        if layout is None:  # the image records: a constant 1-d vector each
+            return qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=distance), optimizers=self._optimizers)
+        return qe.EdgeConfig(
+            vectors=lay.edge_vectors(layout, dim), quantization_config=lay.edge_quantization(layout),
+            on_disk_payload=layout.payload_on_disk, optimizers=self._optimizers,
+        )
+
+    @property
+    def layout(self) -> Layout | None:
+        """How the segments collection holds vectors and payloads (None before ``ensure``)."""
+        return self._layout
+
+    def _params(self) -> Any:
+        """Every search's quantization tuning (rescore, oversampling); None on a float store."""
+        return lay.edge_search_params(self._layout or Layout(quantization="none"), self._tuning)
 
     def _check_space(self, need: int, what: str) -> None:
         if not self.writable:
@@ -184,7 +216,9 @@ class EdgeStore(VectorStore):
                 )
         else:
             self._check_space(_new_store_bytes(self.root), "a new store")
-            self._segments = _create(self.root / SEGMENTS_DIR, self._config(dim, qe.Distance.Cosine))
+            self._layout = lay.resolve(None, self._wanted, f"the store at {self.root}")
+            lay.write_recorded(self.root, self._layout)  # before the shard: a shard is never without it
+            self._segments = _create(self.root / SEGMENTS_DIR, self._config(dim, qe.Distance.Cosine, self._layout))
             self._dim = dim
         if self._images is None:
             self._images = _create(self.root / IMAGES_DIR, self._config(1, qe.Distance.Dot))
@@ -208,11 +242,17 @@ class EdgeStore(VectorStore):
             np.asarray(p.vector).size * 4 + len(str(p.payload.get("rle", ""))) + SEGMENT_OVERHEAD_BYTES for p in points
         )
         self._check_space(WRITE_AMPLIFICATION * need, f"writing {len(points)} segments")
+        cap = points_per_segment(self._dim or 1, self._max_segment_mb)
         for start in range(0, len(points), UPSERT_BATCH):
             batch = [
                 qe.Point(p.id, _vector(p.vector), p.payload) for p in points[start : start + UPSERT_BATCH]
             ]
             shard.update(qe.UpdateOperation.upsert_points(batch))
+            self._written_since_build += len(batch)
+            if cap is not None and self._written_since_build >= cap:
+                # The engine puts every point written since the last build into one segment, whatever
+                # its size cap: building now keeps each new segment (and the build's memory) at the cap.
+                self._build(shard, self._pending(shard))
         shard.flush()
 
     def put_image(self, entry: ImageEntry) -> None:
@@ -284,7 +324,8 @@ class EdgeStore(VectorStore):
 
     # Segments ------------------------------------------------------------------------------------
     def search(
-        self, vector: np.ndarray, k: int, flt: SearchFilter | None = None, min_score: float | None = None
+        self, vector: np.ndarray, k: int, flt: SearchFilter | None = None, min_score: float | None = None,
+        masks: bool = True,
     ) -> list[Hit]:
         if self._segments is None or k <= 0:
             return []
@@ -293,9 +334,19 @@ class EdgeStore(VectorStore):
             query=qe.Query.Nearest(_vector(vector)),
             filter=_filter(flt),
             score_threshold=min_score,
-            with_payload=True,
+            with_payload=True if masks else qe.PayloadSelector.Exclude(list(MASK_FIELDS)),
+            params=self._params(),
         )
         return [hit_from(p.id, p.score, p.payload, flt) for p in self._segments.query(request)]
+
+    def query(self, q: VectorQuery, k: int, min_score: float | None = None) -> list[Hit]:
+        return edge_query.query(self._segments, q, k, min_score, self._params()) if self._segments is not None and k > 0 else []
+
+    def query_batch(self, qs: Sequence[VectorQuery], k: int, min_score: float | None = None) -> list[list[Scored]]:
+        return edge_query.query_batch(self._segments, qs, k, min_score, self._params()) if self._segments is not None else [[] for _ in qs]
+
+    def query_groups(self, q: VectorQuery, k: int, per_group: int, min_score: float | None = None) -> list[list[Hit]]:
+        return edge_query.groups(self._segments, q, k, per_group, min_score, self._params()) if self._segments is not None else []
 
     def get_segments(self, ids: Sequence[str]) -> list[Hit]:
         if self._segments is None or not ids:
@@ -357,15 +408,21 @@ class EdgeStore(VectorStore):
     # Lifecycle -----------------------------------------------------------------------------------
     def optimize(self) -> None:
         for shard in (self._segments, self._images):
-            if shard is None:
-                continue
-            info = shard.info()
-            pending = info.points_count - info.indexed_vectors_count
-            if shard is self._segments and pending > 0:
-                # A build writes a new copy of the segments it rebuilds before dropping the old ones.
-                self._check_space(2 * pending * (4 * (self._dim or 1) + 1024), "building the search index")
-            shard.optimize()
-            shard.flush()
+            if shard is not None:
+                self._build(shard, self._pending(shard) if shard is self._segments else 0)
+
+    def _pending(self, shard: "_Shard") -> int:
+        info = shard.info()
+        return info.points_count - info.indexed_vectors_count
+
+    def _build(self, shard: "_Shard", pending: int) -> None:
+        if pending > 0:
+            # A build writes a new copy of the segments it rebuilds before dropping the old ones.
+            self._check_space(2 * pending * (4 * (self._dim or 1) + 1024), "building the search index")
+        shard.optimize()
+        shard.flush()
+        if shard is self._segments:
+            self._written_since_build = 0
 
     def snapshot(self, out: Path) -> None:
         """A gzip tar of both shards, taken with the store locked and its shards closed (nothing moves
@@ -378,7 +435,7 @@ class EdgeStore(VectorStore):
             with tarfile.open(tmp, "w:gz", compresslevel=1) as tar:  # sparse engine files: mostly zeros
                 manifest = json.dumps({
                     "format": SNAPSHOT_FORMAT, "collection": self.root.name, "dim": dim,
-                    "points": points, "images": images,
+                    "points": points, "images": images, "layout": lay.read_recorded(self._data),
                 }).encode()
                 info = tarfile.TarInfo(SNAPSHOT_MANIFEST)
                 info.size = len(manifest)
@@ -457,6 +514,8 @@ def restore_snapshot(archive: Path, path: Path, collection: str) -> dict[str, An
             finally:
                 for t in inner.values():
                     t.close()
+        if manifest.get("layout"):
+            lay.write_recorded(root, Layout(**manifest["layout"]))
         for name, tmp in parts.items():
             try:
                 qe.EdgeShard.unpack_snapshot(str(tmp), str(root / name))
@@ -618,6 +677,8 @@ def _private_copy(root: Path) -> Path:
             for name in (SEGMENTS_DIR, IMAGES_DIR):
                 if (root / name).exists():
                     _copy_sparse_tree(root / name, dest / name)
+            if (root / lay.LAYOUT_FILE).exists():
+                shutil.copyfile(root / lay.LAYOUT_FILE, dest / lay.LAYOUT_FILE)
         except BaseException:
             shutil.rmtree(dest.parent, ignore_errors=True)
             raise

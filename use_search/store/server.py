@@ -17,15 +17,26 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 from use_search.store.base import (
     IMAGE_INDEXED_FIELDS,
     LEGACY_PATH_FIELD,
+    MASK_FIELDS,
     SEGMENT_INDEXED_FIELDS,
     ImageEntry,
     SearchFilter,
     StoredPoint,
     StoreError,
+    Scored,
+    VectorQuery,
     VectorStore,
     hit_from,
     image_id,
     references,
+)
+from use_search.store.layout import (
+    Layout,
+    SearchTuning,
+    resolve,
+    server_create_options,
+    server_recorded,
+    server_search_params,
 )
 from use_search.types import Hit, SegmentPoint
 
@@ -43,8 +54,14 @@ class ServerStore(VectorStore):
         shard_number: int | None = None,
         replication_factor: int | None = None,
         write_consistency_factor: int | None = None,
+        layout: Mapping[str, Any] | None = None,
+        tuning: SearchTuning | None = None,
     ) -> None:
+        """``layout``: the creation-time settings asked for (store/layout.py; unset ones: the collection's own)."""
         self.client = client
+        self._wanted = dict(layout or {})
+        self._tuning = tuning or SearchTuning()
+        self._layout: Layout | None = None
         self.collection = collection
         self.images_collection = collection + "_images"
         self.url = url or "the Qdrant server"
@@ -72,6 +89,8 @@ class ServerStore(VectorStore):
         shard_number: int | None = None,
         replication_factor: int | None = None,
         write_consistency_factor: int | None = None,
+        layout: Mapping[str, Any] | None = None,
+        tuning: SearchTuning | None = None,
     ) -> "ServerStore":
         """Connect to the server at ``url``; ``StoreError`` at once if it does not answer."""
         # check_compatibility=False: its version probe only warns; our probe below raises instead.
@@ -80,7 +99,7 @@ class ServerStore(VectorStore):
         )
         store = cls(
             client, collection, url=url, shard_number=shard_number, replication_factor=replication_factor,
-            write_consistency_factor=write_consistency_factor,
+            write_consistency_factor=write_consistency_factor, layout=layout, tuning=tuning,
         )
         with store._errors():
             client.get_collections()
@@ -95,12 +114,12 @@ class ServerStore(VectorStore):
                         f"collection {self.collection!r} at {self.url} holds {self.dim}-d vectors, the "
                         f"model gives {dim}-d: use another collection (store.collection) for this model"
                     )
+                self.layout  # noqa: B018  (raises when the settings asked for differ from the collection's)
             else:
-                self._create(
-                    self.collection, models.VectorParams(size=dim, distance=models.Distance.COSINE)
-                )
+                self._layout = resolve(None, self._wanted, f"collection {self.collection!r} at {self.url}")
+                self._create(self.collection, **server_create_options(self._layout, dim))
             if not self._has(self.images_collection):
-                self._create(self.images_collection, {})
+                self._create(self.images_collection, vectors_config={})
             for name, fields in ((self.collection, SEGMENT_INDEXED_FIELDS), (self.images_collection, IMAGE_INDEXED_FIELDS)):
                 indexed = self.client.get_collection(name).payload_schema
                 for field in fields:
@@ -108,6 +127,18 @@ class ServerStore(VectorStore):
                         self.client.create_payload_index(
                             name, field, models.PayloadSchemaType.KEYWORD, wait=True
                         )
+
+    @property
+    def layout(self) -> Layout | None:
+        """The segments collection's quantization and on-disk settings (None while it does not exist);
+        ``StoreError`` when settings were asked for that the collection was not created with."""
+        if self._layout is None:
+            with self._errors():
+                if not self._has(self.collection):
+                    return None
+                recorded = server_recorded(self.client.get_collection(self.collection))
+            self._layout = resolve(recorded, self._wanted, f"collection {self.collection!r} at {self.url}")
+        return self._layout
 
     @property
     def dim(self) -> int | None:
@@ -199,7 +230,8 @@ class ServerStore(VectorStore):
 
     # Segments ------------------------------------------------------------------------------------
     def search(
-        self, vector: np.ndarray, k: int, flt: SearchFilter | None = None, min_score: float | None = None
+        self, vector: np.ndarray, k: int, flt: SearchFilter | None = None, min_score: float | None = None,
+        masks: bool = True,
     ) -> list[Hit]:
         with self._errors():
             if k <= 0 or not self._has(self.collection):
@@ -210,9 +242,43 @@ class ServerStore(VectorStore):
                 limit=k,
                 query_filter=_filter(flt),
                 score_threshold=min_score,
-                with_payload=True,
+                with_payload=True if masks else models.PayloadSelectorExclude(exclude=list(MASK_FIELDS)),
+                search_params=self._params(),
             )
         return [hit_from(p.id, p.score, p.payload, flt) for p in result.points]
+
+    # Query forms: the engine's recommend (sum_scores), batch and group-by queries -------------------
+    def query(self, q: VectorQuery, k: int, min_score: float | None = None) -> list[Hit]:
+        with self._errors():
+            if k <= 0 or not self._has(self.collection):
+                return []
+            result = self.client.query_points(self.collection, **_request(q, k, min_score, True), search_params=self._params())
+        return [hit_from(p.id, q.scaled(p.score), p.payload, q.flt) for p in result.points]
+
+    def query_batch(self, qs: Sequence[VectorQuery], k: int, min_score: float | None = None) -> list[list[Scored]]:
+        with self._errors():
+            if not qs or not self._has(self.collection):
+                return [[] for _ in qs]
+            params = self._params()
+            requests = [models.QueryRequest(**_request(q, k, min_score, ["sha256"], batch=True), params=params) for q in qs]
+            results = self.client.query_batch_points(self.collection, requests=requests)
+        return [
+            [Scored(str(p.id), q.scaled(p.score), p.payload["sha256"]) for p in r.points] for q, r in zip(qs, results)
+        ]
+
+    def query_groups(self, q: VectorQuery, k: int, per_group: int, min_score: float | None = None) -> list[list[Hit]]:
+        with self._errors():
+            if k <= 0 or not self._has(self.collection):
+                return []
+            result = self.client.query_points_groups(
+                self.collection, group_by="sha256", group_size=per_group, **_request(q, k, min_score, True),
+                search_params=self._params(),
+            )
+        return [[hit_from(p.id, q.scaled(p.score), p.payload, q.flt) for p in g.hits] for g in result.groups]
+
+    def _params(self) -> Any:
+        """Every search's quantization tuning (rescore, oversampling); None on a float collection."""
+        return server_search_params(self.layout or Layout(quantization="none"), self._tuning)
 
     def get_segments(self, ids: Sequence[str]) -> list[Hit]:
         with self._errors():
@@ -270,6 +336,14 @@ class ServerStore(VectorStore):
             if ids and self._has(self.collection):
                 self.client.delete(self.collection, points_selector=models.PointIdsList(points=list(ids)), wait=True)
 
+    def index_info(self) -> dict[str, int]:
+        with self._errors():
+            if not self._has(self.collection):
+                return {"segments": 0, "points": 0, "indexed": 0}
+            info = self.client.get_collection(self.collection)
+        return {"segments": info.segments_count or 0, "points": info.points_count or 0,
+                "indexed": info.indexed_vectors_count or 0}
+
     def close(self) -> None:
         self.client.close()
 
@@ -291,9 +365,9 @@ class ServerStore(VectorStore):
             self._existing.add(name)
         return name in self._existing
 
-    def _create(self, name: str, vectors_config: Any) -> None:
+    def _create(self, name: str, **options: Any) -> None:
         try:
-            self.client.create_collection(name, vectors_config=vectors_config, **self._create_options.get(name, {}))
+            self.client.create_collection(name, **options, **self._create_options.get(name, {}))
         except (UnexpectedResponse, ValueError):
             if not self.client.collection_exists(name):  # else another process created it just now
                 raise
@@ -327,3 +401,28 @@ def _filter(flt: SearchFilter | None, path_field: str = "paths") -> models.Filte
     return models.Filter(
         must=[models.FieldCondition(key=k, match=models.MatchValue(value=v)) for k, v in flt.conditions(path_field)]
     )
+
+
+def _request(q: VectorQuery, k: int, min_score: float | None, payload: Any, batch: bool = False) -> dict[str, Any]:
+    """Keyword arguments of one query: ``query_points`` names the filter ``query_filter``, a batch's
+    ``QueryRequest`` names it ``filter``."""
+    if q.nearest:
+        query: Any = _vector(q.positives[0])
+    else:
+        query = models.RecommendQuery(recommend=models.RecommendInput(
+            positive=[_vector(v) for v in q.positives], negative=[_vector(v) for v in q.negatives],
+            strategy=models.RecommendStrategy.SUM_SCORES,
+        ))
+    must: list[Any] = [models.FieldCondition(key=k_, match=models.MatchValue(value=v)) for k_, v in (q.flt.conditions() if q.flt else [])]
+    if q.only_shas:
+        must.append(models.FieldCondition(key="sha256", match=models.MatchAny(any=list(q.only_shas))))
+    must_not: list[Any] = []
+    if q.exclude_ids:
+        must_not.append(models.HasIdCondition(has_id=list(q.exclude_ids)))
+    if q.exclude_shas:
+        must_not.append(models.FieldCondition(key="sha256", match=models.MatchAny(any=list(q.exclude_shas))))
+    flt = models.Filter(must=must, must_not=must_not) if must or must_not else None
+    return {
+        "query": query, "limit": k, "filter" if batch else "query_filter": flt,
+        "score_threshold": q.threshold(min_score), "with_payload": payload,
+    }

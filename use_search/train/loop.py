@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader
 from use_search.config import Settings
 from use_search.model.checkpoint import read_use_checkpoint
 from use_search.model.text import TRAINING_TEMPLATES, TextEncoder
-from use_search.model.use import BackboneFeatures, UseEmbedder, UseModel, build_use_model
+from use_search.model.backbones import BackboneFeatures
+from use_search.model.use import UseEmbedder, UseModel, build_use_model
 from use_search.presets import preset_for
 from use_search.train.data import Batch, DataSpec, EpochBatches, PairDataset, PairImage, collate, feature_path, load_pairs
 from use_search.train.evaluate import evaluate_retrieval
@@ -231,7 +232,7 @@ class Trainer:
                 self.model.trainable, device_ids=[torch.device(self.device).index] if self.device.startswith("cuda") else None
             )
         self.texts = TextBank(TextEncoder(self.model.clip, self.device), self.device, self.amp)
-        self.embedder = UseEmbedder(self.model, self.device, name="training") if val and ctx.rank == 0 else None
+        self.embedder = UseEmbedder(self.model, self.device, tag="training") if val and ctx.rank == 0 else None
         self.step = 0
 
     # -- state -------------------------------------------------------------------------------------
