@@ -113,9 +113,15 @@ def _digest_img(rgb: np.ndarray) -> str:
 class OracleSegmenter:
     """Returns the given masks for each image (looked up by pixel content)."""
 
+    input_size = None  # any size: images are segmented as they are
+    image_batch = 1
+
     def __init__(self, by_image: dict[str, list[np.ndarray]], extra: int = 0) -> None:
         self.by_image = by_image
         self.extra = extra
+
+    def segment_batch(self, images: list[np.ndarray]) -> list[list[Segment]]:
+        return [self.segment(image) for image in images]
 
     def segment(self, image: np.ndarray) -> list[Segment]:
         masks = []

@@ -37,10 +37,8 @@ KNOWN_CIRCLE_EDGES: dict[tuple[str, str], str] = {
     # voting reads its settings from config. Removed with the same step: the weight rule moves below config.
     ("use_search.config", "use_search.query.voting"): "layering one way: voting moves out of query/",
 }
-# Modules below the factory that import it today. The Ray runner builds its workers through
-# factory.Runtime (not a circle: the factory does not import the Ray runner, but it is the wrong way up).
-# Removed by "one indexing engine": Ray only distributes the engine's segment+embed stage.
-KNOWN_FACTORY_IMPORTERS = {"use_search.indexer.ray_runner", "use_search.query.voting"}
+# Modules below the factory that import it today: voting loads its ensemble through factory.Runtime (above).
+KNOWN_FACTORY_IMPORTERS = {"use_search.query.voting"}
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -49,9 +49,18 @@ class Segment:
 
 
 class Segmenter(Protocol):
-    """Anything that cuts an H×W×3 uint8 RGB image into segments (SAM automatic masks, annotations...)."""
+    """Anything that cuts an H×W×3 uint8 RGB image into segments (SAM automatic masks, annotations...).
+
+    ``input_size``: the long side it works at (SAM's encoder resizes every image to it; the default
+    working size, ``imaging.working_side``), None when any size is its own. ``image_batch``: how many
+    images one ``segment_batch`` call takes to keep the device busy (the indexer's group size)."""
+
+    input_size: int | None
+    image_batch: int
 
     def segment(self, image: np.ndarray) -> list[Segment]: ...
+
+    def segment_batch(self, images: Sequence[np.ndarray]) -> list[list[Segment]]: ...
 
 
 @dataclass
