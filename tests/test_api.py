@@ -135,6 +135,19 @@ def test_segment_and_mask_png(client, uploaded):
     assert int((png > 0).sum()) == seg["area"]
 
 
+def test_search_without_masks_keeps_box_and_area_and_the_mask_route_draws_it(client, uploaded):
+    full = client.post("/search", json={"text": "coffee", "k": 5}).json()["hits"]
+    r = client.post("/search", json={"text": "coffee", "k": 5, "masks": False})
+    assert r.status_code == 200, r.text
+    light = r.json()["hits"]
+    assert [h["id"] for h in light] == [h["id"] for h in full]
+    for with_mask, without in zip(full, light):
+        assert without["rle"] is None
+        assert {k: v for k, v in without.items() if k != "rle"} == {k: v for k, v in with_mask.items() if k != "rle"}
+        png = np.asarray(Image.open(io.BytesIO(client.get(without["mask_url"]).content)))
+        np.testing.assert_array_equal(png > 0, decode_rle(with_mask["rle"]))
+
+
 def test_unknown_and_malformed_ids(client):
     assert client.get(f"/segments/{uuid.uuid4()}").status_code == 404
     assert client.get(f"/segments/{uuid.uuid4()}/mask.png").status_code == 404

@@ -11,8 +11,8 @@ import skimage.data
 from PIL import Image
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from use_search.imaging import PixelBudgetError, decode_work, probe, resize_mask, upscale_rle, work_shape
-from use_search.indexer.read import ImageReadError, decode_image
+from use_search.imaging import RESAMPLE, PixelBudgetError, decode_work, probe, resize_mask, upscale_rle, work_shape
+from use_search.indexer.read import ImageReadError
 from use_search.masks import encode_rle, rle_area, rle_bbox
 
 
@@ -53,11 +53,35 @@ def test_decode_work_equals_sams_resize_of_the_full_image(mode):
     img = img.convert(mode) if mode != "P" else img.quantize(64)
     data = encoded(img, "PNG")
     work = decode_work(data, 50_000_000, 256)
-    full = decode_image(data, 50_000_000)
+    full = decode_work(data, 50_000_000, None).pixels
     ref = ResizeLongestSide(256).apply_image(full)  # what SAM feeds its encoder from the full image
     assert (work.width, work.height) == (1500, 1100) and work.scaled
     assert work.pixels.shape == ref.shape == (188, 256, 3)
     assert np.abs(work.pixels.astype(int) - ref.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "1", "P", "PA", "RGBA", "LA", "I;16", "CMYK"])
+def test_decode_at_the_working_size_is_the_resize_of_the_full_decode(mode):
+    """The one decoder at a working size gives exactly what the indexer gave before it decoded straight
+    to that size: the full image made RGB, then resized with SAM's filter (``RESAMPLE``)."""
+    rgb = Image.fromarray(skimage.data.astronaut()).resize((700, 500))
+    if mode == "I;16":
+        img = Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257))
+    elif mode in ("P", "PA"):
+        img = rgb.quantize(64)
+        if mode == "PA":
+            img.info["transparency"] = 3
+    elif mode in ("RGBA", "LA"):
+        img = rgb.convert(mode)
+        img.putalpha(Image.linear_gradient("L").resize(img.size))
+    else:
+        img = rgb.convert(mode)
+    for data in [encoded(img, "PNG" if mode != "CMYK" else "JPEG")] + ([encoded(img, "JPEG")] if mode in ("RGB", "L") else []):
+        full = decode_work(data, 50_000_000, None)
+        work = decode_work(data, 50_000_000, 256)  # a JPEG under DRAFT_MARGIN × 256 px: no DCT scaling
+        want = np.asarray(Image.fromarray(full.pixels).resize((256, 183), RESAMPLE))
+        assert (work.width, work.height) == (full.width, full.height) == (700, 500) and not full.scaled
+        np.testing.assert_array_equal(work.pixels, want)
 
 
 def test_decode_work_jpeg_draft_and_exif_orientation():
@@ -66,10 +90,14 @@ def test_decode_work_jpeg_draft_and_exif_orientation():
     exif[0x0112] = 6  # rotate 90°: upright it is 3000 wide, 4000 high
     data = encoded(img, "JPEG", quality=92, exif=exif.tobytes())
     assert (probe(data, 50_000_000).width, probe(data, 50_000_000).height) == (3000, 4000)
-    work = decode_work(data, 50_000_000, 1024)
+    full = Image.fromarray(decode_work(data, 50_000_000, None).pixels)
+    work = decode_work(data, 50_000_000, 1024)  # 4000 px is under DRAFT_MARGIN × 1024: decoded in full
     assert (work.width, work.height) == (3000, 4000) and work.pixels.shape == (1024, 768, 3)
-    ref = ResizeLongestSide(1024).apply_image(decode_image(data, 50_000_000))
-    assert np.abs(work.pixels.astype(float) - ref).mean() < 3  # DCT-scaled decode, then the same resize
+    np.testing.assert_array_equal(work.pixels, np.asarray(full.resize((768, 1024), RESAMPLE)))
+    work = decode_work(data, 50_000_000, 256)  # DCT-scaled to 1/4 (1000 px), then the same resize
+    assert (work.width, work.height) == (3000, 4000) and work.pixels.shape == (256, 192, 3)
+    ref = np.asarray(full.resize((192, 256), RESAMPLE))
+    assert np.abs(work.pixels.astype(float) - ref).mean() < 3
     small = encoded(Image.fromarray(skimage.data.coffee()), "PNG")
     assert not decode_work(small, 50_000_000, 1024).scaled
 

@@ -38,7 +38,9 @@ def expected_now(before: dict) -> dict:
     - ``SegmentationOut.fallback``: /segment names what labelled the pixels no segment covers.
     - ``HealthOut.store`` "read-only" and ``POST /images``' 503: a server on a store it cannot write
       searches and refuses uploads.
-    The snapshot itself was regenerated (with the three spots above as they were) for the query forms:
+    - ``SearchRequest.masks`` and ``HitOut.rle`` optional: a search may answer hits without masks.
+
+    The snapshot itself was regenerated (with the spots above as they were) for the query forms:
     ``SearchRequest`` takes ``like`` (``LikeRef``), ``other_images``, ``not``, ``all``, ``none``,
     ``group``, ``per_image`` and ``text`` is optional; ``SearchOut.images`` (``ImageMatchOut``); the
     /search 404 (an unknown ``like`` segment); ``POST /search/image`` (more like an upload).
@@ -64,6 +66,18 @@ def expected_now(before: dict) -> dict:
         "description": "read-only: the server cannot write the store's folder; it searches, uploads are refused (503).",
     }
     doc["paths"]["/images"]["post"]["responses"]["503"]["description"] += " Also: the store is read-only for this server."
+    # POST /search's ``masks``: false answers hits without their RLE (searches leave the masks on disk).
+    doc["components"]["schemas"]["SearchRequest"]["properties"]["masks"] = {
+        "type": "boolean", "title": "Masks", "default": True,
+        "description": "Each hit carries its mask (rle). False: hits without it, a lighter answer; mask_url and "
+                       "overlay_url still draw it.",
+    }
+    hit = doc["components"]["schemas"]["HitOut"]
+    hit["properties"]["rle"] = {
+        "anyOf": [{"$ref": "#/components/schemas/RLE"}, {"type": "null"}],
+        "description": "The mask; left out when the search asked for masks=false.",
+    }
+    hit["required"].remove("rle")
     return doc
 
 

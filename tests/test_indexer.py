@@ -259,7 +259,7 @@ class FailsOn:
 
     def __init__(self, segmenter, shape: tuple[int, int]) -> None:
         self.segmenter, self.shape = segmenter, shape
-        self.image_batch = getattr(segmenter, "image_batch", 1)
+        self.image_batch, self.input_size = segmenter.image_batch, segmenter.input_size
 
     def _check(self, image) -> None:
         if image.shape[:2] == self.shape:
@@ -343,6 +343,7 @@ def test_pipeline_keeps_a_bounded_number_of_images_in_flight(tmp_path, parts, mo
 
     class Watched:  # the real segmenter, recording how far reading has run ahead of it
         image_batch = 1
+        input_size = segmenter.input_size
         segmented = 0
 
         def segment(self, image):
@@ -442,7 +443,7 @@ def test_big_photos_are_segmented_at_the_working_size_and_stored_at_their_own(tm
     import skimage.data
     from amg_stress import POINTS, stress_sam
 
-    from use_search.imaging import fit_side, resize_mask, working_side
+    from use_search.imaging import decode_work, resize_mask, working_side
     from use_search.segmenter.automatic import AutoMaskParams
     from use_search.segmenter.batched import BatchedAutoSegmenter, BatchOptions
 
@@ -453,8 +454,7 @@ def test_big_photos_are_segmented_at_the_working_size_and_stored_at_their_own(tm
     root = tmp_path / "photos"
     root.mkdir()
     Image.fromarray(skimage.data.astronaut()).resize((1200, 900)).save(root / "big.png")
-    full = read_image(root / "big.png", 10**8).pixels
-    small = fit_side(full, side)
+    small = decode_work((root / "big.png").read_bytes(), 10**8, side).pixels
     assert small.shape == (192, 256, 3)
     want = segmenter.segment(small)
     want_vectors = embedder.embed_segments(small, want)

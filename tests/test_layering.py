@@ -29,10 +29,8 @@ ABOVE_FACTORY = ("use_search.__main__", "use_search.cli", "use_search.api")
 # edges out and asks for a graph without circles, so a new circle fails even where it runs through the
 # same modules; an entry that no longer closes a circle fails too (delete it then).
 KNOWN_CIRCLE_EDGES: dict[tuple[str, str], str] = {}
-# Modules below the factory that import it today. The Ray runner builds its workers through
-# factory.Runtime (not a circle: the factory does not import the Ray runner, but it is the wrong way up).
-# Removed by "one indexing engine": Ray only distributes the engine's segment+embed stage.
-KNOWN_FACTORY_IMPORTERS = {"use_search.indexer.ray_runner"}
+# Modules below the factory that import it today (none: voting is handed its models by factory.load_ensemble).
+KNOWN_FACTORY_IMPORTERS: set[str] = set()
 
 
 def module_name(path: Path, root: Path) -> str:

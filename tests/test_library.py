@@ -37,7 +37,7 @@ class Counting:
 
     def __init__(self, segmenter) -> None:
         self.segmenter, self.images = segmenter, 0
-        self.image_batch = getattr(segmenter, "image_batch", 1)
+        self.image_batch, self.input_size = segmenter.image_batch, segmenter.input_size
 
     def segment(self, image):
         self.images += 1

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 import pytest
-from test_store_contract import DIM, entry, make_point, store  # noqa: F401  (``store``: the backend fixture)
+from test_store_contract import DIM, entry, make_point, open_backend, store  # noqa: F401  (``store``: the backend fixture, made by ``open_backend``)
 
 from use_search.query.forms import Ask, QueryInputError, UnknownSegmentError, all_of, images, segments
 from use_search.query.search import Searcher

@@ -1,5 +1,6 @@
-"""Distributed indexing on Ray Data: a local 2-CPU Ray cluster gives exactly the points of a
-single-process ``Indexer`` run on the same photos (tiny preset); the stages also work without Ray."""
+"""Distributed indexing on Ray Data: a local 2-CPU Ray cluster gives exactly the points of the
+single-process ``Indexer`` the CLI builds (``factory.Runtime.indexer``) on the same photos (tiny preset),
+with crop layers off and on; the stages also work without Ray."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ import pytest
 import torch
 
 from use_search.config import AutoMaskSettings, Settings
-from use_search.imaging import working_side
-from use_search.indexer import Indexer
+from use_search.factory import Runtime, engine_parts
 from use_search.indexer.runner import commit
 from use_search.indexer.ray_runner import (
     RESULT_KEYS,
@@ -19,7 +19,6 @@ from use_search.indexer.ray_runner import (
     SegmentEmbed,
     StoreWriter,
     WriterActor,
-    default_parts,
     hash_row,
     index_with_ray,
     plan,
@@ -44,7 +43,7 @@ def settings(tmp_path_factory) -> Settings:
 
 @pytest.fixture(scope="module")
 def parts(settings):
-    return default_parts(settings)
+    return engine_parts(settings)
 
 
 @pytest.fixture
@@ -68,17 +67,19 @@ def snapshot(store) -> tuple[dict, dict]:
     return points, images
 
 
-def test_ray_run_gives_the_points_of_a_single_process_run(tmp_path, photos, settings, parts, one_thread):
+@pytest.mark.parametrize("crop_layers", [0, 1])
+def test_ray_run_gives_the_points_of_the_cli_single_process_run(tmp_path, photos, settings, crop_layers, one_thread):
     ray = pytest.importorskip("ray", reason="ray[data] is not installed: pip install 'ray[data]'")
     pytest.importorskip("ray.data", reason="ray[data] is not installed: pip install 'ray[data]'")
+    # No NMS across crops either (the random masks all span their crop): every crop's masks are kept.
+    amg = settings.amg.model_copy(update={"crop_n_layers": crop_layers, "crop_nms_thresh": 1.0})
+    settings = settings.model_copy(update={"amg": amg})
     root = photos["voc"].parent
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
     (root / "empty.png").write_bytes(b"")
 
     with EdgeStore(tmp_path / "single", "segments") as store:
-        side = working_side(parts[0], settings.work_side)  # as the CLI's indexer: the tiny SAM's 256 px
-        assert side == 256
-        single = Indexer(store, *parts, batch_images=2, extensions=EXTS, work_side=side).index(root)
+        single = Runtime.from_settings(settings).indexer(store).index(root)  # what `use-search index` runs
         want_points, want_images = snapshot(store)
     assert single.indexed == 4 and len(want_points) == single.segments >= 4 * 20
 
@@ -87,7 +88,7 @@ def test_ray_run_gives_the_points_of_a_single_process_run(tmp_path, photos, sett
         opts = RayOptions(actor_batch=2, torch_threads=1)
         with EdgeStore(tmp_path / "ray", "segments") as store:
             events = []
-            report = index_with_ray(settings, store, root, options=opts, on_image=events.append)
+            report = index_with_ray(settings, store, root, build_parts=engine_parts, options=opts, on_image=events.append)
             got_points, got_images = snapshot(store)
 
             assert (report.indexed, report.segments) == (single.indexed, single.segments)
@@ -107,7 +108,7 @@ def test_ray_run_gives_the_points_of_a_single_process_run(tmp_path, photos, sett
                     assert best.id == hit.id and best.score == pytest.approx(1.0, abs=1e-5)
 
             # A rerun finds everything indexed, without reading a file it has a record for.
-            again = index_with_ray(settings, store, root, options=opts)
+            again = index_with_ray(settings, store, root, build_parts=engine_parts, options=opts)
             assert (again.indexed, again.skipped, len(again.failed)) == (0, 4, 2)
             assert again.hashed == 2  # the two bad files only
             assert snapshot(store)[0].keys() == want_points.keys()

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from use_search.imaging import decode_work
 from use_search.indexer.read import (
-    ImageReadError, decode_image, find_images, max_file_bytes, read_file, read_image, route_warnings, stat_file,
+    ImageReadError, find_images, max_file_bytes, read_file, read_image, route_warnings, stat_file,
 )
 
 
@@ -30,19 +31,39 @@ def test_reads_real_photo_with_hash(photos):
 )
 def test_bad_bytes_have_reasons(data, reason):
     with pytest.raises(ImageReadError, match=reason):
-        decode_image(data, 10**8)
+        decode_work(data, 10**8, None).pixels
 
 
 def test_truncated_jpeg_is_rejected(voc):
     data = _bytes(Image.fromarray(voc["rgb"]), "JPEG")
     with pytest.raises(ImageReadError, match="cannot decode"):
-        decode_image(data[: len(data) // 2], 10**8)
+        decode_work(data[: len(data) // 2], 10**8, None).pixels
 
 
 def test_pixel_limit_guards_against_bombs():
     data = _bytes(Image.new("L", (4000, 4000)), "PNG")
-    with pytest.raises(ImageReadError, match=r"over the 1,000,000-pixel limit \(setting max_image_pixels\)"):
-        decode_image(data, 1_000_000)
+    with pytest.raises(ImageReadError, match="over the 1,000,000-pixel limit"):
+        decode_work(data, 1_000_000, None).pixels
+
+
+def test_files_and_uploads_accept_the_same_formats(tmp_path, voc):
+    """One format list: a file the indexer reads is one the API takes, and the refusal is the same."""
+    from use_search.imaging import FORMATS, PixelBudgetError, probe
+
+    path = tmp_path / "icon.png"  # an icon under an image name
+    path.write_bytes(_bytes(Image.fromarray(voc["rgb"]).resize((32, 32)), "ICO"))
+    with pytest.raises(ImageReadError, match="unsupported image format ICO; accepted: JPEG, PNG") as e:
+        read_image(path, 10**8)
+    with pytest.raises(ImageReadError, match=str(e.value)):
+        probe(path.read_bytes(), 10**8)
+    assert "ICO" not in FORMATS
+    with pytest.raises(PixelBudgetError):  # the pixel limit is the API's 413 error, for files too
+        read_image(_write(tmp_path / "big.png", _bytes(Image.new("L", (2000, 1000)), "PNG")), 1_000_000)
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
 
 
 def test_exif_rotation_gives_the_upright_image(voc):
@@ -50,20 +71,20 @@ def test_exif_rotation_gives_the_upright_image(voc):
     exif = Image.Exif()
     exif[0x0112] = 6  # stored rotated: viewers turn it 90° clockwise
     data = _bytes(Image.fromarray(rgb), "PNG", exif=exif)
-    out = decode_image(data, 10**8)
+    out = decode_work(data, 10**8, None).pixels
     assert out.shape == (rgb.shape[1], rgb.shape[0], 3)
     assert np.array_equal(out, np.rot90(rgb, k=-1))
 
 
 def test_modes_become_rgb(voc):
     grey16 = Image.fromarray((np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16))
-    out = decode_image(_bytes(grey16, "PNG"), 10**8)
+    out = decode_work(_bytes(grey16, "PNG"), 10**8, None).pixels
     assert out.shape == (64, 64, 3) and out.max() > 200  # scaled, not clipped to 255 everywhere
     assert len(np.unique(out[..., 0])) > 100
     rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
-    assert (decode_image(_bytes(rgba, "PNG"), 10**8) == 255).all()  # transparent → white
+    assert (decode_work(_bytes(rgba, "PNG"), 10**8, None).pixels == 255).all()  # transparent → white
     cmyk = Image.fromarray(voc["rgb"]).convert("CMYK")
-    assert decode_image(_bytes(cmyk, "JPEG"), 10**8).shape == voc["rgb"].shape
+    assert decode_work(_bytes(cmyk, "JPEG"), 10**8, None).pixels.shape == voc["rgb"].shape
 
 
 def test_find_images_recursive_by_extension_and_no_dir_symlink_loops(tmp_path, photos):

@@ -103,21 +103,38 @@ def cosine_ranking(points: list[SegmentPoint], query: np.ndarray) -> list[tuple[
         pytest.param("server-live", marks=pytest.mark.skipif(not QDRANT_URL, reason="QDRANT_URL not set")),
     ]
 )
-def store(request: pytest.FixtureRequest, tmp_path: Path):
-    if request.param == "edge":
-        s: VectorStore = EdgeStore(tmp_path / "store", "segments")
-        yield s
+def open_backend(request: pytest.FixtureRequest, tmp_path: Path):
+    """``open_(layout=None)``: the backend's store, opened (again) on the same data with these
+    creation-time settings (store/layout.py); an embedded store's previous opening is closed first
+    (it holds the folder's lock). Everything is closed, a live server's collections dropped, at the end."""
+    opened: list[VectorStore] = []
+    memory = QdrantClient(":memory:") if request.param == "server-memory" else None
+    live_name = f"test_{uuid.uuid4().hex[:12]}"
+
+    def open_(layout: dict | None = None) -> VectorStore:
+        if request.param == "edge":
+            if opened:
+                opened.pop().close()
+            s: VectorStore = EdgeStore(tmp_path / "store", "segments", layout=layout)
+        elif request.param == "server-memory":
+            s = ServerStore(memory, "segments", layout=layout)
+        else:
+            s = ServerStore.connect(QDRANT_URL, live_name, layout=layout)
+        opened.append(s)
+        return s
+
+    open_.kind = request.param  # type: ignore[attr-defined]
+    yield open_
+    if request.param == "server-live" and opened:
+        for name in (opened[0].collection, opened[0].images_collection):
+            opened[0].client.delete_collection(name)
+    for s in opened:
         s.close()
-    elif request.param == "server-memory":
-        s = ServerStore(QdrantClient(":memory:"), "segments")
-        yield s
-        s.close()
-    else:
-        s = ServerStore.connect(QDRANT_URL, f"test_{uuid.uuid4().hex[:12]}")
-        yield s
-        for name in (s.collection, s.images_collection):
-            s.client.delete_collection(name)
-        s.close()
+
+
+@pytest.fixture
+def store(open_backend) -> VectorStore:
+    return open_backend()
 
 
 @pytest.fixture

@@ -180,7 +180,7 @@ def test_snapshot_restores_identical_search_results_on_a_fresh_folder(tmp_path) 
         images = sorted(e.path for e in store.iter_images())
         store.snapshot(tmp_path / "backup.tar.gz")
         assert ranking(store, queries) == expected  # the store is open again after the snapshot
-    from use_search.store.edge import restore_snapshot
+    from use_search.store.edge_snapshot import restore_snapshot
 
     manifest = restore_snapshot(tmp_path / "backup.tar.gz", tmp_path / "fresh", "c")
     assert (manifest["points"], manifest["images"], manifest["dim"]) == (12, 3, DIM)

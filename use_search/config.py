@@ -243,11 +243,23 @@ class StoreSettings(BaseModel):
     # this much free: qdrant-edge writes through mmap, so running out of space would kill the process.
     min_free_mb: int = Field(default=16, ge=0)
     # Largest engine segment: a run's new points get their own HNSW graph (or join the smallest one
-    # under the cap) instead of rebuilding the whole collection's. Larger: fewer segments to search,
-    # costlier builds after a run. None: leave the store's setting (qdrant's default, CPUs × 256 MB).
+    # under the cap) instead of rebuilding the whole collection's, and a large write builds each time
+    # this many MB of float vectors are written, so the build's memory stays near it (store/build.py).
+    # Larger: fewer segments to search (faster), more memory per build (docs/benchmarks.md, "Stores
+    # at scale"). None: no cap (qdrant's default, CPUs × 256 MB, for merges only).
     max_segment_mb: int | None = Field(default=128, ge=1)
     # Below this many KB of new vectors the engine leaves them unindexed (scanned exactly). None: qdrant's default.
     indexing_threshold_kb: int | None = Field(default=None, ge=1)
+    # How the segments collection holds its vectors and payloads (store/layout.py; docs/benchmarks.md,
+    # "Stores at scale"). Fixed when a store is created and recorded with it; None: the store's own
+    # (a new store: turbo4, vectors and payloads on disk). Given and different from the store's: an error.
+    quantization: Literal["none", "int8", "binary", "turbo4"] | None = None
+    vectors_on_disk: bool | None = None  # float vectors on disk (mmap); quantized ones stay in RAM
+    payload_on_disk: bool | None = None  # payloads (with the masks) on disk, read for the hits only
+    # Every search of a quantized store: rescore the candidates with the float vectors, and how many
+    # candidates (× k) the quantized index proposes.
+    rescore: bool = True
+    oversampling: float = Field(default=2.0, ge=1.0, le=16.0)
 
     @model_validator(mode="after")
     def _consistency_within_replicas(self) -> "StoreSettings":

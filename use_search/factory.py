@@ -16,7 +16,7 @@ from use_search.presets import Preset, preset_for
 from use_search.weights import MissingWeightsError, missing_weights_error
 
 if TYPE_CHECKING:
-    from use_search.indexer.runner import Indexer
+    from use_search.indexer.runner import EngineParts, Indexer
     from use_search.model import Embedder
     from use_search.model.text_tower import TextEmbedder
     from use_search.query.search import Searcher
@@ -77,7 +77,7 @@ class Runtime:
         s = self.settings
         if s.store.backend != "embedded":
             return True
-        from use_search.store.edge import can_write
+        from use_search.store.edge_files import can_write
 
         return can_write(s.store_path / s.store.collection)
 
@@ -100,22 +100,25 @@ class Runtime:
         preflight(self.settings, self.preset, ("sam",))
         return load_auto_segmenter(self.settings, self.preset, self.device)[0]
 
+    def engine_parts(self) -> "EngineParts":
+        """The segment+embed stage's parts: the segmenter, the embedder, and the working size images are
+        decoded to (``imaging.working_side``). Every runner takes them from here: the indexer, Ray's
+        actors (``engine_parts``), the API's worker, eval."""
+        from use_search.imaging import working_side
+
+        segmenter = self.segmenter()
+        return segmenter, self.embedder(), working_side(segmenter, self.settings.work_side)
+
     def indexer(self, store: "VectorStore") -> "Indexer":
         """The indexer, whose segmenter and embedder are built on the first image that needs them: a
         rerun that finds nothing new (or only moved and copied files) loads no model. Missing
         checkpoints are still reported here, before any work."""
-        from use_search.imaging import working_side
         from use_search.indexer.runner import Indexer
 
         preflight(self.settings, self.preset, ("sam", "clip"))
         s = self.settings
-
-        def build() -> tuple:
-            segmenter = self.segmenter()
-            return segmenter, self.embedder(), working_side(segmenter, s.work_side)
-
         return Indexer(
-            store, build=build, max_image_pixels=s.max_image_pixels, batch_images=s.batch_images,
+            store, build=self.engine_parts, max_image_pixels=s.max_image_pixels, batch_images=s.batch_images,
             extensions=s.image_extensions, pipeline=s.index_pipeline, decode_threads=s.decode_threads,
         )
 
@@ -143,6 +146,12 @@ class Runtime:
         from use_search.query.search import Searcher
 
         return Searcher(store, self.query_embedder())
+
+
+def engine_parts(settings: Settings) -> "EngineParts":
+    """``Runtime.engine_parts`` from settings alone: a module-level function, so that Ray can ship it to
+    its actors (``index_with_ray``'s ``build_parts``)."""
+    return Runtime.from_settings(settings).engine_parts()
 
 
 def load_ensemble(settings: Settings, default: "Embedder | None" = None) -> "Ensemble":

@@ -2,17 +2,17 @@
 
 SAM's encoder sees at most its input size (1024 px long side for the real models) whatever the
 image; what made a 7000×7000 image cost minutes was everything around it at full size: the decoded
-RGB array and every candidate mask upscaled to 7000×7000 before NMS. The indexer and the API segment
-and embed at the working size (``working_side``); the API decodes uploads straight to it (JPEG's DCT
-scaling where it can). Masks that are stored are mapped back to the original geometry afterwards, one
-kept mask at a time and without building the big mask (``upscale_rle``).
+RGB array and every candidate mask upscaled to 7000×7000 before NMS. Every path that segments (the
+indexer, Ray's actors, the API, eval) decodes with ``decode_work`` straight to the working size
+(``working_side``), JPEGs with DCT scaling where that stays close to the full decode.
+Masks that are stored are mapped back to the original geometry afterwards, one kept mask at a time
+and without building the big mask (``upscale_rle``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -20,13 +20,18 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
-from use_search.types import Segment
+from use_search.types import Segment, Segmenter
 
 # SAM's ResizeLongestSide resizes with PIL's bilinear filter to this shape; the same here makes its own
 # resize of our output a no-op copy.
 RESAMPLE = Image.Resampling.BILINEAR
 TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+# The accepted formats, for files and uploads alike (MPO: a camera's multi-picture JPEG, its first frame).
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "MPO")
+# A JPEG is DCT-scaled (1/2, 1/4, 1/8) only down to this many times the working size: the bilinear
+# resize from there is close to the resize of the full decode (about a tenth of a grey level on average
+# for a photo; a JPEG under this many times the working size is decoded in full, exactly as before).
+DRAFT_MARGIN = 2
 # Pillow refuses a PNG metadata chunk over 1 MB after decompression ("text chunk"), and a PNG's
 # colour profile is such a chunk: cameras and editors embed profiles of several MB, which a JPEG
 # carries without limit. 16 MB per chunk; all of an image's text stays under MAX_TEXT_MEMORY (64 MB).
@@ -106,7 +111,7 @@ def _open(data: bytes, max_pixels: int, late_exif: bool = False) -> tuple[Image.
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise ImageReadError(f"cannot decode: {e}") from None
     if img.format not in FORMATS:
-        raise ImageReadError(f"unsupported image format {img.format}; send one of {', '.join(FORMATS[:-1])}")
+        raise ImageReadError(f"unsupported image format {img.format}; accepted: {', '.join(FORMATS[:-1])}")
     w, h = img.size
     if w <= 0 or h <= 0:
         raise ImageReadError("image has no pixels")
@@ -123,34 +128,12 @@ def probe(data: bytes, max_pixels: int) -> Probe:
     return _open(data, max_pixels)[1]
 
 
-def segmenter_side(segmenter: Any) -> int | None:
-    """The segmenter's input size (SAM's encoder resizes every image to this long side), if it says."""
-    for path in ("img_size", "generator.predictor.model.image_encoder.img_size"):
-        obj = segmenter
-        try:
-            for name in path.split("."):
-                obj = getattr(obj, name)
-            return int(obj)
-        except AttributeError:
-            continue
-    return None
-
-
-def working_side(segmenter: Any, configured: int | None) -> int | None:
+def working_side(segmenter: Segmenter, configured: int | None) -> int | None:
     """The long side images are segmented and embedded at: ``configured`` (setting ``work_side``; 0
     means full resolution), else the segmenter's input size. None: full resolution."""
     if configured is not None:
         return configured or None
-    return segmenter_side(segmenter)
-
-
-def fit_side(pixels: np.ndarray, side: int | None) -> np.ndarray:
-    """``pixels`` (H×W×3 uint8) with the long side at most ``side``, resized as ``decode_work`` does."""
-    h, w = pixels.shape[:2]
-    th, tw = work_shape(h, w, side)
-    if (th, tw) == (h, w):
-        return pixels
-    return np.array(Image.fromarray(pixels).resize((tw, th), RESAMPLE), dtype=np.uint8)
+    return segmenter.input_size
 
 
 def to_original(segments: Sequence[Segment], height: int, width: int) -> list[Segment]:
@@ -169,32 +152,35 @@ def to_original(segments: Sequence[Segment], height: int, width: int) -> list[Se
 
 
 def decode_work(data: bytes, max_pixels: int, side: int | None) -> WorkImage:
-    """Bytes → upright RGB with the long side at most ``side``, plus the original's upright size.
+    """Bytes of an accepted image (``FORMATS``; the first frame of an animation) → upright RGB with
+    the long side at most ``side`` (None: full size), plus the original's upright size. The one decoder
+    of every path that reads images.
 
+    The pixels are those of the full image decoded, made RGB (``to_rgb``) and resized with ``RESAMPLE``
+    (SAM's own resize), except for a JPEG ``DRAFT_MARGIN`` times over the working size (DCT-scaled).
     ``ImageReadError`` (``PixelBudgetError`` past ``max_pixels``) for anything that is not a usable image.
     """
     img, info = _open(data, max_pixels, late_exif=True)
     th, tw = work_shape(info.height, info.width, side)
+    # No warnings.catch_warnings here: it is not thread-safe, and the indexer decodes in threads.
+    # ``max_pixels`` is the guard; Pillow's own bomb check (``DecompressionBombError``) stays an error.
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if img.format == "JPEG" and (th, tw) != (info.height, info.width):
-                # Decode at 1/2, 1/4 or 1/8 scale, never below the target size.
-                raw_w, raw_h = img.size
-                f = tw / info.width
-                img.draft("RGB", (max(1, int(raw_w * f)), max(1, int(raw_h * f))))
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-            if (img.height, img.width) != (th, tw):
-                if img.mode == "1":
-                    img = img.convert("L")  # a third of the RGB array at full size
-                elif img.mode not in ("L", "RGB", "RGBA", "LA"):
-                    img = to_rgb(img)  # palette, 16-bit, CMYK...: resize an 8-bit mode
-                img = img.resize((tw, th), RESAMPLE)
-            rgb = to_rgb(img)
+        if img.format == "JPEG" and (th, tw) != (info.height, info.width):
+            raw_w, raw_h = img.size
+            f = DRAFT_MARGIN * tw / info.width
+            img.draft("RGB", (max(1, int(raw_w * f)), max(1, int(raw_h * f))))
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        if (img.height, img.width) != (th, tw):
+            if img.mode == "1":
+                img = img.convert("L")  # a third of the RGB array at full size, the same resize
+            elif img.mode not in ("L", "RGB"):
+                img = to_rgb(img)  # transparency, palette, 16-bit, CMYK: made RGB first, as at full size
+            img = img.resize((tw, th), RESAMPLE)
+        rgb = to_rgb(img)
     except ImageReadError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise ImageReadError(f"decompression bomb guard: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageReadError(f"cannot decode: {e}") from None

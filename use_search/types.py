@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -49,9 +49,18 @@ class Segment:
 
 
 class Segmenter(Protocol):
-    """Anything that cuts an H×W×3 uint8 RGB image into segments (SAM automatic masks, annotations...)."""
+    """Anything that cuts an H×W×3 uint8 RGB image into segments (SAM automatic masks, annotations...).
+
+    ``input_size``: the long side it works at (SAM's encoder resizes every image to it; the default
+    working size, ``imaging.working_side``), None when any size is its own. ``image_batch``: how many
+    images one ``segment_batch`` call takes to keep the device busy (the indexer's group size)."""
+
+    input_size: int | None
+    image_batch: int
 
     def segment(self, image: np.ndarray) -> list[Segment]: ...
+
+    def segment_batch(self, images: Sequence[np.ndarray]) -> list[list[Segment]]: ...
 
 
 @dataclass
@@ -77,7 +86,7 @@ class Hit:
     area: int
     width: int
     height: int
-    rle: dict[str, Any]
+    rle: dict[str, Any] | None  # None: searched without masks (``VectorStore.with_masks`` reads them)
     model: str
     payload: dict[str, Any]
     paths: list[str] = field(default_factory=list)
@@ -99,7 +108,7 @@ class Hit:
             area=int(payload["area"]),
             width=int(payload["width"]),
             height=int(payload["height"]),
-            rle=payload["rle"],
+            rle=payload.get("rle"),
             model=payload["model"],
             payload=payload,
         )
@@ -107,6 +116,8 @@ class Hit:
     def mask(self) -> np.ndarray:
         from use_search.masks import decode_rle
 
+        if self.rle is None:
+            raise ValueError(f"segment {self.id} was searched without its mask: read it with the store's with_masks")
         return decode_rle(self.rle)
 
     def to_json(self) -> dict[str, Any]:
@@ -120,6 +131,6 @@ class Hit:
             "area": self.area,
             "width": self.width,
             "height": self.height,
-            "rle": self.rle,
+            **({"rle": self.rle} if self.rle is not None else {}),
             "model": self.model,
         }

@@ -126,6 +126,8 @@ class SearchRequest(Strict):
         None, ge=-1.0, le=1.0, allow_inf_nan=False, description="Drop hits below this score (a cosine for one text or one example)."
     )
     dedup: bool = Field(False, description="One hit per group of overlapping masks on an image.")
+    masks: bool = Field(True, description="Each hit carries its mask (rle). False: hits without it, a lighter "
+                        "answer; mask_url and overlay_url still draw it.")
 
     @field_validator("text")
     @classmethod
@@ -178,7 +180,7 @@ class HitOut(BaseModel):
     area: int
     width: int
     height: int
-    rle: RLE
+    rle: Optional[RLE] = Field(None, description="The mask; left out when the search asked for masks=false.")
     model: str
     mask_url: str
     overlay_url: str

@@ -24,9 +24,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from use_search.config import Settings
-from use_search.imaging import working_side
-from use_search.indexer.read import ImageReadError, LoadedImage
-from use_search.types import ImageRecord, SegmentPoint
+from use_search.indexer.read import ImageReadError
+from use_search.types import SegmentPoint
 
 if TYPE_CHECKING:
     from use_search.voting.vote import Votes
@@ -70,11 +69,8 @@ class Parts:
     def __init__(self, settings: Settings) -> None:
         from use_search.factory import Runtime
 
-        runtime = Runtime.from_settings(settings)
         self.settings = settings
-        self.segmenter = runtime.segmenter()
-        self.embedder = runtime.embedder()
-        self.side = working_side(self.segmenter, settings.work_side)
+        self.segmenter, self.embedder, self.side = Runtime.from_settings(settings).engine_parts()
         self._ensemble: Any = None
 
     @property
@@ -120,13 +116,15 @@ def job_segment(parts: Parts, data: bytes, names: list[str], with_png: bool) -> 
 
 def job_index(parts: Parts, data: bytes, path: str, sha256: str) -> Indexed:
     """Segment and embed an upload at the working size; its points carry masks at the original size."""
-    from use_search.imaging import decode_work
+    from pathlib import Path
+
+    from use_search.indexer.read import load_image
     from use_search.indexer.runner import index_image
 
-    img = decode_work(data, parts.settings.api.max_pixels, parts.side)
-    loaded = LoadedImage(ImageRecord(path, sha256, img.width, img.height), img.pixels)
+    loaded = load_image(Path(path), data, parts.settings.api.max_pixels, sha256, parts.side)  # as the indexer
     points = index_image(parts.segmenter, parts.embedder, loaded)
-    return Indexed(points, img.width, img.height, parts.embedder.model_id, parts.embedder.dim)
+    rec = loaded.record
+    return Indexed(points, rec.width, rec.height, parts.embedder.model_id, parts.embedder.dim)
 
 
 def job_like(parts: Parts, data: bytes, point: tuple[int, int] | None) -> list[float]:

@@ -73,6 +73,7 @@ def index(
     rt.preflight(("sam", "clip"))  # missing weights fail before the store is even created
     with rt.store() as store:
         if ray is not None:
+            from use_search.factory import engine_parts
             from use_search.indexer.ray_runner import RayOptions, index_with_ray
 
             opts = RayOptions(address=ray, num_actors=ray_actors)
@@ -80,7 +81,7 @@ def index(
             err.print(f"store: {_store_label()}  ·  Ray: {ray}  ·  models load in the Ray actors")
 
             def run(**kw):  # type: ignore[no-untyped-def]
-                return index_with_ray(state.settings, store, folder, options=opts, **kw)
+                return index_with_ray(state.settings, store, folder, build_parts=engine_parts, options=opts, **kw)
         else:
             indexer = rt.indexer(store)  # the models load on the first file with new content
             banner()

@@ -71,7 +71,9 @@ def query(
         elif like or example is not None or negatives:
             hits = forms.segments(searcher, ask, k, dedup)
         else:
-            hits = searcher.search(text, k, None if flt.is_empty() else flt, min_score, dedup)  # type: ignore[arg-type]
+            # The table shows no mask: the search leaves them out; --json and --save need them.
+            hits = searcher.search(text, k, None if flt.is_empty() else flt, min_score, dedup,  # type: ignore[arg-type]
+                                   masks=bool(as_json or save))
     if all_ or group:
         _print_images(matches, as_json, save, f"{len(matches)} images for " + _title(text, like, example, all_))
     else:

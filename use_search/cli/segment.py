@@ -22,17 +22,18 @@ def segment(
     """Semantic segmentation by voting (paper §4.3): SAM segments, softmax over classes (combined over
     an ensemble of models, A.2), per-pixel sum."""
     settings = flags.settings()
+    from use_search.imaging import working_side
     from use_search.indexer.read import ImageReadError, read_image
     from use_search.voting.predict import segment_by_voting
     from use_search.voting.png import label_png
     from use_search.voting.vote import check_class_names
 
     names = check_class_names([c for c in classes.split(",") if c.strip()])
-    try:
-        loaded = read_image(image, settings.max_image_pixels)
+    segmenter, ensemble = voting_models(settings)
+    try:  # at the working size, as the API's /segment
+        loaded = read_image(image, settings.max_image_pixels, working_side(segmenter, settings.work_side))
     except ImageReadError as e:
         raise ValueError(f"{image}: {e}") from None
-    segmenter, ensemble = voting_models(settings)
     votes = segment_by_voting(loaded.pixels, names, segmenter, ensemble, settings.voting)
     labels = votes.labels
     out_path.write_bytes(label_png(labels))

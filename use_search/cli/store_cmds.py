@@ -1,5 +1,5 @@
-"""``use-search stats`` and ``use-search store check | snapshot | restore``: what the store holds, its
-integrity and backups."""
+"""``use-search stats`` and ``use-search store check | optimize | snapshot | restore``: what the store
+holds, its integrity, index and backups."""
 
 from __future__ import annotations
 
@@ -75,6 +75,26 @@ def _print_report(report) -> None:  # type: ignore[no-untyped-def]
         out.print("[green]ok[/]: every point reads back sound and matches its image record")
 
 
+@store_app.command("optimize")
+def optimize() -> None:
+    """Build the search index over every point not indexed yet (after adding in bulk, e.g. through the
+    API or a script), in segments of at most store.max_segment_mb. `index` does this after each run."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with _open_store() as store:
+        before = store.index_info()
+        pending = before["points"] - before["indexed"]
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+        with Progress(*columns, console=err, transient=True) as progress:
+            progress.add_task(f"indexing {pending:,} of {before['points']:,} points", total=None)
+            store.optimize()
+        after = store.index_info()
+    out.print(
+        f"{_store_label()}: {after['indexed']:,} of {after['points']:,} points indexed in {after['segments']} "
+        f"segments (were {before['indexed']:,} in {before['segments']})"
+    )
+
+
 @store_app.command("snapshot")
 def snapshot(out_file: Path = typer.Argument(..., help="The snapshot file to write (a .tar.gz).")) -> None:
     """Back up the store (both collections) to one file, while holding it (other commands are refused meanwhile)."""
@@ -95,7 +115,7 @@ def restore(archive: Path = typer.Argument(..., help="A file written by `store s
         raise StoreError("store restore is not supported on the server backend: use Qdrant's own snapshot API")
     if not archive.is_file():
         raise FileNotFoundError(f"no such snapshot file: {archive}")
-    from use_search.store.edge import restore_snapshot
+    from use_search.store.edge_snapshot import restore_snapshot
 
     manifest = restore_snapshot(archive, s.store_path, s.store.collection)
     out.print(f"restored {manifest['images']} images, {manifest['points']} points into {_store_label()}")

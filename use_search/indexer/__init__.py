@@ -1,9 +1,9 @@
 """Indexing stages (read → segment → embed → write) and the runner that chains them."""
 
-from use_search.indexer.read import ImageReadError, LoadedImage, decode_image, find_images, read_image
+from use_search.indexer.read import ImageReadError, LoadedImage, find_images, read_image
 from use_search.indexer.runner import ImageEvent, Indexer, IndexReport, segment_points
 
 __all__ = [
     "ImageEvent", "ImageReadError", "Indexer", "IndexReport", "LoadedImage",
-    "decode_image", "find_images", "read_image", "segment_points",
+    "find_images", "read_image", "segment_points",
 ]

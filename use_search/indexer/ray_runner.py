@@ -8,9 +8,11 @@ Two passes over the files:
    file in sorted file order (``Planner.decide``): failed, skipped (a record with another size/mtime is
    refreshed), a copy of known content (a new reference, written before the pipeline runs; a copy of
    content this run indexes is written after it), or changed / new content for the pipeline.
-2. **Index** (one streaming Ray Data pipeline): read + decode in CPU tasks → segment + embed in an
-   actor pool (one GPU per actor when the cluster has GPUs; ``segment_batch`` when the segmenter has
-   it) → batched writes. Writes: to the embedded store from the driver (it owns the store's
+2. **Index** (one streaming Ray Data pipeline): read in CPU tasks → decode + segment + embed in an
+   actor pool (one GPU per actor when the cluster has GPUs) → batched writes. The actors run the
+   single-process indexer's segment+embed stage with the parts it uses (``build_parts``: the CLI hands
+   ``factory.engine_parts``), so Ray only distributes that stage; they decode (``load_image``) straight
+   to the working size, which only the segmenter knows (only compressed bytes travel to them). Writes: to the embedded store from the driver (it owns the store's
    exclusive lock: a single writer); to a Qdrant server from a small pool of writer actors, each
    with its own connection. Either way a batch's segment points are upserted before its image
    records, so an interrupted run leaves no image that looks done but is not.
@@ -36,18 +38,16 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from use_search.config import Settings
-from use_search.imaging import fit_side, working_side
 from use_search.indexer.plan import Candidate, ImageEvent, IndexReport, Planner, Write, commit, now_iso
 from use_search.indexer.prune import prune_store
 from use_search.indexer.read import (
-    ImageReadError, find_images, load_image, max_file_bytes, read_file, route_warnings, sha256_bytes,
+    ImageReadError, LoadedImage, find_images, load_image, max_file_bytes, read_file, route_warnings, sha256_bytes,
 )
-from use_search.indexer.runner import segment_and_embed
-from use_search.model.base import Embedder
+from use_search.indexer.runner import EngineParts, segment_and_embed
 from use_search.store.base import ImageEntry, StoreError, VectorStore
 from use_search.types import SegmentPoint
 
-PartsBuilder = Callable[[Settings], tuple[Any, Embedder]]
+PartsBuilder = Callable[[Settings], EngineParts]  # module-level (Ray pickles it): factory.engine_parts
 
 
 @dataclass(frozen=True)
@@ -58,32 +58,14 @@ class RayOptions:
     gpus_per_actor: float = 1.0  # used when the cluster has GPUs and settings.device is not "cpu"
     cpus_per_actor: float = 1.0
     actor_batch: int = 8  # images per actor call (one segment_batch)
-    cpus_per_read: float = 0.5  # per read/decode task (differs from cpus_per_actor so that Ray Data
-    # does not fuse reading into the actors: decoding stays in parallel tasks, off the GPU processes)
+    cpus_per_read: float = 0.5  # per read task (differs from cpus_per_actor so that Ray Data does not
+    # fuse reading into the actors: file I/O stays in parallel tasks, off the GPU processes)
     driver_plan_below: int = 64  # hash in the driver when there are fewer files (a Ray job costs seconds)
     write_batch: int | None = None  # images per commit; default settings.batch_images
     server_writers: int = 2  # writer actors for the server backend; 0: the driver writes
     torch_threads: int | None = None  # torch.set_num_threads in the actors (Ray sets OMP threads = CPUs)
     quiet: bool = True  # Ray Data's progress bars and INFO logs off (the CLI shows its own progress)
     init_kwargs: dict[str, Any] = field(default_factory=dict)  # extra ray.init arguments
-
-
-def default_parts(settings: Settings) -> tuple[Any, Embedder]:
-    """The segmenter and embedder the indexer uses: the batched automatic-mask generator when the
-    settings allow it (no crop layers), segment-anything's own loop otherwise."""
-    from use_search.factory import Runtime
-    from use_search.segmenter import auto_mask_params
-    from use_search.segmenter.automatic import AutoSegmenter
-    from use_search.segmenter.batched import BatchedAutoSegmenter
-    from use_search.segmenter.sam import load_sam
-
-    rt = Runtime.from_settings(settings)
-    rt.preflight(("sam", "clip"))
-    params = auto_mask_params(settings, rt.preset)
-    sam, _ = load_sam(rt.preset.sam, settings, rt.device)
-    batched = getattr(settings.amg, "engine", "batched") == "batched" and params.crop_n_layers == 0
-    segmenter = BatchedAutoSegmenter(sam, params) if batched else AutoSegmenter(sam, params)
-    return segmenter, rt.embedder()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -101,27 +83,14 @@ def hash_row(row: dict[str, Any], max_pixels: int) -> dict[str, Any]:
     return {"path": path, "sha256": sha256_bytes(data), "error": "", "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-_NO_PIXELS = np.zeros((1, 1, 3), np.uint8)
-
-
 def read_row(row: dict[str, Any], max_pixels: int) -> dict[str, Any]:
-    """Index pass, read stage: {path, replace} → the decoded image, its record, size/mtime and the
-    decoder's warnings, or an error."""
-    out = {
-        "path": row["path"], "replace": bool(row["replace"]), "sha256": "", "width": 0, "height": 0,
-        "size": -1, "mtime_ns": -1, "warnings": "",
-    }
+    """Index pass, read stage: {path, replace} → the file's bytes and size/mtime, or an error."""
+    out = {"path": row["path"], "replace": bool(row["replace"]), "data": b"", "size": -1, "mtime_ns": -1}
     try:
         data, st = read_file(Path(row["path"]), max_file_bytes(max_pixels))
-        with route_warnings():  # a Ray task runs alone in its worker's thread
-            loaded = load_image(Path(row["path"]), data, max_pixels)
     except ImageReadError as e:
-        return {**out, "pixels": _NO_PIXELS, "error": str(e)}
-    r = loaded.record
-    return {
-        **out, "sha256": r.sha256, "width": r.width, "height": r.height, "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns, "warnings": "\n".join(loaded.warnings), "pixels": loaded.pixels, "error": "",
-    }
+        return {**out, "error": str(e)}
+    return {**out, "data": data, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "error": ""}
 
 
 def _rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
@@ -141,35 +110,37 @@ RESULT_KEYS = (
 
 
 class SegmentEmbed:
-    """Actor: segment and embed a batch of decoded images. One output row per image: its points (ids
-    and payloads as JSON, float32 vectors as base64) or its error; one bad image does not fail the rest."""
+    """Actor: decode, segment and embed a batch of read files with the single-process indexer's parts
+    and stage (``build_parts``, ``segment_and_embed``). One output row per image: its points (ids and
+    payloads as JSON, float32 vectors as base64) or its error; one bad image does not fail the rest."""
 
-    def __init__(
-        self, settings: Settings, build_parts: PartsBuilder = default_parts, torch_threads: int | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, build_parts: PartsBuilder, torch_threads: int | None = None) -> None:
         if torch_threads:
             import torch
 
             torch.set_num_threads(torch_threads)
-        self.segmenter, self.embedder = build_parts(settings)
-        self.side = working_side(self.segmenter, settings.work_side)  # the read stage decodes at full size
+        self.max_pixels = settings.max_image_pixels
+        self.segmenter, self.embedder, self.side = build_parts(settings)
+
+    def _decode(self, row: dict[str, Any]) -> LoadedImage | str:
+        if row["error"]:
+            return str(row["error"])
+        try:
+            with route_warnings():  # an actor call runs alone in its worker's thread
+                return load_image(Path(str(row["path"])), bytes(row["data"]), self.max_pixels, side=self.side)
+        except ImageReadError as e:
+            return str(e)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        from use_search.indexer.read import LoadedImage
-        from use_search.types import ImageRecord
-
         out = []
         rows = _rows(batch)
-        ok = [i for i, r in enumerate(rows) if not r["error"]]
-        loaded = [
-            LoadedImage(
-                ImageRecord(str(rows[i]["path"]), str(rows[i]["sha256"]), int(rows[i]["width"]), int(rows[i]["height"])),
-                fit_side(np.array(rows[i]["pixels"], dtype=np.uint8), self.side),  # a writable copy
-            )
-            for i in ok
-        ]
-        results: dict[int, dict[str, Any]] = {}
-        for i, points in zip(ok, segment_and_embed(self.segmenter, self.embedder, loaded)):
+        decoded = [self._decode(r) for r in rows]
+        ok = [i for i, d in enumerate(decoded) if isinstance(d, LoadedImage)]
+        loaded = [decoded[i] for i in ok]
+        results: dict[int, dict[str, Any]] = {
+            i: {"error": d} for i, d in enumerate(decoded) if isinstance(d, str)
+        }
+        for i, points in zip(ok, segment_and_embed(self.segmenter, self.embedder, loaded)):  # type: ignore[arg-type]
             if isinstance(points, str):  # as Indexer: report the image, go on
                 results[i] = {"error": points}
                 continue
@@ -178,13 +149,15 @@ class SegmentEmbed:
                 "points": json.dumps([[p.id, p.payload] for p in points]),
                 "vectors": base64.b64encode(vectors.tobytes()).decode("ascii"),
             }
-        for i, r in enumerate(rows):
+        for i, (r, d) in enumerate(zip(rows, decoded)):
             res = {
-                "path": str(r["path"]), "replace": bool(r["replace"]), "sha256": str(r["sha256"]),
-                "width": int(r["width"]), "height": int(r["height"]), "size": int(r["size"]),
-                "mtime_ns": int(r["mtime_ns"]), "warnings": str(r["warnings"]), "error": str(r["error"]),
+                "path": str(r["path"]), "replace": bool(r["replace"]), "sha256": "", "width": 0, "height": 0,
+                "size": int(r["size"]), "mtime_ns": int(r["mtime_ns"]), "warnings": "", "error": "",
                 "model": self.embedder.model_id, "dim": int(self.embedder.dim), "points": "[]", "vectors": "",
             }
+            if isinstance(d, LoadedImage):
+                rec = d.record
+                res.update(sha256=rec.sha256, width=rec.width, height=rec.height, warnings="\n".join(d.warnings))
             res.update(results.get(i, {}))
             out.append(res)
         return _columns(out, RESULT_KEYS)
@@ -338,15 +311,17 @@ def index_with_ray(
     store: VectorStore,
     root: Path,
     *,
+    build_parts: PartsBuilder,
     options: RayOptions | None = None,
-    build_parts: PartsBuilder = default_parts,
     prune: bool = False,
     force: bool = False,
     verify: bool = False,
     on_image: Callable[[ImageEvent], None] | None = None,
     on_total: Callable[[int], None] | None = None,
 ) -> IndexReport:
-    """Index ``root`` into ``store`` on a Ray cluster (``options.address``; a local one by default).
+    """Index ``root`` into ``store`` on a Ray cluster (``options.address``; a local one by default),
+    segmenting and embedding with the parts ``build_parts(settings)`` gives each actor (the CLI hands
+    ``factory.engine_parts``, the single-process indexer's).
 
     ``store`` is the driver's handle: it plans, prunes, and for the embedded backend (or with
     ``server_writers=0``) it is the single writer. With the server backend and writer actors, each

@@ -1,9 +1,9 @@
-"""Read stage: find image files under a folder and decode them to upright RGB, with a reason on failure."""
+"""Read stage: find image files under a folder, read and decode them (``imaging.decode_work``) to upright
+RGB at the working size, with a reason on failure."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import stat
 import threading
@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
-
-from use_search.imaging import ImageReadError, to_rgb
+from use_search.imaging import ImageReadError, decode_work
 from use_search.types import ImageRecord
 
 __all__ = ["ImageReadError"]  # raised here, defined with the decoders
@@ -25,7 +23,7 @@ __all__ = ["ImageReadError"]  # raised here, defined with the decoders
 @dataclass
 class LoadedImage:
     record: ImageRecord
-    pixels: np.ndarray  # H×W×3 uint8 RGB, EXIF orientation applied
+    pixels: np.ndarray  # H×W×3 uint8 RGB, upright, at the working size (the record has the original's size)
     warnings: list[str] = field(default_factory=list)  # what the decoder warned about (corrupt EXIF...)
 
 
@@ -172,41 +170,17 @@ def collect_warnings() -> Iterator[list[str]]:
         _tls.bucket = before
 
 
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """Bytes → upright H×W×3 uint8 RGB. First frame of animations. ``ImageReadError`` on anything else."""
-    if not data:
-        raise ImageReadError("empty file")
-    try:
-        img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        if w * h > max_pixels:
-            raise ImageReadError(
-                f"image is {w}×{h} = {w * h:,} pixels, over the {max_pixels:,}-pixel limit (setting max_image_pixels)"
-            )
-        img.load()
-        img = ImageOps.exif_transpose(img) or img
-        rgb = to_rgb(img)
-    except ImageReadError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageReadError("not an image (unrecognised format)") from None
-    except Image.DecompressionBombError as e:
-        raise ImageReadError(f"decompression bomb guard: {e}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageReadError(f"cannot decode: {e}") from None
-    if rgb.width == 0 or rgb.height == 0:
-        raise ImageReadError("image has no pixels")
-    return np.array(rgb, dtype=np.uint8)  # a writable copy: torch warns on read-only arrays
-
-
-def load_image(path: Path, data: bytes, max_pixels: int, sha256: str | None = None) -> LoadedImage:
-    """Decode a file's bytes; the decoder's warnings go to ``LoadedImage.warnings`` (see ``route_warnings``)."""
+def load_image(
+    path: Path, data: bytes, max_pixels: int, sha256: str | None = None, side: int | None = None
+) -> LoadedImage:
+    """Decode a file's bytes at the working size ``side`` (``imaging.decode_work``; None: full size); the
+    record keeps the original's upright size. The decoder's warnings go to ``LoadedImage.warnings``
+    (see ``route_warnings``)."""
     with collect_warnings() as seen:
-        pixels = decode_image(data, max_pixels)
-    h, w = pixels.shape[:2]
-    return LoadedImage(ImageRecord(str(path), sha256 or sha256_bytes(data), w, h), pixels, seen)
+        img = decode_work(data, max_pixels, side)
+    return LoadedImage(ImageRecord(str(path), sha256 or sha256_bytes(data), img.width, img.height), img.pixels, seen)
 
 
-def read_image(path: Path, max_pixels: int) -> LoadedImage:
+def read_image(path: Path, max_pixels: int, side: int | None = None) -> LoadedImage:
     data, _ = read_file(path, max_file_bytes(max_pixels))
-    return load_image(path, data, max_pixels)
+    return load_image(path, data, max_pixels, side=side)

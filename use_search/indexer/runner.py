@@ -26,13 +26,13 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from use_search.imaging import fit_side, to_original
+from use_search.imaging import to_original
 from use_search.indexer.read import (
     ImageReadError,
     LoadedImage,
@@ -51,7 +51,11 @@ from use_search.store.base import ImageEntry, StoreError, VectorStore, segment_p
 from use_search.types import Segment, SegmentPoint, Segmenter, point_id
 
 __all__ = ["ImageEvent", "IndexReport", "Indexer", "Write", "commit", "now_iso", "prune_store", "segment_points"]
-Parts = Callable[[], tuple[Segmenter, Embedder, "int | None"]]  # segmenter, embedder, working side
+# The segment+embed stage's parts: the segmenter, the embedder and the working size (the long side
+# images are decoded to, ``imaging.working_side``; None: full size). ``factory.engine_parts`` builds them
+# for every runner: this indexer, Ray's actors, the API's worker, eval.
+EngineParts = tuple[Segmenter, Embedder, "int | None"]
+Parts = Callable[[], EngineParts]
 
 
 def segment_points(loaded: LoadedImage, segments: Sequence[Segment], vectors: np.ndarray, model: str) -> list[SegmentPoint]:
@@ -87,12 +91,10 @@ def segment_and_embed(segmenter: Segmenter, embedder: Embedder, images: Sequence
     ``embed_batch``, image by image where a batched call fails, so one bad image fails alone."""
     pixels = [lo.pixels for lo in images]
     segmented: list[list[Segment] | None] = [None] * len(images)
-    batch_fn = getattr(segmenter, "segment_batch", None)
-    if batch_fn is not None:
-        try:
-            segmented = list(batch_fn(pixels))
-        except Exception:  # find the culprit image by image below
-            pass
+    try:
+        segmented = list(segmenter.segment_batch(pixels))
+    except Exception:  # find the culprit image by image below
+        pass
     out: list[list[SegmentPoint] | str | None] = [None] * len(images)
     for i, px in enumerate(pixels):
         if segmented[i] is None:
@@ -189,7 +191,7 @@ class Indexer:
     def image_batch(self) -> int:
         """Images per segment_batch / embed_batch call: the segmenter's own encoder batch by default."""
         if self._image_batch is None:
-            return max(1, int(getattr(self.segmenter, "image_batch", 1) or 1))
+            return max(1, self.segmenter.image_batch)
         return max(1, self._image_batch)
 
     def _ready(self) -> None:
@@ -283,8 +285,7 @@ class Indexer:
 
     def _decode(self, r: _Read, run: Planner) -> ImageEvent | Write | _Decoded:
         try:
-            loaded = load_image(r.path, r.data, self.max_image_pixels, r.sha256)
-            loaded = replace(loaded, pixels=fit_side(loaded.pixels, self.work_side))
+            loaded = load_image(r.path, r.data, self.max_image_pixels, r.sha256, self.work_side)
         except ImageReadError as e:
             return run.failed(str(r.path), str(e), r.old, sha=r.sha256)
         with run.lock:
@@ -315,9 +316,6 @@ class Indexer:
             return run.failed(d.loaded.record.path, f"{type(e).__name__}: {e}", d.old, d.loaded.warnings, d.loaded.record.sha256)
         return self._indexed(d, points)
 
-    def _commit(self, run: Planner, writes: list[Write]) -> None:
-        commit(self.store, writes, run.keep, run.failures)
-
     # Runners ------------------------------------------------------------------------------------------
     def _run_sequential(
         self, plans: Iterable[ImageEvent | Candidate], run: Planner, emit: Callable[[ImageEvent], None]
@@ -326,7 +324,7 @@ class Indexer:
         pending: list[Write] = []
 
         def flush() -> None:
-            self._commit(run, pending)
+            commit(self.store, pending, run.keep, run.failures)
             for w in pending:
                 run.committed(w)
                 emit(w.event)
@@ -354,12 +352,12 @@ class Indexer:
         self, plans: Iterable[ImageEvent | Candidate], run: Planner, emit: Callable[[ImageEvent], None]
     ) -> None:
         with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="use-search-read") as pool:
-            writer = _Writer(self.write_queue, lambda job: self._commit(run, job))
+            writer = _Writer(self.write_queue, lambda job: commit(self.store, job, run.keep, run.failures))
             try:
                 # Files in flight per pool stage; the models' batch joins in once they are built.
                 def window() -> int:
-                    built = self._image_batch or (getattr(self._segmenter, "image_batch", 1) if self._segmenter else 1)
-                    return 2 * self.decode_threads + max(1, int(built or 1))
+                    built = self._image_batch or (self._segmenter.image_batch if self._segmenter else 1)
+                    return 2 * self.decode_threads + max(1, built)
 
                 reads = _ordered(pool, lambda c: self._read(c, run), plans, Candidate, window)
                 decided = (self._decide(x, run) if isinstance(x, _Read) else x for x in reads)

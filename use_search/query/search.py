@@ -78,12 +78,15 @@ class Searcher:
         flt: SearchFilter | None = None,
         min_score: float | None = None,
         dedup: bool = False,
+        masks: bool = True,
     ) -> list[Hit]:
+        """``masks=False``: the hits come without their RLE (``Hit.rle`` None), the cheaper search;
+        ``--dedup`` compares masks, so it reads them anyway."""
         if k < 1:
             raise ValueError("k must be at least 1")
         self.check_store()
         fetch = k * 4 if dedup else k
-        hits = self.store.search(vector, fetch, flt, min_score)
+        hits = self.store.search(vector, fetch, flt, min_score, masks=masks or dedup)
         foreign = {h.model for h in hits if h.model != self.embedder.model_id}
         if foreign:
             raise ModelMismatchError(mismatch_message(", ".join(f"'{m}'" for m in sorted(foreign)), self.embedder.model_id))
@@ -97,6 +100,7 @@ class Searcher:
         min_score: float | None = None,
         dedup: bool = False,
         templates: Sequence[str] | None = None,
+        masks: bool = True,
     ) -> list[Hit]:
         self.check_store()
-        return self.search_vector(self.embed(text, templates), k, flt, min_score, dedup)
+        return self.search_vector(self.embed(text, templates), k, flt, min_score, dedup, masks)

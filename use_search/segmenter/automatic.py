@@ -25,7 +25,7 @@ largest first.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +52,8 @@ class AutoSegmenter:
             output_mode="binary_mask",
         )
         self.generator.predictor.transform = ResizeToEncoder(sam.image_encoder.img_size)
+        self.input_size: int | None = int(sam.image_encoder.img_size)
+        self.image_batch = 1  # segment-anything's loop takes one image at a time
 
     @torch.inference_mode()
     def segment(self, image: np.ndarray) -> list[Segment]:
@@ -77,6 +79,9 @@ class AutoSegmenter:
         ]
         out.sort(key=lambda s: -s.area)
         return out
+
+    def segment_batch(self, images: Sequence[np.ndarray]) -> list[list[Segment]]:
+        return [self.segment(image) for image in images]
 
     def _suppress_flat_boxes(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The NMS segment-anything skipped: among masks whose box has zero width or height (which

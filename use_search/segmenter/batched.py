@@ -158,6 +158,7 @@ class BatchedAutoSegmenter:
             self.encoder, self.decoder = sam.image_encoder, sam.mask_decoder
         self.prompt_encoder = sam.prompt_encoder  # tiny; kept in the model's dtype, outputs cast
         self.img_size = sam.image_encoder.img_size
+        self.input_size: int | None = int(self.img_size)  # the Segmenter protocol's name for it
         self.mask_threshold = float(sam.mask_threshold)
         self.transform = ResizeToEncoder(self.img_size)
         # One grid per crop layer, (n², 2) in [0, 1], x then y.

@@ -67,20 +67,30 @@ def open_store(settings: Settings, *, writable: bool = True) -> VectorStore:
 
 
 def _open(settings: Settings, *, writable: bool) -> VectorStore:
+    from use_search.store.layout import SearchTuning, requested
+
     store = settings.store
+    tuning = SearchTuning(rescore=store.rescore, oversampling=store.oversampling)
     if store.backend == "embedded":
         from use_search.store.edge import EdgeStore
 
         return EdgeStore(
             settings.store_path, store.collection, writable=writable, min_free_bytes=store.min_free_mb * 1024 * 1024,
             max_segment_mb=store.max_segment_mb, indexing_threshold_kb=store.indexing_threshold_kb,
+            layout=requested(store), tuning=tuning,
         )
     if not store.url:
         raise StoreError("store.backend is 'server' but store.url is not set (e.g. USE_SEARCH_STORE__URL)")
     from use_search.store.server import ServerStore
 
-    return ServerStore.connect(
+    server = ServerStore.connect(
         store.url, store.collection, api_key=store.api_key, timeout_s=store.timeout_s,
         shard_number=store.shard_number, replication_factor=store.replication_factor,
-        write_consistency_factor=store.write_consistency_factor,
+        write_consistency_factor=store.write_consistency_factor, layout=requested(store), tuning=tuning,
     )
+    try:
+        server.layout  # noqa: B018  (a collection created with other settings than asked: StoreError now)
+    except BaseException:
+        server.close()
+        raise
+    return server

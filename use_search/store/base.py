@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import uuid
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 
@@ -43,6 +43,9 @@ IMAGE_NAMESPACE = uuid.UUID("0d6c8a51-2b7e-4f8e-9c3a-54a1b7e90c42")
 SEGMENT_INDEXED_FIELDS = ("paths", "sha256", "dirs")
 IMAGE_INDEXED_FIELDS = ("path", "sha256", "dirs")
 LEGACY_PATH_FIELD = "path"  # segments written before content addressing: one path per point, indexed
+# What a search can leave out of its hits: the COCO RLE mask (~770 bytes of a point's ~1.3 KB payload),
+# which only drawing, --json and the mask route need; ``VectorStore.with_masks`` fetches it by id.
+MASK_FIELDS = ("rle",)
 
 
 def image_id(path: str) -> str:
@@ -342,8 +345,19 @@ class VectorStore(ABC):
 
     @abstractmethod
     def search(
-        self, vector: np.ndarray, k: int, flt: SearchFilter | None = None, min_score: float | None = None
-    ) -> list[Hit]: ...
+        self, vector: np.ndarray, k: int, flt: SearchFilter | None = None, min_score: float | None = None,
+        masks: bool = True,
+    ) -> list[Hit]:
+        """The ``k`` nearest segments; ``masks=False``: their ``rle`` is left out (None)."""
+
+    def with_masks(self, hits: Sequence[Hit]) -> list[Hit]:
+        """``hits`` with their masks: those searched without are read by id (one call)."""
+        missing = [h.id for h in hits if h.rle is None]
+        if not missing:
+            return list(hits)
+        rles = {h.id: h.rle for h in self.get_segments(missing)}
+        return [h if h.rle is not None else replace(h, rle=rles.get(h.id), payload={**h.payload, "rle": rles.get(h.id)})
+                for h in hits]
 
     # Query forms (``use_search.query.forms``): each one engine call ----------------------------------
     @abstractmethod
@@ -400,6 +414,11 @@ class VectorStore(ABC):
 
     def optimize(self) -> None:
         """Index what is not indexed yet (HNSW for the embedded store). No-op where the engine does it."""
+
+    def index_info(self) -> dict[str, int]:
+        """Segments collection: engine segments, points, points in an HNSW index (the rest are scanned)."""
+        n = self.count_segments()
+        return {"segments": 0, "points": n, "indexed": n}
 
     @abstractmethod
     def close(self) -> None: ...

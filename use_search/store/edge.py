@@ -19,20 +19,19 @@ space of the store's file system and raises ``StoreFullError`` while there is st
 
 Index builds: segments are capped (``max_segment_mb``), so ``optimize()`` builds an HNSW graph over the
 points added since the last build (merged with the smallest indexed segment when both fit under the
-cap), never over the whole collection again; new points below the engine's indexing threshold stay in
-a plain segment that searches scan exactly.
+cap), never over the whole collection again; a write that adds a cap's worth of vectors builds on the
+way (store/build.py: the engine alone would put them all in one segment); new points below the
+engine's indexing threshold stay in a plain segment that searches scan exactly. Quantization and what
+lives on disk: store/layout.py.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import io
 import json
 import os
 import shutil
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -42,10 +41,10 @@ import qdrant_edge as qe
 from use_search.store.base import (
     IMAGE_INDEXED_FIELDS,
     LEGACY_PATH_FIELD,
+    MASK_FIELDS,
     SEGMENT_INDEXED_FIELDS,
     ImageEntry,
     SearchFilter,
-    StoreDamagedError,
     StoreError,
     StoredPoint,
     StoreFullError,
@@ -57,38 +56,37 @@ from use_search.store.base import (
     references,
 )
 from use_search.store import edge_query
+from use_search.store.edge_files import (
+    FILLED_ON_LOAD,
+    IMAGES_DIR,
+    LOCK_FILE,
+    MB,
+    SEGMENTS_DIR,
+    SNAPSHOT_FORMAT,
+    SNAPSHOT_MANIFEST,
+    can_write,
+    free_bytes,
+    load_fill,
+    mb,
+    new_store_bytes,
+    persisted_dim,
+    private_copy,
+    shard_exists,
+    sparse_files,
+    take_lock,
+)
+from use_search.store.edge_shard import Shard, as_vector, create_shard, edge_filter, load_shard, scroll
+from use_search.store import layout as lay
+from use_search.store.build import points_per_segment
+from use_search.store.layout import Layout, SearchTuning
 from use_search.types import Hit, SegmentPoint
 
-LOCK_FILE = ".lock"
-SEGMENTS_DIR = "segments"
-IMAGES_DIR = "images"
-EDGE_CONFIG_FILE = "edge_config.json"  # written by qdrant-edge into every shard folder
-SNAPSHOT_FORMAT = "use-search-snapshot-1"
-SNAPSHOT_MANIFEST = "use-search-snapshot.json"
 UPSERT_BATCH = 512  # points per WAL record
-SCROLL_PAGE = 256
 IMAGE_VECTOR = [1.0]
-MB = 1024 * 1024
-# Measured (docs/benchmarks.md): creating a store and writing its first points fills ~14 MB on tmpfs,
-# ~0.3 MB on ext4. Its engine files are sparse (~240 MB), and on a memory-backed file system (tmpfs)
-# every page an mmap touches is allocated, so the first load of a shard fills its payload-index and
-# vector files (~47 MB per new shard); on ext4 a load fills nothing. A writer fills them before it
-# closes (``_fill_for_readers``), so that reading the store later needs no free space at all.
-NEW_STORE_BYTES = {"memory": 15 * MB, "disk": 1 * MB}
-FILLED_ON_LOAD = ("payload_index", "vector_storage")
-MEMORY_BACKED_FS = ("tmpfs", "ramfs")
 RECORD_BYTES = 4096  # an image record, its WAL entry and index entries
 SEGMENT_OVERHEAD_BYTES = 1024  # per segment point beyond its vector and mask: payload fields, ids, indexes
 WRITE_AMPLIFICATION = 3  # a point lands in the WAL, the segment's storage and the payload indexes
 DELETE_BYTES = 64 * 1024
-
-
-def free_bytes(path: Path) -> int:
-    """Free space (for unprivileged writers) of the file system holding ``path`` or its nearest parent."""
-    p = Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return shutil.disk_usage(p).free
 
 
 class EdgeStore(VectorStore):
@@ -106,7 +104,10 @@ class EdgeStore(VectorStore):
         max_segment_mb: int | None = 128,
         indexing_threshold_kb: int | None = None,
         free_space: Callable[[Path], int] = free_bytes,
+        layout: Mapping[str, Any] | None = None,
+        tuning: SearchTuning | None = None,
     ) -> None:
+        """``layout``: the creation-time settings asked for (store/layout.py; unset ones: the store's own)."""
         self.root = Path(path) / collection
         self.writable = writable
         self.min_free_bytes = min_free_bytes
@@ -115,28 +116,33 @@ class EdgeStore(VectorStore):
             max_segment_size=max_segment_mb * 1024 if max_segment_mb else None,
             indexing_threshold=indexing_threshold_kb,
         )
-        self._segments: _Shard | None = None
-        self._images: _Shard | None = None
+        self._max_segment_mb = max_segment_mb
+        self._wanted = dict(layout or {})
+        self._tuning = tuning or SearchTuning()
+        self._layout: Layout | None = None
+        self._written_since_build = 0  # points upserted since the last index build (an upper bound)
+        self._segments: Shard | None = None
+        self._images: Shard | None = None
         self._dim: int | None = None
         self._lock_fd: int | None = None
         self._private: Path | None = None  # a read-only store's copy, removed on close
-        exists = _shard_exists(self.root / SEGMENTS_DIR)
+        exists = shard_exists(self.root / SEGMENTS_DIR)
         if writable:
-            self._check_space(_load_fill(self.root) if exists else _new_store_bytes(self.root), "opening it" if exists else "a new store")
+            self._check_space(load_fill(self.root) if exists else new_store_bytes(self.root), "opening it" if exists else "a new store")
             self.root.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = _lock(self.root / LOCK_FILE, self.root)
+            self._lock_fd = take_lock(self.root / LOCK_FILE, self.root)
         elif exists and not can_write(self.root):
-            self._private = _private_copy(self.root)
+            self._private = private_copy(self.root)
         else:
-            fill = _load_fill(self.root)
+            fill = load_fill(self.root)
             if fill > self.free_space(self.root):  # the engine would die of SIGBUS half-way
                 raise StoreFullError(
-                    f"not enough free disk space to open the store at {self.root}: loading it fills {_mb(fill)} "
-                    f"of index and vector files that its last writer could not fill, and {_mb(self.free_space(self.root))} "
+                    f"not enough free disk space to open the store at {self.root}: loading it fills {mb(fill)} "
+                    f"of index and vector files that its last writer could not fill, and {mb(self.free_space(self.root))} "
                     "are free. Free some space."
                 )
             self.root.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = _lock(self.root / LOCK_FILE, self.root)
+            self._lock_fd = take_lock(self.root / LOCK_FILE, self.root)
         try:
             self._open_shards()
         except BaseException:
@@ -148,11 +154,12 @@ class EdgeStore(VectorStore):
         return self._private or self.root
 
     def _open_shards(self) -> None:
-        if _shard_exists(self._data / SEGMENTS_DIR):
-            self._dim = _persisted_dim(self._data / SEGMENTS_DIR)
-            self._segments = _load(self._data / SEGMENTS_DIR, self._config(self._dim, qe.Distance.Cosine))
-        if _shard_exists(self._data / IMAGES_DIR):
-            self._images = _load(self._data / IMAGES_DIR, self._config(1, qe.Distance.Dot))
+        if shard_exists(self._data / SEGMENTS_DIR):
+            self._dim = persisted_dim(self._data / SEGMENTS_DIR)
+            self._layout = lay.resolve(lay.read_recorded(self._data) or lay.LEGACY, self._wanted, f"the store at {self.root}")
+            self._segments = load_shard(self._data / SEGMENTS_DIR, self._config(self._dim, qe.Distance.Cosine, self._layout))
+        if shard_exists(self._data / IMAGES_DIR):
+            self._images = load_shard(self._data / IMAGES_DIR, self._config(1, qe.Distance.Dot))
 
     def _close_shards(self) -> None:
         try:
@@ -163,8 +170,22 @@ class EdgeStore(VectorStore):
         finally:
             self._segments = self._images = None
 
-    def _config(self, dim: int, distance: Any) -> qe.EdgeConfig:
-        return qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=distance), optimizers=self._optimizers)
+    def _config(self, dim: int, distance: Any, layout: Layout | None = None) -> qe.EdgeConfig:
+        if layout is None:  # the image records: a constant 1-d vector each
+            return qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=distance), optimizers=self._optimizers)
+        return qe.EdgeConfig(
+            vectors=lay.edge_vectors(layout, dim), quantization_config=lay.edge_quantization(layout),
+            on_disk_payload=layout.payload_on_disk, optimizers=self._optimizers,
+        )
+
+    @property
+    def layout(self) -> Layout | None:
+        """How the segments collection holds vectors and payloads (None before ``ensure``)."""
+        return self._layout
+
+    def _params(self) -> Any:
+        """Every search's quantization tuning (rescore, oversampling); None on a float store."""
+        return lay.edge_search_params(self._layout or Layout(quantization="none"), self._tuning)
 
     def _check_space(self, need: int, what: str) -> None:
         if not self.writable:
@@ -172,8 +193,8 @@ class EdgeStore(VectorStore):
         free = self.free_space(self.root)
         if free < need + self.min_free_bytes:
             raise StoreFullError(
-                f"not enough free disk space for the store at {self.root}: {_mb(free)} free, {what} needs "
-                f"about {_mb(need)} plus the {_mb(self.min_free_bytes)} safety margin (setting store.min_free_mb). "
+                f"not enough free disk space for the store at {self.root}: {mb(free)} free, {what} needs "
+                f"about {mb(need)} plus the {mb(self.min_free_bytes)} safety margin (setting store.min_free_mb). "
                 "Free some space or move the store (--store DIR), then rerun: everything written so far is kept."
             )
 
@@ -186,11 +207,13 @@ class EdgeStore(VectorStore):
                     "use another collection (store.collection) for this model"
                 )
         else:
-            self._check_space(_new_store_bytes(self.root), "a new store")
-            self._segments = _create(self.root / SEGMENTS_DIR, self._config(dim, qe.Distance.Cosine))
+            self._check_space(new_store_bytes(self.root), "a new store")
+            self._layout = lay.resolve(None, self._wanted, f"the store at {self.root}")
+            lay.write_recorded(self.root, self._layout)  # before the shard: a shard is never without it
+            self._segments = create_shard(self.root / SEGMENTS_DIR, self._config(dim, qe.Distance.Cosine, self._layout))
             self._dim = dim
         if self._images is None:
-            self._images = _create(self.root / IMAGES_DIR, self._config(1, qe.Distance.Dot))
+            self._images = create_shard(self.root / IMAGES_DIR, self._config(1, qe.Distance.Dot))
         for shard, fields in ((self._segments, SEGMENT_INDEXED_FIELDS), (self._images, IMAGE_INDEXED_FIELDS)):
             existing = shard.info().payload_schema
             missing = [name for name in fields if name not in existing]
@@ -211,11 +234,17 @@ class EdgeStore(VectorStore):
             np.asarray(p.vector).size * 4 + len(str(p.payload.get("rle", ""))) + SEGMENT_OVERHEAD_BYTES for p in points
         )
         self._check_space(WRITE_AMPLIFICATION * need, f"writing {len(points)} segments")
+        cap = points_per_segment(self._dim or 1, self._max_segment_mb)
         for start in range(0, len(points), UPSERT_BATCH):
             batch = [
-                qe.Point(p.id, _vector(p.vector), p.payload) for p in points[start : start + UPSERT_BATCH]
+                qe.Point(p.id, as_vector(p.vector), p.payload) for p in points[start : start + UPSERT_BATCH]
             ]
             shard.update(qe.UpdateOperation.upsert_points(batch))
+            self._written_since_build += len(batch)
+            if cap is not None and self._written_since_build >= cap:
+                # The engine puts every point written since the last build into one segment, whatever
+                # its size cap: building now keeps each new segment (and the build's memory) at the cap.
+                self._build(shard, self._pending(shard))
         shard.flush()
 
     def put_image(self, entry: ImageEntry) -> None:
@@ -242,7 +271,7 @@ class EdgeStore(VectorStore):
             return {}
         counts = {}
         for sha, paths in updates.items():
-            flt = _filter(SearchFilter(sha256=sha))
+            flt = edge_filter(SearchFilter(sha256=sha))
             counts[sha] = n = self._segments.count(qe.CountRequest(exact=True, filter=flt))
             if n:
                 fields = references(paths)
@@ -273,11 +302,11 @@ class EdgeStore(VectorStore):
         return ImageEntry.from_payload(records[0].payload) if records else None
 
     def iter_images(self) -> Iterator[ImageEntry]:
-        for record in _scroll(self._images, None):
+        for record in scroll(self._images, None):
             yield ImageEntry.from_payload(record.payload)
 
     def find_images(self, sha256: str) -> list[ImageEntry]:
-        records = _scroll(self._images, SearchFilter(sha256=sha256))
+        records = scroll(self._images, SearchFilter(sha256=sha256))
         return [ImageEntry.from_payload(r.payload) for r in records]
 
     def count_images(self) -> int:
@@ -287,27 +316,29 @@ class EdgeStore(VectorStore):
 
     # Segments ------------------------------------------------------------------------------------
     def search(
-        self, vector: np.ndarray, k: int, flt: SearchFilter | None = None, min_score: float | None = None
+        self, vector: np.ndarray, k: int, flt: SearchFilter | None = None, min_score: float | None = None,
+        masks: bool = True,
     ) -> list[Hit]:
         if self._segments is None or k <= 0:
             return []
         request = qe.QueryRequest(
             limit=k,
-            query=qe.Query.Nearest(_vector(vector)),
-            filter=_filter(flt),
+            query=qe.Query.Nearest(as_vector(vector)),
+            filter=edge_filter(flt),
             score_threshold=min_score,
-            with_payload=True,
+            with_payload=True if masks else qe.PayloadSelector.Exclude(list(MASK_FIELDS)),
+            params=self._params(),
         )
         return [hit_from(p.id, p.score, p.payload, flt) for p in self._segments.query(request)]
 
     def query(self, q: VectorQuery, k: int, min_score: float | None = None) -> list[Hit]:
-        return edge_query.query(self._segments, q, k, min_score) if self._segments is not None and k > 0 else []
+        return edge_query.query(self._segments, q, k, min_score, self._params()) if self._segments is not None and k > 0 else []
 
     def query_batch(self, qs: Sequence[VectorQuery], k: int, min_score: float | None = None) -> list[list[Scored]]:
-        return edge_query.query_batch(self._segments, qs, k, min_score) if self._segments is not None else [[] for _ in qs]
+        return edge_query.query_batch(self._segments, qs, k, min_score, self._params()) if self._segments is not None else [[] for _ in qs]
 
     def query_groups(self, q: VectorQuery, k: int, per_group: int, min_score: float | None = None) -> list[list[Hit]]:
-        return edge_query.groups(self._segments, q, k, per_group, min_score) if self._segments is not None else []
+        return edge_query.groups(self._segments, q, k, per_group, min_score, self._params()) if self._segments is not None else []
 
     def get_segments(self, ids: Sequence[str]) -> list[Hit]:
         if self._segments is None or not ids:
@@ -316,17 +347,17 @@ class EdgeStore(VectorStore):
         return [hit_from(i, 0.0, found[i]) for i in ids if i in found]
 
     def scroll_segments(self, flt: SearchFilter | None = None) -> Iterator[Hit]:
-        for record in _scroll(self._segments, flt):
+        for record in scroll(self._segments, flt):
             yield hit_from(record.id, 0.0, record.payload, flt)
 
     def count_segments(self, flt: SearchFilter | None = None) -> int:
         if self._segments is None:
             return 0
-        return self._segments.count(qe.CountRequest(exact=True, filter=_filter(flt)))
+        return self._segments.count(qe.CountRequest(exact=True, filter=edge_filter(flt)))
 
     def segment_values(self, field: str, flt: SearchFilter | None = None) -> Iterator[str]:
         seen: set[str] = set()
-        for record in _scroll(self._segments, flt, with_payload=[field]):
+        for record in scroll(self._segments, flt, with_payload=[field]):
             value = record.payload.get(field)
             for v in value if isinstance(value, list) else [] if value is None else [value]:
                 if v not in seen:
@@ -345,7 +376,7 @@ class EdgeStore(VectorStore):
 
     # Integrity -----------------------------------------------------------------------------------
     def point_ids(self) -> Iterator[str]:
-        for record in _scroll(self._segments, None, with_payload=False):
+        for record in scroll(self._segments, None, with_payload=False):
             yield str(record.id)
 
     def read_points(self, ids: Sequence[str]) -> list[StoredPoint]:
@@ -369,15 +400,21 @@ class EdgeStore(VectorStore):
     # Lifecycle -----------------------------------------------------------------------------------
     def optimize(self) -> None:
         for shard in (self._segments, self._images):
-            if shard is None:
-                continue
-            info = shard.info()
-            pending = info.points_count - info.indexed_vectors_count
-            if shard is self._segments and pending > 0:
-                # A build writes a new copy of the segments it rebuilds before dropping the old ones.
-                self._check_space(2 * pending * (4 * (self._dim or 1) + 1024), "building the search index")
-            shard.optimize()
-            shard.flush()
+            if shard is not None:
+                self._build(shard, self._pending(shard) if shard is self._segments else 0)
+
+    def _pending(self, shard: "Shard") -> int:
+        info = shard.info()
+        return info.points_count - info.indexed_vectors_count
+
+    def _build(self, shard: "Shard", pending: int) -> None:
+        if pending > 0:
+            # A build writes a new copy of the segments it rebuilds before dropping the old ones.
+            self._check_space(2 * pending * (4 * (self._dim or 1) + 1024), "building the search index")
+        shard.optimize()
+        shard.flush()
+        if shard is self._segments:
+            self._written_since_build = 0
 
     def snapshot(self, out: Path) -> None:
         """A gzip tar of both shards, taken with the store locked and its shards closed (nothing moves
@@ -390,13 +427,13 @@ class EdgeStore(VectorStore):
             with tarfile.open(tmp, "w:gz", compresslevel=1) as tar:  # sparse engine files: mostly zeros
                 manifest = json.dumps({
                     "format": SNAPSHOT_FORMAT, "collection": self.root.name, "dim": dim,
-                    "points": points, "images": images,
+                    "points": points, "images": images, "layout": lay.read_recorded(self._data),
                 }).encode()
                 info = tarfile.TarInfo(SNAPSHOT_MANIFEST)
                 info.size = len(manifest)
                 tar.addfile(info, io.BytesIO(manifest))
                 for name in (SEGMENTS_DIR, IMAGES_DIR):
-                    if _shard_exists(self._data / name):
+                    if shard_exists(self._data / name):
                         tar.add(self._data / name, arcname=name)
             os.replace(tmp, out)
         finally:
@@ -426,317 +463,17 @@ class EdgeStore(VectorStore):
     def _fill_for_readers(self) -> None:
         """Allocate now what the next load would (memory-backed file systems only), while a writer's
         space check can still refuse it; if it does not fit, the next open says so instead."""
-        need = _load_fill(self.root)
+        need = load_fill(self.root)
         if not need or self.free_space(self.root) < need + self.min_free_bytes:
             return
-        for file in _sparse_files(self.root, FILLED_ON_LOAD):
+        for file in sparse_files(self.root, FILLED_ON_LOAD):
             fd = os.open(file, os.O_RDWR)
             try:
                 os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
             finally:
                 os.close(fd)
 
-    def _require(self, shard: _Shard | None) -> _Shard:
+    def _require(self, shard: Shard | None) -> Shard:
         if shard is None:
             raise StoreError(f"store at {self.root} has no collections yet: call ensure(dim) first")
         return shard
-
-
-def restore_snapshot(archive: Path, path: Path, collection: str) -> dict[str, Any]:
-    """Unpack a ``snapshot`` into ``path/collection``, which must hold no store yet; returns its manifest.
-    Each shard's files go to a plain tar next to the store (the format the engine reads), which the
-    engine's ``unpack_snapshot`` unpacks; the restored store is then opened and its counts checked."""
-    root = Path(path) / collection
-    if any(_shard_exists(root / name) for name in (SEGMENTS_DIR, IMAGES_DIR)):
-        raise StoreError(f"{root} already holds a store: restore into a new folder (--store DIR) or --collection")
-    try:
-        outer = tarfile.open(archive, "r:gz")
-    except (OSError, tarfile.TarError) as e:
-        raise StoreError(f"{archive} is not a use-search snapshot: {e}") from None
-    root.mkdir(parents=True, exist_ok=True)
-    parts = {name: root / f".{name}.restore.tar" for name in (SEGMENTS_DIR, IMAGES_DIR)}
-    try:
-        with outer:
-            manifest = _read_manifest(outer, archive)
-            inner = {name: tarfile.open(tmp, "w") for name, tmp in parts.items()}
-            try:
-                for member in outer:
-                    shard, _, rest = member.name.partition("/")
-                    safe = rest and not rest.startswith("/") and ".." not in Path(rest).parts
-                    if shard in inner and safe and not member.issym() and not member.islnk():
-                        member.name = rest
-                        inner[shard].addfile(member, outer.extractfile(member) if member.isfile() else None)
-            finally:
-                for t in inner.values():
-                    t.close()
-        for name, tmp in parts.items():
-            try:
-                qe.EdgeShard.unpack_snapshot(str(tmp), str(root / name))
-            except Exception as e:
-                raise StoreError(f"cannot restore {name} from {archive}: {e}") from None
-    finally:
-        for tmp in parts.values():
-            tmp.unlink(missing_ok=True)
-    with EdgeStore(path, collection, min_free_bytes=0) as store:
-        got = {"dim": store.dim, "points": store.count_segments(), "images": store.count_images()}
-    want = {k: manifest.get(k) for k in got}
-    if got != want:
-        raise StoreError(f"the store restored from {archive} holds {got}, its snapshot says {want}")
-    return manifest
-
-
-def _read_manifest(tar: tarfile.TarFile, archive: Path) -> dict[str, Any]:
-    first = tar.next()
-    reader = tar.extractfile(first) if first is not None and first.name == SNAPSHOT_MANIFEST else None
-    manifest = json.loads(reader.read()) if reader is not None else {}
-    if manifest.get("format") != SNAPSHOT_FORMAT:
-        raise StoreError(f"{archive} is not a use-search snapshot (no {SNAPSHOT_MANIFEST} first)")
-    return manifest
-
-
-def _lock(lock_path: Path, root: Path) -> int:
-    """Take the store's exclusive lock without waiting; ``StoreError`` naming the holder if taken.
-
-    qdrant-edge does lock each shard's WAL folder (a second load fails with an opaque "Can't init WAL:
-    WouldBlock"), but only per shard and only once the shard exists; this one lock covers the whole
-    store from the moment it is opened and records who holds it.
-    """
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
-        raise StoreError(
-            f"cannot write the store at {root} ({e.strerror}): query, stats, store check, store snapshot and "
-            "serve (search only) work on it as it is; index and store check --repair need a store they can write"
-        ) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        who = f"pid {holder}" if _running(holder) else "a reader that cannot write the store, while it copies it"
-        raise StoreError(
-            f"store at {root} is in use by another process ({who}) — stop it, "
-            "or use the server / the API"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-def _running(pid: str) -> bool:
-    """Whether the pid a lock file names is a live process (a reader of a read-only store locks
-    without writing its pid, so the file may still name its last writer)."""
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (ValueError, PermissionError):
-        return True
-    return True
-
-
-def _shard_exists(path: Path) -> bool:
-    """A shard is there when its config or any of its data is: a lost ``edge_config.json`` must not
-    make a store with points look empty (or be created anew over its data)."""
-    return (path / EDGE_CONFIG_FILE).is_file() or (path / "wal").is_dir()
-
-
-def _persisted_dim(path: Path) -> int:
-    # EdgeShard has no config getter in Python; the shard persists its config as JSON, and each engine
-    # segment its own (``segment.json``), from which the engine rebuilds a lost shard config on load.
-    sources = [path / EDGE_CONFIG_FILE, *sorted((path / "segments").glob("*/segment.json"))]
-    for source in sources:
-        try:
-            doc = json.loads(source.read_text())
-            return int((doc["vectors"] if source.name == EDGE_CONFIG_FILE else doc["config"]["vector_data"])[""]["size"])
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise StoreError(f"cannot read the vector size of the shard at {path} from {source.name}: {e}") from None
-    raise StoreError(f"the shard at {path} has neither {EDGE_CONFIG_FILE} nor segment files: it cannot be read")
-
-
-def _sparse_files(root: Path, folders: Sequence[str]) -> Iterator[Path]:
-    """Files below ``root``, inside folders named ``folders``, with unallocated parts."""
-    for dirpath, _, filenames in os.walk(root):
-        if any(f in Path(dirpath).parts for f in folders):
-            for name in filenames:
-                try:
-                    st = os.stat(os.path.join(dirpath, name))
-                except OSError:
-                    continue
-                if st.st_size > st.st_blocks * 512:
-                    yield Path(dirpath, name)
-
-
-def _unfilled_bytes(root: Path, folders: Sequence[str]) -> int:
-    total = 0
-    for file in _sparse_files(root, folders):
-        st = file.stat()
-        total += max(0, st.st_size - st.st_blocks * 512)
-    return total
-
-
-def _load_fill(root: Path) -> int:
-    """What loading the store at ``root`` allocates: its unfilled index and vector files on a
-    memory-backed file system, nothing elsewhere (measured on tmpfs and ext4)."""
-    return _unfilled_bytes(root, FILLED_ON_LOAD) if _fs_type(root) in MEMORY_BACKED_FS else 0
-
-
-def _new_store_bytes(root: Path) -> int:
-    return NEW_STORE_BYTES["memory" if _fs_type(root) in MEMORY_BACKED_FS else "disk"]
-
-
-def _fs_type(path: Path) -> str:
-    """The type of the file system holding ``path`` (or its nearest existing parent), from /proc/self/mounts."""
-    p = Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    target, best, kind = os.path.realpath(p), -1, ""
-    try:
-        lines = Path("/proc/self/mounts").read_text().splitlines()
-    except OSError:
-        return ""
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        mnt = fields[1].replace("\\040", " ")
-        if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) > best:
-            best, kind = len(mnt), fields[2]
-    return kind
-
-
-def can_write(root: Path) -> bool:
-    return all(os.access(p, os.W_OK) for p in (root, root / SEGMENTS_DIR) if p.exists())
-
-
-def _private_copy(root: Path) -> Path:
-    """Copy the store at ``root`` (which this process cannot write) to a new temporary folder, holes
-    kept, under a shared lock: a writer cannot start while it is copied (it gets the usual "in use"
-    error), and once the copy is taken the lock is released and the copy is searched."""
-    lock = root / LOCK_FILE
-    fd = os.open(lock, os.O_RDONLY) if lock.exists() else None
-    try:
-        if fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StoreError(f"store at {root} is being written by another process — try again when it is done") from None
-        dest = Path(tempfile.mkdtemp(prefix="use-search-readonly-")) / root.name
-        try:
-            for name in (SEGMENTS_DIR, IMAGES_DIR):
-                if (root / name).exists():
-                    _copy_sparse_tree(root / name, dest / name)
-        except BaseException:
-            shutil.rmtree(dest.parent, ignore_errors=True)
-            raise
-        return dest
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-def _copy_sparse_tree(src: Path, dst: Path) -> None:
-    for dirpath, _, filenames in os.walk(src):
-        out = dst / Path(dirpath).relative_to(src)
-        out.mkdir(parents=True, exist_ok=True)
-        for name in filenames:
-            _copy_sparse(Path(dirpath, name), out / name)
-
-
-def _copy_sparse(src: Path, dst: Path) -> None:
-    """Copy only the allocated ranges (SEEK_DATA / SEEK_HOLE), so the engine's sparse files stay sparse."""
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        size = os.fstat(fin.fileno()).st_size
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                break
-            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
-            fin.seek(start)
-            fout.seek(start)
-            remaining = end - start
-            while remaining:
-                chunk = fin.read(min(remaining, 1 << 20))
-                fout.write(chunk)
-                remaining -= len(chunk)
-            pos = end
-        fout.truncate(size)
-
-
-def _mb(n: int) -> str:
-    return f"{n / MB:,.1f} MB"
-
-
-def _load(path: Path, config: qe.EdgeConfig) -> "_Shard":
-    # Passing the config applies our optimizer settings to stores created before them.
-    try:
-        return _Shard(qe.EdgeShard.load(str(path), config), path)
-    except Exception as e:  # qdrant-edge raises bare Exception
-        raise StoreError(f"cannot open the embedded store shard at {path}: {e}") from None
-
-
-def _create(path: Path, config: qe.EdgeConfig) -> "_Shard":
-    try:
-        return _Shard(qe.EdgeShard.create(str(path), config), path)
-    except Exception as e:
-        raise StoreError(f"cannot create the embedded store shard at {path}: {e}") from None
-
-
-def damaged_message(root: Path, detail: str) -> str:
-    return (
-        f"the store at {root} is damaged ({detail}): run `use-search store check` to see what, then "
-        "`use-search store check --repair` to re-index it, or `use-search store restore SNAPSHOT`"
-    )
-
-
-class _Shard:
-    """An open ``EdgeShard`` whose engine errors (qdrant-edge raises bare ``Exception``: a payload that
-    no longer decompresses, a damaged index file) become ``StoreDamagedError``."""
-
-    def __init__(self, shard: qe.EdgeShard, path: Path) -> None:
-        self._shard = shard
-        self.path = path
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self._shard, name)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return method(*args, **kwargs)
-            except Exception as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                detail = f"{self.path.name}: {first}"
-                raise StoreDamagedError(damaged_message(self.path.parent, detail), detail) from None
-
-        return call
-
-
-def _vector(vector: np.ndarray) -> list[float]:
-    return np.asarray(vector, dtype=np.float32).ravel().tolist()
-
-
-def _filter(flt: SearchFilter | None, path_field: str = "paths") -> qe.Filter | None:
-    if flt is None or flt.is_empty():
-        return None
-    return qe.Filter(must=[qe.FieldCondition(key=k, match=qe.MatchValue(v)) for k, v in flt.conditions(path_field)])
-
-
-def _scroll(
-    shard: _Shard | None, flt: SearchFilter | None, with_payload: Any = True, path_field: str = "paths"
-) -> Iterator[Any]:
-    if shard is None:
-        return
-    offset = None
-    while True:
-        records, offset = shard.scroll(
-            qe.ScrollRequest(offset=offset, limit=SCROLL_PAGE, filter=_filter(flt, path_field), with_payload=with_payload)
-        )
-        yield from records
-        if offset is None:
-            return

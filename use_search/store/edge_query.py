@@ -15,24 +15,20 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import numpy as np
 import qdrant_edge as qe
 
 from use_search.store.base import Scored, VectorQuery, hit_from
+from use_search.store.edge_shard import as_vector
 from use_search.types import Hit
 
 SHA_ONLY = ["sha256"]
 
 
-def _vector(vector: np.ndarray) -> list[float]:
-    return np.asarray(vector, dtype=np.float32).ravel().tolist()
-
-
 def engine_query(q: VectorQuery) -> Any:
     if q.nearest:
-        return qe.Query.Nearest(_vector(q.positives[0]))
+        return qe.Query.Nearest(as_vector(q.positives[0]))
     return qe.Query.RecommendSumScores(
-        qe.RecommendQuery(positives=[_vector(v) for v in q.positives], negatives=[_vector(v) for v in q.negatives])
+        qe.RecommendQuery(positives=[as_vector(v) for v in q.positives], negatives=[as_vector(v) for v in q.negatives])
     )
 
 
@@ -49,28 +45,31 @@ def engine_filter(q: VectorQuery, only: Sequence[str] = ()) -> qe.Filter | None:
     return qe.Filter(must=must, must_not=must_not) if must or must_not else None
 
 
-def request(q: VectorQuery, k: int, min_score: float | None, payload: Any = True, only: Sequence[str] = ()) -> qe.QueryRequest:
+def request(
+    q: VectorQuery, k: int, min_score: float | None, payload: Any = True, only: Sequence[str] = (), params: Any = None
+) -> qe.QueryRequest:
+    """``params``: the store's search parameters (quantization rescoring, store/layout.py)."""
     return qe.QueryRequest(
         limit=k, query=engine_query(q), filter=engine_filter(q, only),
-        score_threshold=q.threshold(min_score), with_payload=payload,
+        score_threshold=q.threshold(min_score), with_payload=payload, params=params,
     )
 
 
-def query(shard: Any, q: VectorQuery, k: int, min_score: float | None) -> list[Hit]:
-    return [hit_from(p.id, q.scaled(p.score), p.payload, q.flt) for p in shard.query(request(q, k, min_score))]
+def query(shard: Any, q: VectorQuery, k: int, min_score: float | None, params: Any = None) -> list[Hit]:
+    return [hit_from(p.id, q.scaled(p.score), p.payload, q.flt) for p in shard.query(request(q, k, min_score, params=params))]
 
 
-def query_batch(shard: Any, qs: Sequence[VectorQuery], k: int, min_score: float | None) -> list[list[Scored]]:
+def query_batch(shard: Any, qs: Sequence[VectorQuery], k: int, min_score: float | None, params: Any = None) -> list[list[Scored]]:
     if not qs:
         return []
-    results = shard.query_batch(qe.QueryBatchRequest([request(q, k, min_score, SHA_ONLY) for q in qs]))
+    results = shard.query_batch(qe.QueryBatchRequest([request(q, k, min_score, SHA_ONLY, params=params) for q in qs]))
     return [[Scored(str(p.id), q.scaled(p.score), p.payload["sha256"]) for p in points] for q, points in zip(qs, results)]
 
 
-def groups(shard: Any, q: VectorQuery, k: int, per_group: int, min_score: float | None) -> list[list[Hit]]:
+def groups(shard: Any, q: VectorQuery, k: int, per_group: int, min_score: float | None, params: Any = None) -> list[list[Hit]]:
     fetch = k * per_group
     while True:
-        points = shard.query(request(q, fetch, min_score, SHA_ONLY))
+        points = shard.query(request(q, fetch, min_score, SHA_ONLY, params=params))
         order = list(dict.fromkeys(p.payload["sha256"] for p in points))
         if len(order) >= k or len(points) < fetch:
             break
@@ -78,5 +77,5 @@ def groups(shard: Any, q: VectorQuery, k: int, per_group: int, min_score: float 
     order = order[:k]
     if not order:
         return []
-    batch = qe.QueryBatchRequest([request(q, per_group, min_score, True, only=[sha]) for sha in order])
+    batch = qe.QueryBatchRequest([request(q, per_group, min_score, True, only=[sha], params=params) for sha in order])
     return [[hit_from(p.id, q.scaled(p.score), p.payload, q.flt) for p in found] for found in shard.query_batch(batch)]

@@ -17,6 +17,7 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 from use_search.store.base import (
     IMAGE_INDEXED_FIELDS,
     LEGACY_PATH_FIELD,
+    MASK_FIELDS,
     SEGMENT_INDEXED_FIELDS,
     ImageEntry,
     SearchFilter,
@@ -28,6 +29,14 @@ from use_search.store.base import (
     hit_from,
     image_id,
     references,
+)
+from use_search.store.layout import (
+    Layout,
+    SearchTuning,
+    resolve,
+    server_create_options,
+    server_recorded,
+    server_search_params,
 )
 from use_search.types import Hit, SegmentPoint
 
@@ -45,8 +54,14 @@ class ServerStore(VectorStore):
         shard_number: int | None = None,
         replication_factor: int | None = None,
         write_consistency_factor: int | None = None,
+        layout: Mapping[str, Any] | None = None,
+        tuning: SearchTuning | None = None,
     ) -> None:
+        """``layout``: the creation-time settings asked for (store/layout.py; unset ones: the collection's own)."""
         self.client = client
+        self._wanted = dict(layout or {})
+        self._tuning = tuning or SearchTuning()
+        self._layout: Layout | None = None
         self.collection = collection
         self.images_collection = collection + "_images"
         self.url = url or "the Qdrant server"
@@ -74,6 +89,8 @@ class ServerStore(VectorStore):
         shard_number: int | None = None,
         replication_factor: int | None = None,
         write_consistency_factor: int | None = None,
+        layout: Mapping[str, Any] | None = None,
+        tuning: SearchTuning | None = None,
     ) -> "ServerStore":
         """Connect to the server at ``url``; ``StoreError`` at once if it does not answer."""
         # check_compatibility=False: its version probe only warns; our probe below raises instead.
@@ -82,7 +99,7 @@ class ServerStore(VectorStore):
         )
         store = cls(
             client, collection, url=url, shard_number=shard_number, replication_factor=replication_factor,
-            write_consistency_factor=write_consistency_factor,
+            write_consistency_factor=write_consistency_factor, layout=layout, tuning=tuning,
         )
         with store._errors():
             client.get_collections()
@@ -97,12 +114,12 @@ class ServerStore(VectorStore):
                         f"collection {self.collection!r} at {self.url} holds {self.dim}-d vectors, the "
                         f"model gives {dim}-d: use another collection (store.collection) for this model"
                     )
+                self.layout  # noqa: B018  (raises when the settings asked for differ from the collection's)
             else:
-                self._create(
-                    self.collection, models.VectorParams(size=dim, distance=models.Distance.COSINE)
-                )
+                self._layout = resolve(None, self._wanted, f"collection {self.collection!r} at {self.url}")
+                self._create(self.collection, **server_create_options(self._layout, dim))
             if not self._has(self.images_collection):
-                self._create(self.images_collection, {})
+                self._create(self.images_collection, vectors_config={})
             for name, fields in ((self.collection, SEGMENT_INDEXED_FIELDS), (self.images_collection, IMAGE_INDEXED_FIELDS)):
                 indexed = self.client.get_collection(name).payload_schema
                 for field in fields:
@@ -110,6 +127,18 @@ class ServerStore(VectorStore):
                         self.client.create_payload_index(
                             name, field, models.PayloadSchemaType.KEYWORD, wait=True
                         )
+
+    @property
+    def layout(self) -> Layout | None:
+        """The segments collection's quantization and on-disk settings (None while it does not exist);
+        ``StoreError`` when settings were asked for that the collection was not created with."""
+        if self._layout is None:
+            with self._errors():
+                if not self._has(self.collection):
+                    return None
+                recorded = server_recorded(self.client.get_collection(self.collection))
+            self._layout = resolve(recorded, self._wanted, f"collection {self.collection!r} at {self.url}")
+        return self._layout
 
     @property
     def dim(self) -> int | None:
@@ -201,7 +230,8 @@ class ServerStore(VectorStore):
 
     # Segments ------------------------------------------------------------------------------------
     def search(
-        self, vector: np.ndarray, k: int, flt: SearchFilter | None = None, min_score: float | None = None
+        self, vector: np.ndarray, k: int, flt: SearchFilter | None = None, min_score: float | None = None,
+        masks: bool = True,
     ) -> list[Hit]:
         with self._errors():
             if k <= 0 or not self._has(self.collection):
@@ -212,7 +242,8 @@ class ServerStore(VectorStore):
                 limit=k,
                 query_filter=_filter(flt),
                 score_threshold=min_score,
-                with_payload=True,
+                with_payload=True if masks else models.PayloadSelectorExclude(exclude=list(MASK_FIELDS)),
+                search_params=self._params(),
             )
         return [hit_from(p.id, p.score, p.payload, flt) for p in result.points]
 
@@ -221,14 +252,15 @@ class ServerStore(VectorStore):
         with self._errors():
             if k <= 0 or not self._has(self.collection):
                 return []
-            result = self.client.query_points(self.collection, **_request(q, k, min_score, True))
+            result = self.client.query_points(self.collection, **_request(q, k, min_score, True), search_params=self._params())
         return [hit_from(p.id, q.scaled(p.score), p.payload, q.flt) for p in result.points]
 
     def query_batch(self, qs: Sequence[VectorQuery], k: int, min_score: float | None = None) -> list[list[Scored]]:
         with self._errors():
             if not qs or not self._has(self.collection):
                 return [[] for _ in qs]
-            requests = [models.QueryRequest(**_request(q, k, min_score, ["sha256"], batch=True)) for q in qs]
+            params = self._params()
+            requests = [models.QueryRequest(**_request(q, k, min_score, ["sha256"], batch=True), params=params) for q in qs]
             results = self.client.query_batch_points(self.collection, requests=requests)
         return [
             [Scored(str(p.id), q.scaled(p.score), p.payload["sha256"]) for p in r.points] for q, r in zip(qs, results)
@@ -239,9 +271,14 @@ class ServerStore(VectorStore):
             if k <= 0 or not self._has(self.collection):
                 return []
             result = self.client.query_points_groups(
-                self.collection, group_by="sha256", group_size=per_group, **_request(q, k, min_score, True)
+                self.collection, group_by="sha256", group_size=per_group, **_request(q, k, min_score, True),
+                search_params=self._params(),
             )
         return [[hit_from(p.id, q.scaled(p.score), p.payload, q.flt) for p in g.hits] for g in result.groups]
+
+    def _params(self) -> Any:
+        """Every search's quantization tuning (rescore, oversampling); None on a float collection."""
+        return server_search_params(self.layout or Layout(quantization="none"), self._tuning)
 
     def get_segments(self, ids: Sequence[str]) -> list[Hit]:
         with self._errors():
@@ -299,6 +336,14 @@ class ServerStore(VectorStore):
             if ids and self._has(self.collection):
                 self.client.delete(self.collection, points_selector=models.PointIdsList(points=list(ids)), wait=True)
 
+    def index_info(self) -> dict[str, int]:
+        with self._errors():
+            if not self._has(self.collection):
+                return {"segments": 0, "points": 0, "indexed": 0}
+            info = self.client.get_collection(self.collection)
+        return {"segments": info.segments_count or 0, "points": info.points_count or 0,
+                "indexed": info.indexed_vectors_count or 0}
+
     def close(self) -> None:
         self.client.close()
 
@@ -320,9 +365,9 @@ class ServerStore(VectorStore):
             self._existing.add(name)
         return name in self._existing
 
-    def _create(self, name: str, vectors_config: Any) -> None:
+    def _create(self, name: str, **options: Any) -> None:
         try:
-            self.client.create_collection(name, vectors_config=vectors_config, **self._create_options.get(name, {}))
+            self.client.create_collection(name, **options, **self._create_options.get(name, {}))
         except (UnexpectedResponse, ValueError):
             if not self.client.collection_exists(name):  # else another process created it just now
                 raise
