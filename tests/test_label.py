@@ -318,7 +318,8 @@ def test_label_is_the_working_size_vote_enlarged_on_a_larger_image(tmp_path):
     knows its working size from the first image on."""
     import skimage.data
 
-    from use_search.imaging import fit_side, resize_mask, working_side
+    from use_search.imaging import resize_mask, working_side
+    from use_search.indexer.read import read_image
     from use_search.indexer.runner import Indexer
     from use_search.voting.predict import segment_by_voting
 
@@ -336,7 +337,7 @@ def test_label_is_the_working_size_vote_enlarged_on_a_larger_image(tmp_path):
         assert report.indexed == 1
     expected, points, gap = stored_vote(tmp_path, path)
     assert gap > len(points) * 1e-5  # as above: the float32 vectors cannot flip a pixel
-    pixels = fit_side(np.asarray(Image.open(path).convert("RGB")), side)
+    pixels = read_image(path, s.max_image_pixels, side).pixels  # decoded at the working size, as the indexer does
     votes = segment_by_voting(pixels, CLASSES, segmenter, embedder, s.voting.model_copy(update={"fallback": "none"}))
     h, w = expected.shape
     assert votes.labels.shape == (170, 256) and (h, w) == (213, 320)
