@@ -24,6 +24,7 @@ from use_search.eval import (
     SemsegDataset,
     evaluate_parts,
     evaluate_semseg,
+    RetrievalOptions,
     index_and_evaluate,
 )
 from use_search.eval.metrics import _bytes_rle
@@ -311,7 +312,7 @@ def test_retrieval_perfect_pipeline(data, tmp_path):
     root = data["root"]
     ds = RetrievalDataset(root / "images", root / "instances.json")
     result = index_and_evaluate(ds, OracleSegmenter(data["instances"]), OracleEmbedder(data["names"], data["truth"]),
-                                ks=(1, 5), depth=50)
+                                options=RetrievalOptions(ks=(1, 5), depth=50))
     assert result.index_report.indexed == 2 and result.segments == len(data["coco"]["annotations"])
     assert result.map == 100.0 and result.recall == {1: 100.0, 5: 100.0}
     n_gt = {q.text: q.n_gt for q in result.queries}
@@ -373,7 +374,7 @@ def test_tiny_preset_all_three_evals_run(data, tiny, tmp_path):
     assert 0 < on_truth.map < 100
     json.dumps(parts.to_json())
 
-    ret = index_and_evaluate(RetrievalDataset(root / "images", root / "instances.json"), segmenter, embedder, ks=(1, 10))
+    ret = index_and_evaluate(RetrievalDataset(root / "images", root / "instances.json"), segmenter, embedder, options=RetrievalOptions(ks=(1, 10)))
     assert ret.index_report.indexed == 2 and ret.segments >= 2 and len(ret.queries) == len(data["coco"]["categories"])
     assert all(q.hits == ret.segments for q in ret.queries if ret.segments <= ret.depth)
     assert 0 <= ret.recall[10] <= 100

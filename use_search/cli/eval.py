@@ -158,7 +158,7 @@ def eval_retrieval(
     out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the results as JSON here."),
 ) -> None:
     """Text → segment recall@k and mAP: index the images, query every category name."""
-    from use_search.eval import RetrievalDataset, index_and_evaluate
+    from use_search.eval import RetrievalDataset, RetrievalOptions, index_and_evaluate
 
     cutoffs = [int(k) for k in ks.split(",") if k.strip()]
     ds = RetrievalDataset(images, annotations)
@@ -168,7 +168,7 @@ def eval_retrieval(
         with _eval_progress("indexing") as bar:
             task = bar.add_task("index", total=None, name="")
             return index_and_evaluate(
-                ds, segmenter, embedder, store, ks=cutoffs, depth=depth, iou_threshold=iou,
+                ds, segmenter, embedder, store, options=RetrievalOptions(ks=cutoffs, depth=depth, iou_threshold=iou),
                 max_image_pixels=state.settings.max_image_pixels, extensions=state.settings.image_extensions,
                 on_image=lambda ev: bar.update(task, advance=1, name=Path(ev.path).name),
                 work_side=side,  # what `index` does

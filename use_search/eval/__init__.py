@@ -23,6 +23,7 @@ from use_search.eval.retrieval import (
     RetrievalDataset,
     RetrievalResult,
     evaluate_retrieval,
+    RetrievalOptions,
     index_and_evaluate,
     judge_hits,
 )
@@ -33,6 +34,6 @@ __all__ = [
     "COCO_STUFF_CLASSES", "ConfusionMatrix", "MaskAP", "PartsDataset", "PartsResult", "RetrievalDataset",
     "RetrievalResult", "SemsegDataset", "SemsegResult", "SemsegScores", "average_precision",
     "coco_from_dataset", "default_background_classes", "evaluate_parts", "evaluate_retrieval",
-    "evaluate_semseg", "index_and_evaluate", "judge_hits", "mask_map", "part_detections",
+    "evaluate_semseg", "RetrievalOptions", "index_and_evaluate", "judge_hits", "mask_map", "part_detections",
     "predict_labels", "segmentation_scores",
 ]

@@ -43,6 +43,18 @@ from use_search.types import Hit, Segmenter
 DEFAULT_KS = (1, 5, 10)
 
 
+@dataclass(frozen=True)
+class RetrievalOptions:
+    """How queries are scored: recall at ``ks``, hits read per query (``depth``), the IoU at which a hit
+    matches an instance, the categories queried (None: all) and the prompt templates."""
+
+    ks: Sequence[int] = DEFAULT_KS
+    depth: int = 100
+    iou_threshold: float = 0.5
+    classes: Sequence[str] | None = None
+    templates: Sequence[str] | None = None
+
+
 @dataclass
 class QueryResult:
     category_id: int
@@ -168,23 +180,18 @@ class RetrievalDataset:
 def evaluate_retrieval(
     dataset: RetrievalDataset,
     searcher: Searcher,
-    *,
-    ks: Sequence[int] = DEFAULT_KS,
-    depth: int = 100,
-    iou_threshold: float = 0.5,
-    classes: Sequence[str] | None = None,
-    templates: Sequence[str] | None = None,
+    options: RetrievalOptions = RetrievalOptions(),
 ) -> RetrievalResult:
     """Score the store ``searcher`` searches (already holding the dataset's images)."""
-    ks = tuple(sorted(set(int(k) for k in ks)))
+    ks = tuple(sorted(set(int(k) for k in options.ks)))
     if not ks or ks[0] < 1:
         raise ValueError("ks must be positive")
-    depth = max(depth, ks[-1])
+    depth, templates = max(options.depth, ks[-1]), options.templates
     started = time.perf_counter()
     t_text = t_search = 0.0
     flt = SearchFilter(under=str(dataset.images_dir))
     results = []
-    for cat_id, name in dataset.queries(classes):
+    for cat_id, name in dataset.queries(options.classes):
         t0 = time.perf_counter()
         vec = searcher.embed(name, templates)
         t1 = time.perf_counter()
@@ -193,7 +200,7 @@ def evaluate_retrieval(
         t_text += t1 - t0
         gt = dataset.gt_by_path(cat_id)
         n_gt = sum(len(v) for v in gt.values())
-        correct, any_match = judge_hits(hits, gt, iou_threshold)
+        correct, any_match = judge_hits(hits, gt, options.iou_threshold)
         first = next((i + 1 for i, c in enumerate(any_match) if c), None)
         results.append(QueryResult(cat_id, name, n_gt, len(hits), correct, any_match, average_precision(correct, n_gt), first))
     recall, inst, m = score_queries(results, ks)
@@ -211,11 +218,7 @@ def index_and_evaluate(
     embedder: Embedder,
     store: VectorStore | None = None,
     *,
-    ks: Sequence[int] = DEFAULT_KS,
-    depth: int = 100,
-    iou_threshold: float = 0.5,
-    classes: Sequence[str] | None = None,
-    templates: Sequence[str] | None = None,
+    options: RetrievalOptions = RetrievalOptions(),
     max_image_pixels: int = 50_000_000,
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
     on_image: Callable[[ImageEvent], None] | None = None,
@@ -242,10 +245,7 @@ def index_and_evaluate(
             t = time.perf_counter()
             store.optimize()
             index_s, optimize_s = t - started, time.perf_counter() - t
-            result = evaluate_retrieval(
-                dataset, Searcher(store, embedder), ks=ks, depth=depth, iou_threshold=iou_threshold,
-                classes=classes, templates=templates,
-            )
+            result = evaluate_retrieval(dataset, Searcher(store, embedder), options)
         finally:
             if owned:
                 store.close()
