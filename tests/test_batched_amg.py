@@ -26,7 +26,8 @@ import imgviz
 import skimage.data
 from use_search.masks import encode_rle, iou_matrix, mask_bbox
 from use_search.segmenter.automatic import AutoMaskParams, AutoSegmenter
-from use_search.segmenter.batched import BatchedAutoSegmenter, BatchOptions, rle_encode_batch
+from use_search.segmenter.batched import BatchedAutoSegmenter, BatchOptions
+from use_search.segmenter.kernels import rle_encode_batch
 from use_search.segmenter.sam import build_tiny_sam
 from use_search.types import Segment
 

@@ -21,19 +21,26 @@ Per file, in file order:
 
 When nothing needs segmenting no model is loaded at all: the runners build them on the first image
 that does.
+
+``Runner`` is what every runner shares around these steps: a run's options, its report and events, the
+clean-up of contents kept for copies, and the prune; ``check_model`` is the rule that keeps one model's
+vectors per collection.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Collection, Literal, Mapping, Sequence
+from typing import Callable, Collection, Iterator, Literal, Mapping, Sequence
 
+from use_search.indexer.prune import prune_store
 from use_search.indexer.read import ImageReadError, stat_file
-from use_search.store.base import ImageEntry, SearchFilter, VectorStore, references
+from use_search.store.base import ImageEntry, SearchFilter, StoreError, VectorStore, references
 from use_search.types import SegmentPoint
 
 Status = Literal["indexed", "skipped", "failed", "copy"]
@@ -203,6 +210,75 @@ class Planner:
             return None
         n = self.store.count_segments(SearchFilter(sha256=sha))
         return next((e for e in records if e.n_segments == n), None)
+
+
+def check_model(store: VectorStore, model: str) -> None:
+    """Refuse to mix vector spaces in one collection: its first record must be embedded with ``model``."""
+    for entry in store.iter_images():
+        if entry.model != model:
+            raise StoreError(
+                f"this collection holds segments embedded with '{entry.model}', but this run embeds "
+                f"with '{model}'. Use another collection (--collection), or --force "
+                "to re-embed every image with the new model."
+            )
+        return
+
+
+Emit = Callable[[ImageEvent], None]
+
+
+class Runner:
+    """The run every runner shares (``Indexer``, the Ray runner): ``index`` plans with one ``Planner``,
+    reports each event, then deletes the contents kept for copies that no path refers to, and prunes.
+    A runner supplies ``_run`` (list, plan, index and commit the files under ``root``) and may wrap the
+    run in ``_session`` (what it sets up and tears down; the run's time includes it)."""
+
+    store: VectorStore
+
+    def index(
+        self,
+        root: Path,
+        *,
+        prune: bool = False,
+        force: bool = False,
+        verify: bool = False,
+        on_image: Emit | None = None,
+        on_total: Callable[[int], None] | None = None,
+    ) -> IndexReport:
+        """Index the images under ``root``. ``verify``: hash every file even when its size and mtime match
+        its record; ``force``: re-index every file; ``prune``: then drop the references of files under
+        ``root`` that are gone (``root`` itself may be gone). ``on_total`` gets the number of files found,
+        ``on_image`` one event per file (and per folder that cannot be listed), on the calling thread."""
+        started = time.perf_counter()
+        report = IndexReport()
+        planner = Planner(self.store, force=force, verify=verify)
+
+        def emit(event: ImageEvent) -> None:
+            report.add(event)
+            if on_image:
+                on_image(event)
+
+        with self._session(force):
+            try:
+                if Path(root).exists() or not prune:  # a folder that is gone: only its prune
+                    self._run(Path(root), planner, emit, report, on_total)
+                    report.pruned_segments += planner.collect()
+                if prune:
+                    pruned = prune_store(self.store, root)
+                    report.pruned_images, report.pruned_orphans = len(pruned.records), len(pruned.orphans)
+                    report.pruned_segments += pruned.segments
+            finally:
+                report.seconds = time.perf_counter() - started
+        return report
+
+    @contextmanager
+    def _session(self, force: bool) -> Iterator[None]:
+        yield
+
+    def _run(
+        self, root: Path, planner: Planner, emit: Emit, report: IndexReport, on_total: Callable[[int], None] | None
+    ) -> None:
+        raise NotImplementedError
 
 
 def commit(store: VectorStore, writes: Sequence[Write], keep: Collection[str] = (),

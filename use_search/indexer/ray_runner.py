@@ -21,7 +21,7 @@ Decode ‖ GPU ‖ upsert overlap comes from Ray Data's streaming executor: each
 blocks while the later stages work on earlier ones, with backpressure bounding the memory in flight.
 
 The model id and vector size are learnt from the first results, so the driver never loads a model:
-the first write checks that the collection holds vectors of the same model (as ``Indexer.check_model``)
+the first write checks that the collection holds vectors of the same model (``plan.check_model``)
 and creates the collections (``ensure``).
 """
 
@@ -30,7 +30,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -38,13 +38,14 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from use_search.config import Settings
-from use_search.indexer.plan import Candidate, ImageEvent, IndexReport, Planner, Write, commit, now_iso
-from use_search.indexer.prune import prune_store
+from use_search.indexer.plan import (
+    Candidate, Emit, ImageEvent, IndexReport, Planner, Runner, Write, check_model, commit, now_iso,
+)
 from use_search.indexer.read import (
     ImageReadError, LoadedImage, find_images, load_image, max_file_bytes, read_file, route_warnings, sha256_bytes,
 )
 from use_search.indexer.runner import EngineParts, segment_and_embed
-from use_search.store.base import ImageEntry, StoreError, VectorStore
+from use_search.store.base import ImageEntry, VectorStore
 from use_search.types import SegmentPoint
 
 PartsBuilder = Callable[[Settings], EngineParts]  # module-level (Ray pickles it): factory.engine_parts
@@ -178,8 +179,8 @@ EVENT_KEYS = ("path", "status", "segments", "reason", "warnings")
 class StoreWriter:
     """Write result rows with the commit rule: all segment points of a batch, then its image records.
 
-    Before its first write it refuses a collection filled by another model (unless ``force``, like
-    ``Indexer.check_model``) and creates the collections for the vector size. A file that changed
+    Before its first write it refuses a collection filled by another model (unless ``force``:
+    ``plan.check_model``) and creates the collections for the vector size. A file that changed
     since it was indexed (``replace``) loses its old segments just before its new ones are written.
     """
 
@@ -192,14 +193,7 @@ class StoreWriter:
         if self._ready:
             return
         if not self.force:
-            for entry in self.store.iter_images():
-                if entry.model != model:
-                    raise StoreError(
-                        f"this collection holds segments embedded with '{entry.model}', but this run embeds "
-                        f"with '{model}'. Use another collection (--collection), or --force "
-                        "to re-embed every image with the new model."
-                    )
-                break
+            check_model(self.store, model)
         self.store.ensure(dim)
         self._ready = True
 
@@ -294,16 +288,111 @@ def plan(store: VectorStore, hashed: Iterable[dict[str, Any]], *, force: bool = 
 # ---------------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------------
-def _apply(report: IndexReport, ev: ImageEvent, on_image: Callable[[ImageEvent], None] | None) -> None:
-    report.add(ev)
-    if on_image:
-        on_image(ev)
-
-
 def _events(batch: dict[str, Any]) -> Iterator[ImageEvent]:
     for r in _rows(batch):
         warnings = [w for w in str(r["warnings"]).split("\n") if w]
         yield ImageEvent(str(r["path"]), str(r["status"]), int(r["segments"]), str(r["reason"]), warnings)  # type: ignore[arg-type]
+
+
+class RayIndexer(Runner):
+    """``Runner.index`` on a Ray cluster (``options.address``; a local one by default), segmenting and
+    embedding with the parts ``build_parts(settings)`` gives each actor.
+
+    ``store`` is the driver's handle: it plans, prunes, and for the embedded backend (or with
+    ``server_writers=0``) it is the single writer. With the server backend and writer actors, each
+    actor opens its own connection from ``settings``.
+    """
+
+    def __init__(self, settings: Settings, store: VectorStore, build_parts: PartsBuilder, options: RayOptions | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.build_parts = build_parts
+        self.options = options or RayOptions()
+        self._force = False
+
+    @contextmanager
+    def _session(self, force: bool) -> Iterator[None]:
+        """Ray for the run: started here (and shut down after) unless the caller already started it."""
+        import ray
+        import ray.data
+
+        self._force = force
+        opts = self.options
+        own_ray = not ray.is_initialized()
+        if own_ray:
+            quiet = {"log_to_driver": False, "logging_level": logging.WARNING} if opts.quiet else {}
+            ray.init(address=opts.address, **{**quiet, **opts.init_kwargs})
+        try:
+            if opts.quiet:
+                ray.data.DataContext.get_current().enable_progress_bars = False
+                logging.getLogger("ray.data").setLevel(logging.WARNING)
+            yield
+        finally:
+            if own_ray:
+                ray.shutdown()
+
+    def _run(
+        self, root: Path, planner: Planner, emit: Emit, report: IndexReport, on_total: Callable[[int], None] | None
+    ) -> None:
+        """The two passes of the module's docstring: plan in the driver (hashing in Ray tasks), then the
+        pipeline for new content; copies of that content are committed after it."""
+        to_hash = self._stat(root, planner, emit, on_total)
+        report.hashed = len(to_hash)
+        if not to_hash:
+            return
+        decided = plan(self.store, self._hash(to_hash), planner=planner)
+        for ev in decided.events:
+            emit(ev)
+        commit(self.store, decided.writes, planner.keep)
+        for w in decided.writes:
+            planner.committed(w)
+            emit(w.event)
+        report.decoded = len(decided.todo)
+        failed: dict[str, str] = {}
+        for ev in self._pipeline(decided.todo):
+            if ev.status == "failed":
+                failed[ev.path] = ev.reason
+            emit(ev)
+        reasons = {sha: failed[p] for sha, p in planner.by_sha.items() if p in failed}
+        commit(self.store, decided.after, planner.keep, reasons)
+        for w in decided.after:
+            emit(w.event)
+
+    def _stat(self, root: Path, planner: Planner, emit: Emit, on_total: Callable[[int], None] | None) -> list[str]:
+        """List and stat the files: the paths to hash; the others' events are emitted."""
+        unlisted: list[ImageEvent] = []
+        files = [
+            str(p) for p in find_images(
+                root, self.settings.image_extensions,
+                on_error=lambda folder, reason: unlisted.append(ImageEvent(str(folder), "failed", reason=reason)),
+            )
+        ]
+        if on_total:
+            on_total(len(files))
+        to_hash, fast = plan_stat(self.store, files, planner=planner)
+        for ev in [*unlisted, *fast]:
+            emit(ev)
+        return to_hash
+
+    def _hash(self, paths: list[str]) -> list[dict[str, Any]]:
+        """``hash_row`` of each path, in order: in the driver for a few files, else in Ray tasks."""
+        max_pixels = self.settings.max_image_pixels
+        if len(paths) < self.options.driver_plan_below:
+            return [hash_row({"path": p}, max_pixels) for p in paths]
+        import ray.data
+
+        hashed = ray.data.from_items([{"path": p} for p in paths]).map(
+            hash_row, fn_kwargs={"max_pixels": max_pixels}, num_cpus=self.options.cpus_per_read
+        )
+        by_path = {str(r["path"]): r for r in hashed.iter_rows()}
+        return [by_path[p] for p in paths]
+
+    def _pipeline(self, todo: list[tuple[str, bool]]) -> Iterator[ImageEvent]:
+        if not todo:
+            return iter(())
+        import ray
+
+        return _run_pipeline(ray, self.settings, self.store, todo, self.options, self.build_parts, self._force)
 
 
 def index_with_ray(
@@ -313,86 +402,12 @@ def index_with_ray(
     *,
     build_parts: PartsBuilder,
     options: RayOptions | None = None,
-    prune: bool = False,
-    force: bool = False,
-    verify: bool = False,
-    on_image: Callable[[ImageEvent], None] | None = None,
-    on_total: Callable[[int], None] | None = None,
+    **run: Any,
 ) -> IndexReport:
-    """Index ``root`` into ``store`` on a Ray cluster (``options.address``; a local one by default),
-    segmenting and embedding with the parts ``build_parts(settings)`` gives each actor (the CLI hands
-    ``factory.engine_parts``, the single-process indexer's).
-
-    ``store`` is the driver's handle: it plans, prunes, and for the embedded backend (or with
-    ``server_writers=0``) it is the single writer. With the server backend and writer actors, each
-    actor opens its own connection from ``settings``.
-    """
-    import ray
-    import ray.data
-
-    opts = options or RayOptions()
-    started = time.perf_counter()
-    report = IndexReport()
-    own_ray = not ray.is_initialized()
-    if own_ray:
-        quiet = {"log_to_driver": False, "logging_level": logging.WARNING} if opts.quiet else {}
-        ray.init(address=opts.address, **{**quiet, **opts.init_kwargs})
-    if opts.quiet:
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-    try:
-        unlisted: list[ImageEvent] = []
-        files = [
-            str(p) for p in find_images(
-                root, settings.image_extensions,
-                on_error=lambda folder, reason: unlisted.append(ImageEvent(str(folder), "failed", reason=reason)),
-            )
-        ] if Path(root).exists() or not prune else []  # a folder that is gone: only its prune
-        if on_total:
-            on_total(len(files))
-        for ev in unlisted:
-            _apply(report, ev, on_image)
-        planner = Planner(store, force=force, verify=verify)
-        to_hash, fast = plan_stat(store, files, planner=planner)
-        for ev in fast:
-            _apply(report, ev, on_image)
-        report.hashed = len(to_hash)
-        if to_hash:
-            if len(to_hash) < opts.driver_plan_below:
-                by_path = {p: hash_row({"path": p}, settings.max_image_pixels) for p in to_hash}
-            else:
-                hashed = ray.data.from_items([{"path": p} for p in to_hash]).map(
-                    hash_row, fn_kwargs={"max_pixels": settings.max_image_pixels}, num_cpus=opts.cpus_per_read
-                )
-                by_path = {str(r["path"]): r for r in hashed.iter_rows()}
-            decided = plan(store, (by_path[p] for p in to_hash), planner=planner)
-            for ev in decided.events:
-                _apply(report, ev, on_image)
-            commit(store, decided.writes, planner.keep)
-            for w in decided.writes:
-                planner.committed(w)
-                _apply(report, w.event, on_image)
-            report.decoded = len(decided.todo)
-            failed: dict[str, str] = {}
-            if decided.todo:
-                for ev in _run_pipeline(ray, settings, store, decided.todo, opts, build_parts, force):
-                    if ev.status == "failed":
-                        failed[ev.path] = ev.reason
-                    _apply(report, ev, on_image)
-            reasons = {sha: failed[p] for sha, p in planner.by_sha.items() if p in failed}
-            commit(store, decided.after, planner.keep, reasons)
-            for w in decided.after:
-                _apply(report, w.event, on_image)
-            report.pruned_segments += planner.collect()
-        if prune:
-            pruned = prune_store(store, root)
-            report.pruned_images, report.pruned_orphans = len(pruned.records), len(pruned.orphans)
-            report.pruned_segments += pruned.segments
-    finally:
-        report.seconds = time.perf_counter() - started
-        if own_ray:
-            ray.shutdown()
-    return report
+    """Index ``root`` into ``store`` on a Ray cluster: ``RayIndexer(...).index(root, **run)``, ``run``
+    being ``Runner.index``'s options (prune, force, verify, on_image, on_total). The CLI hands
+    ``factory.engine_parts`` as ``build_parts``, the single-process indexer's parts."""
+    return RayIndexer(settings, store, build_parts, options).index(root, **run)
 
 
 def _run_pipeline(

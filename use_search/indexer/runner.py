@@ -23,9 +23,9 @@ from __future__ import annotations
 import os
 import queue
 import threading
-import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -44,10 +44,12 @@ from use_search.indexer.read import (
     route_warnings,
     sha256_bytes,
 )
-from use_search.indexer.plan import Candidate, ImageEvent, IndexReport, Planner, Write, batch_full, commit, now_iso
+from use_search.indexer.plan import (
+    Candidate, Emit, ImageEvent, IndexReport, Planner, Runner, Write, batch_full, check_model, commit, now_iso,
+)
 from use_search.indexer.prune import prune_store
 from use_search.model.base import Embedder
-from use_search.store.base import ImageEntry, StoreError, VectorStore, segment_payload
+from use_search.store.base import ImageEntry, VectorStore, segment_payload
 from use_search.types import Segment, SegmentPoint, Segmenter, point_id
 
 __all__ = ["ImageEvent", "IndexReport", "Indexer", "Write", "commit", "now_iso", "prune_store", "segment_points"]
@@ -137,7 +139,7 @@ class _Decoded:
     stat: os.stat_result
 
 
-class Indexer:
+class Indexer(Runner):
     """Indexes folders into ``store``. The segmenter and embedder are given, or built by ``build`` on the
     first file that needs them (``Runtime.indexer`` does this: a run with nothing new loads no model)."""
 
@@ -201,59 +203,28 @@ class Indexer:
 
     def check_model(self) -> None:
         """Refuse to mix vector spaces in one collection."""
-        model = self._embedder.model_id  # type: ignore[union-attr]
-        for entry in self.store.iter_images():
-            if entry.model != model:
-                raise StoreError(
-                    f"this collection holds segments embedded with '{entry.model}', but this run embeds "
-                    f"with '{model}'. Use another collection (--collection), or --force "
-                    "to re-embed every image with the new model."
-                )
-            return
+        check_model(self.store, self._embedder.model_id)  # type: ignore[union-attr]
 
-    def index(
-        self,
-        root: Path,
-        *,
-        prune: bool = False,
-        force: bool = False,
-        verify: bool = False,
-        on_image: Callable[[ImageEvent], None] | None = None,
-        on_total: Callable[[int], None] | None = None,
-    ) -> IndexReport:
-        """Index the images under ``root``. ``verify``: hash every file even when its size and mtime match
-        its record; ``force``: re-index every file; ``prune``: then drop the references of files under
-        ``root`` that are gone (``root`` itself may be gone). ``on_image`` gets one event per file (and per
-        folder that cannot be listed), on the calling thread."""
-        started = time.perf_counter()
-        report = IndexReport()
+    # The run (``Runner.index``) -------------------------------------------------------------------------
+    @contextmanager
+    def _session(self, force: bool) -> Iterator[None]:
         self._check = not force
         if self._embedder is not None and not force:
             self.check_model()
-        run = Planner(self.store, force=force, verify=verify)
+        yield
+
+    def _run(
+        self, root: Path, planner: Planner, emit: Emit, report: IndexReport, on_total: Callable[[int], None] | None
+    ) -> None:
         self._hashed = self._decoded = 0
-
-        def emit(event: ImageEvent) -> None:
-            report.add(event)
-            if on_image:
-                on_image(event)
-
         try:
-            if Path(root).exists() or not prune:
-                if on_total:
-                    on_total(count_images(root, self.extensions))
-                with route_warnings():
-                    plans = self._plan_all(root, run)
-                    (self._run_pipelined if self.pipeline else self._run_sequential)(plans, run, emit)
-                report.pruned_segments += run.collect()
-            if prune:
-                pruned = prune_store(self.store, root)
-                report.pruned_images, report.pruned_orphans = len(pruned.records), len(pruned.orphans)
-                report.pruned_segments += pruned.segments
+            if on_total:
+                on_total(count_images(root, self.extensions))
+            with route_warnings():
+                plans = self._plan_all(root, planner)
+                (self._run_pipelined if self.pipeline else self._run_sequential)(plans, planner, emit)
         finally:
             report.hashed, report.decoded = self._hashed, self._decoded
-            report.seconds = time.perf_counter() - started
-        return report
 
     _hashed = _decoded = 0
 
@@ -318,7 +289,7 @@ class Indexer:
 
     # Runners ------------------------------------------------------------------------------------------
     def _run_sequential(
-        self, plans: Iterable[ImageEvent | Candidate], run: Planner, emit: Callable[[ImageEvent], None]
+        self, plans: Iterable[ImageEvent | Candidate], run: Planner, emit: Emit
     ) -> None:
         """The reference: each file through every step in turn, writes committed inline."""
         pending: list[Write] = []
@@ -349,7 +320,7 @@ class Indexer:
         flush()
 
     def _run_pipelined(
-        self, plans: Iterable[ImageEvent | Candidate], run: Planner, emit: Callable[[ImageEvent], None]
+        self, plans: Iterable[ImageEvent | Candidate], run: Planner, emit: Emit
     ) -> None:
         with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="use-search-read") as pool:
             writer = _Writer(self.write_queue, lambda job: commit(self.store, job, run.keep, run.failures))
