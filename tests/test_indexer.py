@@ -434,7 +434,8 @@ def test_prune_drops_orphan_segments_left_by_a_crash(tmp_path, photos, parts):
         assert store.count_segments() == total - 3
 
 
-def test_big_photos_are_segmented_at_the_working_size_and_stored_at_their_own(tmp_path, parts):
+@pytest.mark.parametrize("models", ["given", "built on first use"])
+def test_big_photos_are_segmented_at_the_working_size_and_stored_at_their_own(tmp_path, parts, models):
     """A 1200×900 photo under a 256 px SAM: segmented and embedded at 256×192, the segment geometry
     stored at 1200×900, each mask the nearest-neighbour enlargement of the mask found at the working
     size (``resize_mask``, the plain reference). The SAM is the stress-test one (dozens of distinct
@@ -460,8 +461,12 @@ def test_big_photos_are_segmented_at_the_working_size_and_stored_at_their_own(tm
     want_vectors = embedder.embed_segments(small, want)
     assert len(want) >= 10 and len({s.area for s in want}) >= 10
 
+    if models == "given":
+        indexer_of = lambda store: Indexer(store, segmenter, embedder, extensions=(".png",), work_side=side)  # noqa: E731
+    else:  # as the CLI's factory builds it: the working size is known only once the models are
+        indexer_of = lambda store: Indexer(store, build=lambda: (segmenter, embedder, side), extensions=(".png",))  # noqa: E731
     with EdgeStore(tmp_path / "store", "segments") as store:
-        report = Indexer(store, segmenter, embedder, extensions=(".png",), work_side=side).index(root)
+        report = indexer_of(store).index(root)
         assert report.indexed == 1 and report.segments == len(want)
         entry = store.get_image(str(root / "big.png"))
         assert (entry.width, entry.height) == (1200, 900)

@@ -170,7 +170,8 @@ class Indexer(Runner):
         self.decode_threads = max(1, decode_threads)
         self._image_batch = image_batch
         self.write_queue = max(1, write_queue)  # commits waiting for the writer (back-pressure)
-        self.work_side = work_side  # long side segmented and embedded at (``imaging.working_side``); None: full
+        self._work_side = work_side
+        self._building = threading.Lock()  # decode threads and the segment stage may ask at once
         self._check = True  # refuse another model's collection when the models are built (not with --force)
         if segmenter is not None and embedder is not None:
             self._ready()
@@ -178,10 +179,20 @@ class Indexer(Runner):
     # Models, built on first use ------------------------------------------------------------------------
     @property
     def segmenter(self) -> Segmenter:
-        if self._segmenter is None:
-            self._segmenter, self._embedder, self.work_side = self._build()  # type: ignore[misc]
-            self._ready()
+        with self._building:
+            if self._segmenter is None:
+                self._segmenter, self._embedder, self._work_side = self._build()  # type: ignore[misc]
+                self._ready()
         return self._segmenter  # type: ignore[return-value]
+
+    @property
+    def work_side(self) -> int | None:
+        """The long side images are decoded, segmented and embedded at (``imaging.working_side``; None:
+        full size). With models built on first use it is theirs, so asking builds them: the first
+        image to decode needs it as much as the first to segment."""
+        if self._segmenter is None:
+            self.segmenter  # noqa: B018 - builds the models, which fix the working size
+        return self._work_side
 
     @property
     def embedder(self) -> Embedder:
