@@ -39,6 +39,7 @@ def expected_now(before: dict) -> dict:
     - ``HealthOut.store`` "read-only" and ``POST /images``' 503: a server on a store it cannot write
       searches and refuses uploads.
     - ``SearchRequest.masks`` and ``HitOut.rle`` optional: a search may answer hits without masks.
+    - ``ImageOut``: descriptions of its record's fields.
 
     The snapshot itself was regenerated (with the spots above as they were) for the query forms:
     ``SearchRequest`` takes ``like`` (``LikeRef``), ``other_images``, ``not``, ``all``, ``none``,
@@ -78,6 +79,12 @@ def expected_now(before: dict) -> dict:
         "description": "The mask; left out when the search asked for masks=false.",
     }
     hit["required"].remove("rle")
+    # GET /images/{id} says what its record's fields are.
+    image = doc["components"]["schemas"]["ImageOut"]["properties"]
+    image["sha256"]["description"] = "SHA-256 of the file's bytes: its content, shared by its copies."
+    image["width"]["description"] = "Pixels, as stored (segment geometry is at this size)."
+    image["model"]["description"] = "The model that embedded its segments."
+    image["indexed_at"]["description"] = "When it was indexed (ISO 8601, UTC)."
     return doc
 
 

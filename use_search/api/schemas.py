@@ -213,12 +213,12 @@ class ImageOut(BaseModel):
     id: uuid.UUID
     path: str
     filename: str
-    sha256: str
-    width: int
+    sha256: str = Field(..., description="SHA-256 of the file's bytes: its content, shared by its copies.")
+    width: int = Field(..., description="Pixels, as stored (segment geometry is at this size).")
     height: int
     n_segments: int
-    model: str
-    indexed_at: str
+    model: str = Field(..., description="The model that embedded its segments.")
+    indexed_at: str = Field(..., description="When it was indexed (ISO 8601, UTC).")
     overlay_url: str
     segments: list[ImageSegmentOut]
 
