@@ -83,29 +83,17 @@ class LikeRef(Strict):
     segment_id: uuid.UUID = Field(..., strict=False, description="A stored segment (a hit's id): find segments like it.")
 
 
-def _given(*fields: str) -> dict[str, Any]:
-    """JSON Schema: each of ``fields`` is present and not null."""
-    types = {"text": "string", "min_score": "number", "group": "string"}
-    return {"required": list(fields), "properties": {f: {"type": types.get(f, "array")} for f in fields}}
-
-
-# What ``SearchRequest._one_form`` checks, said in the schema (so generated clients and schemathesis know
-# it): text, like or all; all alone (no text, like, not, group); none only with all and min_score.
-ONE_FORM = {
-    "anyOf": [_given("text"), _given("like"), _given("all")],
-    "allOf": [
-        {"anyOf": [{"not": _given("all")}, {"not": {"anyOf": [_given(f) for f in ("text", "like", "not", "group")]}}]},
-        {"anyOf": [{"not": _given("none")}, _given("all", "min_score")]},
-    ],
-}
-
-
 class SearchRequest(Strict):
     """One form at a time: ``text`` and/or ``like`` (segments), with ``not`` as negatives; or ``all``
     (images showing every phrase), with ``none`` to drop images. ``group: "image"`` gives one row per
-    image for the text / like form. Scores: see the README's "Queries" section."""
+    image for the text / like form. Scores: see the README's "Queries" section.
 
-    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=ONE_FORM)
+    Which fields go together is checked by the server (422 naming the rule): one of text, like or all;
+    all without text, like, not or group; none only with all and min_score."""
+
+    # The rules above stay out of the JSON Schema: a schema-level anyOf/allOf beside the properties
+    # makes client generators (openapi-python-client) drop the whole /search operation.
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     text: Optional[str] = Field(None, min_length=1, max_length=1000, json_schema_extra=VISIBLE,
                                 description="What to look for, e.g. \"car's license plate\".")
