@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_query import SEGMENTS_PER_IMAGE, Mixture, make_points  # noqa: E402
+from synthetic import SEGMENTS_PER_IMAGE, Mixture, make_points  # noqa: E402
 from benchlib import QUERY_TEXTS, machine, percentiles, print_table, random_clip, write_json  # noqa: E402
 
 from use_search.model.text import TextEncoder  # noqa: E402

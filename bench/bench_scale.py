@@ -39,10 +39,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from synthetic import SEGMENTS_PER_IMAGE, Mixture, folder_of, make_points  # noqa: E402
 from use_search.masks import encode_rle  # noqa: E402
-from use_search.store import EdgeStore, ImageEntry, segment_payload  # noqa: E402
+from use_search.store import EdgeStore, ImageEntry  # noqa: E402
 from use_search.store.layout import SearchTuning  # noqa: E402
-from use_search.types import SegmentPoint, point_id  # noqa: E402
+from use_search.types import point_id  # noqa: E402
 
 SETTINGS = {
     "none-ram": {"quantization": "none", "vectors_on_disk": False, "payload_on_disk": None},
@@ -55,32 +56,6 @@ TUNINGS = [SearchTuning(False, 1.0), SearchTuning(True, 1.0), SearchTuning(True,
 CENTRES = 1000
 K = 10
 N_MASKS = 64
-SEGMENTS_PER_IMAGE = 100
-FOLDERS = 100
-
-
-class Mixture:
-    """bench_query.py's Gaussian mixture (copied: importing that module loads torch, which would count in
-    the RSS measured here); point i is a pure function of (seed, the batch start, i)."""
-
-    def __init__(self, centres: int, dim: int, seed: int = 0) -> None:
-        rng = np.random.default_rng(seed)
-        c = rng.standard_normal((centres, dim)).astype(np.float32)
-        self.centres = c / np.linalg.norm(c, axis=1, keepdims=True)
-        self.sigma = rng.uniform(0.4, 0.9, centres).astype(np.float32)
-        self.dim, self.seed = dim, seed
-
-    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        which = rng.integers(0, len(self.centres), n)
-        noise = rng.standard_normal((n, self.dim), dtype=np.float32) / np.sqrt(self.dim)
-        v = self.centres[which] + self.sigma[which, None] * noise
-        return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-    def points(self, start: int, n: int) -> np.ndarray:
-        return self.sample(n, np.random.default_rng([self.seed, 1, start]))
-
-    def queries(self, n: int) -> np.ndarray:
-        return self.sample(n, np.random.default_rng([self.seed, 2]))
 
 
 def rss_mb() -> float:
@@ -91,10 +66,6 @@ def rss_mb() -> float:
 def percentiles(samples_s: list[float]) -> dict[str, float]:
     a = np.asarray(samples_s) * 1000.0
     return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95))}
-
-
-def folder_of(point_index: int) -> str:
-    return f"/photos/f{(point_index // SEGMENTS_PER_IMAGE) % FOLDERS:02d}"
 
 
 def masks(seed: int = 0) -> list[dict]:
@@ -108,22 +79,6 @@ def masks(seed: int = 0) -> list[dict]:
         ang = np.arctan2(yy - cy, xx - cx)
         r = 1 + 0.15 * np.sin(5 * ang + i) + 0.06 * np.sin(17 * ang) + 0.03 * np.sin(41 * ang + i)
         out.append(encode_rle(((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2 < r**2))
-    return out
-
-
-def make_points(start: int, vectors: np.ndarray, rles: list[dict]) -> list[SegmentPoint]:
-    out = []
-    for j, vec in enumerate(vectors):
-        i = start + j
-        img, seg = divmod(i, SEGMENTS_PER_IMAGE)
-        sha = f"{img:064x}"
-        payload = segment_payload(
-            paths=[f"{folder_of(i)}/img{img:07d}.jpg"], sha256=sha, width=640, height=480, segment_index=seg,
-            n_segments=SEGMENTS_PER_IMAGE, rle=rles[i % len(rles)], bbox=(10, 20, 200, 150), area=12345,
-            predicted_iou=0.9, stability_score=0.95, source="auto", model="bench",
-            indexed_at="2026-01-01T00:00:00+00:00",
-        )
-        out.append(SegmentPoint(point_id(sha, seg), vec, payload))
     return out
 
 
