@@ -18,9 +18,7 @@ def encode_rle(mask: np.ndarray) -> dict[str, Any]:
 
 
 def decode_rle(rle: dict[str, Any]) -> np.ndarray:
-    counts = rle["counts"]
-    coco = {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    return mask_utils.decode(coco).astype(bool)
+    return mask_utils.decode(_coco(rle)).astype(bool)
 
 
 def rle_area(rle: dict[str, Any]) -> int:
